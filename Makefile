@@ -1,0 +1,80 @@
+# The two commands (see README.md):
+#   make demo   install what is needed, start the local stack, run the pipeline on a
+#               generated batch and serve the RA app
+#   make test   install what is needed and run the whole suite against real services
+# For iteration: make test-unit (no services), make lint, make stack-up / stack-down.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export STACK_DIR ?= $(CURDIR)/.stack
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages the stack, the tests and the demo use.
+APT_PACKAGES := python3-venv git make ca-certificates \
+	redis-server postgresql ffmpeg espeak-ng sox \
+	openssh-server openssh-client rsync \
+	chromium chromium-driver \
+	systemd-container debootstrap iproute2 wrk
+PYTHON_EXTRAS := asr,classifier,ra,stack,dev
+
+.PHONY: help deps test test-unit test-fast lint format demo bench stack-up stack-down stack-env clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+deps: .make/apt .make/venv  ## install Debian packages and the virtualenv (idempotent)
+
+.make/apt: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends $$missing; \
+	fi
+	@mkdir -p .make && touch $@
+
+.make/venv: pyproject.toml .make/apt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip==25.3
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PYTHON_EXTRAS)]'
+	@mkdir -p .make && touch $@
+
+test: deps lint  ## the whole suite: lint, unit, integration, end to end (starts and stops the stack)
+	$(BIN)/pytest --durations=15
+
+test-unit: .make/venv  ## fast subset: unit tests only, no services
+	$(BIN)/pytest tests/unit -q
+
+test-fast: deps  ## everything but the slow end-to-end, browser and fleet tests
+	$(BIN)/pytest -m 'not slow and not fleet and not browser' -q
+
+lint: .make/venv  ## ruff (lint + format check)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: .make/venv  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+stack-up: deps  ## start Redis, PostgreSQL, SeaweedFS and sshd on loopback
+	$(BIN)/devstack up
+
+stack-down:  ## stop the local stack
+	@if [ -x $(BIN)/devstack ]; then $(BIN)/devstack down; fi
+
+stack-env:  ## print the exports for the local stack: eval "$$(make -s stack-env)"
+	@$(BIN)/devstack env
+
+demo: deps  ## run the pipeline end to end on a generated batch, then serve the RA app
+	$(BIN)/devstack up > /dev/null
+	@echo "stack is up; load it with: eval \"\$$(make -s stack-env)\""
+
+clean: stack-down  ## stop the stack and delete its data and the virtualenv
+	rm -rf $(STACK_DIR) $(VENV) .make .pytest_cache .ruff_cache
