@@ -1,0 +1,1 @@
+"""Database writes, one module per owning stage (upserts on natural keys)."""
