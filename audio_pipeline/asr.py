@@ -1,0 +1,546 @@
+"""Speech recognition backends: many files in, one transcript per file out.
+
+The gpu worker hands a whole claimed batch to ``Transcriber.transcribe_many`` so
+the model sees several files per call. That matters most for short clips: Whisper
+always decodes a 30 s window, so a 3 s clip sent alone pays for 27 s of padding.
+
+Backends (``ASR_BACKEND``):
+
+* ``faster-whisper`` (default, CPU and GPU): CTranslate2 Whisper from
+  ``MODELS_ROOT/ASR_MODEL``. Every file is decoded and cut by the bundled Silero
+  VAD into speech windows of at most 30 s, each window belonging to exactly one
+  file; the windows of all files are laid end to end in one array and sent through
+  ``BatchedInferencePipeline`` in a single call with ``clip_timestamps``, so
+  ``ASR_BATCH_SIZE`` windows share each encoder/decoder step. Segments come back
+  with times in the joined array and are split back per file by time.
+* ``whisperx`` (GPU hosts, requirements-gpu.txt): WhisperX's batched pipeline with
+  its wav2vec2 word alignment, both loaded from MODELS_ROOT only. Imported lazily,
+  so hosts without it (and without torch) never pay for it.
+
+Neither backend downloads anything: a missing model directory is an error that
+names the path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from audio_pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # Hz; Whisper's input rate
+WINDOW_S = 30.0  # seconds; Whisper's fixed input window
+DECODE_THREADS = 4  # files decoded at once (PyAV releases the GIL while decoding)
+# Silence between packed speech pieces: enough for Whisper to end a segment and for
+# word timestamps to fall clearly on one side of a file boundary.
+GAP_S = 0.6
+# VAD settings of faster-whisper's own batched mode, so windows match what it would cut.
+VAD_MIN_SILENCE_MS = 160
+DEFAULT_ASR_MODEL = "whisper/tiny.en"
+DEFAULT_BATCH_SIZE = 8  # windows per model step; ~1% WER at ~20x realtime on 2 cores
+DEFAULT_BEAM_SIZE = 5
+DEFAULT_LANGUAGE = "en"  # the fleet's content is US English (as CoPE-A expects)
+LANGUAGE_AUTO = "auto"
+
+
+class AsrBackend(StrEnum):
+    FASTER_WHISPER = "faster-whisper"
+    WHISPERX = "whisperx"
+
+
+class AsrDevice(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class AudioDecodeError(RuntimeError):
+    """Some files could not be decoded as audio; nothing was transcribed.
+
+    ``failures`` maps each bad path to the decoder's reason, so the caller can fail
+    exactly those files and send the rest again.
+    """
+
+    def __init__(self, failures: Mapping[Path, str]) -> None:
+        self.failures = dict(failures)
+        listed = "; ".join(f"{p}: {why}" for p, why in self.failures.items())
+        super().__init__(f"cannot decode {len(self.failures)} file(s): {listed}")
+
+
+@dataclass(frozen=True)
+class AsrSettings:
+    """ASR_* variables; read with ``AsrSettings.from_env``."""
+
+    backend: AsrBackend = AsrBackend.FASTER_WHISPER
+    model: str = DEFAULT_ASR_MODEL  # relative to MODELS_ROOT
+    device: AsrDevice = AsrDevice.AUTO
+    compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
+    batch_size: int = DEFAULT_BATCH_SIZE
+    beam_size: int = DEFAULT_BEAM_SIZE
+    language: str = DEFAULT_LANGUAGE  # LANGUAGE_AUTO: detect per file
+    cpu_threads: int = 0  # 0: CTranslate2's default (OMP_NUM_THREADS or 4)
+    align_model: str = "alignment/wav2vec2-en"  # whisperx only, relative to MODELS_ROOT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsrSettings:
+        env = os.environ if environ is None else environ
+        errors: list[str] = []
+
+        def choice(name: str, enum: type[Enum], default: Enum) -> Any:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                return enum(raw)
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
+                errors.append(f"{name}={raw!r} is not one of: {allowed}")
+                return default
+
+        def positive_int(name: str, default: int, minimum: int = 1) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                errors.append(f"{name}={raw!r} is not an integer")
+                return default
+            if value < minimum:
+                errors.append(f"{name}={value} is below the minimum {minimum}")
+            return value
+
+        settings = cls(
+            backend=choice("ASR_BACKEND", AsrBackend, AsrBackend.FASTER_WHISPER),
+            model=env.get("ASR_MODEL", "").strip() or DEFAULT_ASR_MODEL,
+            device=choice("ASR_DEVICE", AsrDevice, AsrDevice.AUTO),
+            compute_type=env.get("ASR_COMPUTE_TYPE", "").strip() or None,
+            batch_size=positive_int("ASR_BATCH_SIZE", DEFAULT_BATCH_SIZE),
+            beam_size=positive_int("ASR_BEAM_SIZE", DEFAULT_BEAM_SIZE),
+            language=env.get("ASR_LANGUAGE", "").strip() or DEFAULT_LANGUAGE,
+            cpu_threads=positive_int("ASR_CPU_THREADS", 0, minimum=0),
+            align_model=env.get("ASR_ALIGN_MODEL", "").strip() or cls.align_model,
+        )
+        if errors:
+            raise ConfigError("invalid ASR configuration:\n  " + "\n  ".join(errors))
+        return settings
+
+
+@dataclass(frozen=True)
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """One file's transcript; times are seconds from the start of that file.
+
+    processing_seconds is the file's share of its batch's wall time, in proportion
+    to its audio length (a batch is one model call, so per-file times do not exist).
+    """
+
+    text: str
+    language: str | None
+    language_probability: float | None
+    segments: list[Segment]
+    audio_seconds: float
+    processing_seconds: float
+    model: str
+    backend: str
+
+    def segments_json(self) -> list[dict[str, Any]]:
+        """The transcripts.segments column: plain dicts, as schema.sql documents."""
+        return [
+            {
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "words": [
+                    {"start": w.start, "end": w.end, "word": w.word, "probability": w.probability}
+                    for w in s.words
+                ],
+            }
+            for s in self.segments
+        ]
+
+
+class Transcriber(Protocol):
+    """A loaded ASR model. One instance per process; load once, call many times."""
+
+    model_name: str
+    backend: str
+
+    def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
+        """Transcripts in the order of ``paths``.
+
+        Raises AudioDecodeError (before any model work) when files cannot be decoded.
+        """
+        ...
+
+
+def resolve_device(device: AsrDevice) -> str:
+    if device is not AsrDevice.AUTO:
+        return device.value
+    import ctranslate2
+
+    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+
+
+def default_compute_type(device: str) -> str:
+    return "float16" if device == "cuda" else "int8"
+
+
+def model_dir(models_root: Path, relative: str) -> Path:
+    path = models_root / relative
+    if not path.is_dir():
+        raise ConfigError(
+            f"ASR model directory {path} does not exist (MODELS_ROOT={models_root}, "
+            f"model={relative!r}); models are synced by Ansible, or for development "
+            f"installed by `python -m audio_pipeline.dev_models {models_root}`"
+        )
+    return path
+
+
+def decode_many(paths: Sequence[Path]) -> list[Any]:
+    """Decode every file to 16 kHz mono float32, in parallel.
+
+    Raises AudioDecodeError naming every file that failed, so one bad file never
+    hides another.
+    """
+    from faster_whisper.audio import decode_audio
+
+    def decode(path: Path) -> Any:
+        try:
+            return decode_audio(str(path), sampling_rate=SAMPLE_RATE)
+        except Exception as exc:  # PyAV raises many types; the reason is what matters
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(paths)))) as pool:
+        results = list(pool.map(decode, paths))
+    failures = {
+        path: f"{type(r).__name__}: {r}"
+        for path, r in zip(paths, results, strict=True)
+        if isinstance(r, BaseException)
+    }
+    if failures:
+        raise AudioDecodeError(failures)
+    return results
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A speech span of one file, placed in the packed array at ``packed_start``."""
+
+    file_index: int
+    file_start: int  # samples, in the file
+    length: int  # samples
+    packed_start: int  # samples, in the packed array
+
+    @property
+    def packed_end(self) -> int:
+        return self.packed_start + self.length
+
+
+def speech_spans(audio: Any) -> list[tuple[int, int]]:
+    """(start, end) samples of the speech in one file, by the bundled Silero VAD.
+
+    Spans are at most one window long (faster-whisper's own batched-mode settings).
+    """
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    vad = VadOptions(max_speech_duration_s=WINDOW_S, min_silence_duration_ms=VAD_MIN_SILENCE_MS)
+    return [
+        (int(s["start"]), int(s["end"]))
+        for s in get_speech_timestamps(audio, vad, sampling_rate=SAMPLE_RATE)
+    ]
+
+
+def pack_speech(audios: Sequence[Any]) -> tuple[Any, list[_Piece], list[tuple[int, int]]]:
+    """Lay the speech of all files end to end, GAP_S of silence apart.
+
+    Returns the packed array, its pieces in order, and the windows to decode as
+    (start, end) samples: consecutive pieces packed greedily into <= 30 s, so a
+    window holds several short files (Whisper pads every window to 30 s, so a 4 s
+    clip alone wastes 26 s of compute). Silence trimmed by the VAD costs nothing.
+    """
+    import numpy as np
+
+    gap = int(GAP_S * SAMPLE_RATE)
+    limit = int(WINDOW_S * SAMPLE_RATE)
+    pieces: list[_Piece] = []
+    position = 0
+    for index, audio in enumerate(audios):
+        for start, end in speech_spans(audio):
+            length = min(end - start, limit)
+            pieces.append(_Piece(index, start, length, position))
+            position += length + gap
+    packed = np.zeros(position, dtype=np.float32)
+    for p in pieces:
+        packed[p.packed_start : p.packed_end] = audios[p.file_index][
+            p.file_start : p.file_start + p.length
+        ]
+    windows: list[tuple[int, int]] = []
+    for p in pieces:
+        if windows and p.packed_end - windows[-1][0] <= limit:
+            windows[-1] = (windows[-1][0], p.packed_end)
+        else:
+            windows.append((p.packed_start, p.packed_end))
+    return packed, pieces, windows
+
+
+class _Unpacker:
+    """Maps a time in the packed array back to (file, time in that file)."""
+
+    def __init__(self, pieces: Sequence[_Piece]) -> None:
+        self.pieces = list(pieces)
+        self.starts = [p.packed_start / SAMPLE_RATE for p in pieces]
+
+    def locate(self, t: float) -> tuple[int, float]:
+        """The piece containing ``t``; a time in a gap belongs to the nearer piece."""
+        i = max(0, bisect.bisect_right(self.starts, t) - 1)
+        piece = self.pieces[i]
+        end_s = piece.packed_end / SAMPLE_RATE
+        if t > end_s and i + 1 < len(self.pieces) and self.starts[i + 1] - t < t - end_s:
+            i += 1
+            piece = self.pieces[i]
+        offset_s = t - piece.packed_start / SAMPLE_RATE
+        offset_s = min(max(offset_s, 0.0), piece.length / SAMPLE_RATE)
+        return piece.file_index, piece.file_start / SAMPLE_RATE + offset_s
+
+
+def split_segment(seg: Any, unpacker: _Unpacker, durations: Sequence[float]) -> dict[int, Segment]:
+    """One decoded segment of the packed array as per-file segments.
+
+    Words carry their own times, so each word goes to the file its midpoint lies in;
+    a segment that ran across a file boundary becomes one segment in each file.
+    """
+    by_file: dict[int, list[Word]] = {}
+    for w in seg.words or []:
+        index, _ = unpacker.locate((w.start + w.end) / 2)
+        _, start = unpacker.locate(w.start)
+        _, end = unpacker.locate(w.end)
+        # A word whose edges fall in a neighbouring piece keeps times inside its own file.
+        dur = durations[index]
+        start, end = _clamp(start, dur), _clamp(end, dur)
+        word = Word(start=min(start, end), end=max(start, end), word=w.word.strip(),
+                    probability=round(float(w.probability), 4))  # fmt: skip
+        by_file.setdefault(index, []).append(word)
+    return {
+        index: Segment(
+            start=words[0].start,
+            end=max(w.end for w in words),
+            text=" ".join(w.word for w in words if w.word),
+            words=words,
+        )
+        for index, words in by_file.items()
+    }
+
+
+class FasterWhisperTranscriber:
+    """faster-whisper's BatchedInferencePipeline over the packed speech of many files."""
+
+    backend = AsrBackend.FASTER_WHISPER.value
+
+    def __init__(self, settings: AsrSettings, models_root: Path) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        path = model_dir(models_root, settings.model)
+        device = resolve_device(settings.device)
+        self.compute_type = settings.compute_type or default_compute_type(device)
+        self.settings = settings
+        self.device = device
+        self.model_name = settings.model
+        # ctranslate2 rejects a Path: it must be str.
+        self.model = WhisperModel(
+            str(path), device=device, compute_type=self.compute_type,
+            cpu_threads=settings.cpu_threads, local_files_only=True,
+        )  # fmt: skip
+        self.pipeline = BatchedInferencePipeline(self.model)
+        log.info(
+            "asr model loaded: backend=%s model=%s device=%s compute_type=%s",
+            self.backend, path, device, self.compute_type,
+        )  # fmt: skip
+
+    def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
+        if not paths:
+            return []
+        started = time.perf_counter()
+        audios = decode_many(paths)
+        if self.settings.language == LANGUAGE_AUTO and self.model.model.is_multilingual:
+            # The batched pipeline detects one language per call, and files may differ.
+            results = [self._transcribe_packed([a], None) for a in audios]
+            segments_per_file = [segs[0] for segs, _ in results]
+            languages = [lang for _, lang in results]
+        else:
+            language = "en" if self.settings.language == LANGUAGE_AUTO else self.settings.language
+            segments_per_file, lang = self._transcribe_packed(audios, language)
+            languages = [lang] * len(audios)
+        elapsed = time.perf_counter() - started
+        durations = [len(a) / SAMPLE_RATE for a in audios]
+        total_audio = sum(durations) or 1.0
+        return [
+            Transcript(
+                text=" ".join(s.text for s in segs).strip(),
+                language=lang[0],
+                language_probability=lang[1],
+                segments=segs,
+                audio_seconds=round(dur, 3),
+                processing_seconds=round(elapsed * dur / total_audio, 4),
+                model=self.model_name,
+                backend=self.backend,
+            )
+            for segs, lang, dur in zip(segments_per_file, languages, durations, strict=True)
+        ]
+
+    def _transcribe_packed(
+        self, audios: Sequence[Any], language: str | None
+    ) -> tuple[list[list[Segment]], tuple[str | None, float | None]]:
+        """One batched call over the packed speech of ``audios``, split back per file."""
+        packed, pieces, windows = pack_speech(audios)
+        per_file: list[list[Segment]] = [[] for _ in audios]
+        if not windows:  # nothing but silence: empty transcripts, no model call
+            return per_file, (language, 1.0 if language else None)
+        segments, info = self.pipeline.transcribe(
+            packed,
+            language=language,
+            beam_size=self.settings.beam_size,
+            batch_size=self.settings.batch_size,
+            word_timestamps=True,  # needed to split a window back into its files
+            clip_timestamps=[
+                {"start": start / SAMPLE_RATE, "end": end / SAMPLE_RATE} for start, end in windows
+            ],
+        )
+        unpacker = _Unpacker(pieces)
+        durations = [len(a) / SAMPLE_RATE for a in audios]
+        for seg in segments:
+            for index, part in split_segment(seg, unpacker, durations).items():
+                per_file[index].append(part)
+        return per_file, (info.language, float(info.language_probability))
+
+
+def _clamp(t: float, duration: float) -> float:
+    return round(min(max(float(t), 0.0), duration), 3)
+
+
+class WhisperXTranscriber:
+    """WhisperX on a GPU host: batched Whisper, then wav2vec2 word alignment.
+
+    Both models come from MODELS_ROOT (the ASR model in CTranslate2 format, the
+    alignment model as a Hugging Face wav2vec2 directory), never from a hub.
+    WhisperX's VAD merges speech across the whole input, so files are not joined
+    here: each file is one batched call (its windows share the GPU), and alignment
+    runs per file.
+    """
+
+    backend = AsrBackend.WHISPERX.value
+
+    def __init__(self, settings: AsrSettings, models_root: Path) -> None:
+        try:
+            import whisperx
+        except ImportError as exc:
+            raise ConfigError(
+                "ASR_BACKEND=whisperx but whisperx is not importable on this host "
+                f"({exc}); install requirements-gpu.txt or use ASR_BACKEND=faster-whisper"
+            ) from exc
+        self.whisperx = whisperx
+        path = model_dir(models_root, settings.model)
+        align_path = model_dir(models_root, settings.align_model)
+        device = resolve_device(settings.device)
+        self.settings = settings
+        self.device = device
+        self.model_name = settings.model
+        language = None if settings.language == LANGUAGE_AUTO else settings.language
+        self.model = whisperx.load_model(
+            str(path),
+            device,
+            compute_type=settings.compute_type or default_compute_type(device),
+            language=language,
+            asr_options={"beam_size": settings.beam_size},
+            vad_method="pyannote",  # bundled weights; silero goes through torch.hub
+            local_files_only=True,
+        )
+        self.align_model, self.align_metadata = whisperx.load_align_model(
+            language_code=language or "en", device=device, model_name=str(align_path)
+        )
+
+    def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
+        started = time.perf_counter()
+        audios = decode_many(paths)
+        results = []
+        for audio in audios:
+            raw = self.model.transcribe(audio, batch_size=self.settings.batch_size)
+            aligned = self.whisperx.align(
+                raw["segments"], self.align_model, self.align_metadata, audio, self.device,
+                return_char_alignments=False,
+            )  # fmt: skip
+            results.append((aligned, raw.get("language")))
+        elapsed = time.perf_counter() - started
+        durations = [len(a) / SAMPLE_RATE for a in audios]
+        total_audio = sum(durations) or 1.0
+        transcripts = []
+        for (aligned, language), dur in zip(results, durations, strict=True):
+            segments = [_whisperx_segment(s, dur) for s in aligned["segments"]]
+            transcripts.append(
+                Transcript(
+                    text=" ".join(s.text for s in segments).strip(),
+                    language=language,
+                    language_probability=None,  # whisperx does not report it
+                    segments=segments,
+                    audio_seconds=round(dur, 3),
+                    processing_seconds=round(elapsed * dur / total_audio, 4),
+                    model=self.model_name,
+                    backend=self.backend,
+                )
+            )
+        return transcripts
+
+
+def _whisperx_segment(seg: Mapping[str, Any], duration: float) -> Segment:
+    words = []
+    for w in seg.get("words", []):
+        # Alignment leaves out times for tokens it cannot place (digits, symbols).
+        if "start" not in w or "end" not in w:
+            continue
+        words.append(
+            Word(
+                start=_clamp(float(w["start"]), duration),
+                end=_clamp(float(w["end"]), duration),
+                word=str(w["word"]).strip(),
+                probability=round(float(w.get("score", 0.0)), 4),
+            )
+        )
+    return Segment(
+        start=_clamp(float(seg["start"]), duration),
+        end=_clamp(float(seg["end"]), duration),
+        text=str(seg["text"]).strip(),
+        words=words,
+    )
+
+
+def load_transcriber(models_root: Path, settings: AsrSettings | None = None) -> Transcriber:
+    """The configured backend, its model loaded (seconds to minutes: call once)."""
+    settings = settings or AsrSettings.from_env()
+    if settings.backend is AsrBackend.WHISPERX:
+        return WhisperXTranscriber(settings, models_root)
+    return FasterWhisperTranscriber(settings, models_root)
