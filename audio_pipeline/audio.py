@@ -1,0 +1,245 @@
+"""A thin ffmpeg wrapper: probe audio, convert MP3 to Opus, many files in parallel.
+
+Each conversion is its own ``ffmpeg -threads 1`` process and a thread pool runs
+UNPACK_FFMPEG_JOBS of them at once (default: every core). For a batch of many
+short files one process per core beats one multi-threaded ffmpeg per file: the
+MP3 decoder and Opus encoder barely parallelise, and process start-up overlaps.
+
+Every result says what happened to its file. A failure carries ffmpeg's own
+reason (the last lines of its stderr) and never stops the rest of the batch.
+Outputs are written under a temporary name and renamed into place, so a file
+at the output path is always a complete conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from audio_pipeline.config import ConfigError, _Env
+
+OPUS_BITRATE = "24k"  # speech at 16 kHz mono; ASR accuracy is flat above ~16k
+OPUS_SAMPLE_RATE = 16_000  # Hz, what Whisper models consume
+OPUS_CHANNELS = 1
+FFMPEG_TIMEOUT_S = 600.0  # seconds per file; ~44x realtime means hours of audio
+FFPROBE_TIMEOUT_S = 30.0  # seconds per probe
+STDERR_TAIL_LINES = 3  # lines of ffmpeg's stderr kept as a failure reason
+MAX_REASON_CHARS = 1000  # a reason is stored in Postgres and shown in tables
+
+_CONTEXT_ADDRESS = re.compile(r"\[([\w:.-]+) @ 0x[0-9a-fA-F]+\]")
+
+FFMPEG = "ffmpeg"
+FFPROBE = "ffprobe"
+
+
+class AudioError(Exception):
+    """ffmpeg or ffprobe could not handle a file; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    opus_bitrate: str = OPUS_BITRATE
+    jobs: int = os.cpu_count() or 1
+    timeout_s: float = FFMPEG_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AudioSettings:
+        """OPUS_BITRATE (e.g. 24k), UNPACK_FFMPEG_JOBS, UNPACK_FFMPEG_TIMEOUT_S."""
+        env = _Env(os.environ if environ is None else environ, production=False)
+        bitrate = env.str("OPUS_BITRATE", OPUS_BITRATE)
+        if not _valid_bitrate(bitrate):
+            env.errors.append(f"OPUS_BITRATE={bitrate!r} is not a bitrate like 24k or 32000")
+        settings = cls(
+            opus_bitrate=bitrate,
+            jobs=env.int("UNPACK_FFMPEG_JOBS", os.cpu_count() or 1, minimum=1),
+            timeout_s=env.float("UNPACK_FFMPEG_TIMEOUT_S", FFMPEG_TIMEOUT_S),
+        )
+        if settings.timeout_s <= 0:
+            env.errors.append(f"UNPACK_FFMPEG_TIMEOUT_S={settings.timeout_s} must be positive")
+        if env.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
+        return settings
+
+
+def _valid_bitrate(value: str) -> bool:
+    digits = value[:-1] if value[-1:].lower() == "k" else value
+    return digits.isdigit() and int(digits) > 0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    duration_s: float
+    codec: str
+    sample_rate: int
+    channels: int
+    format_name: str
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One file to convert; ``key`` is the caller's name for it (e.g. rel_path)."""
+
+    key: str
+    source: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    key: str
+    source: Path
+    output: Path
+    ok: bool
+    duration_s: float | None = None  # of the Opus output
+    error: str | None = None
+    elapsed_s: float = 0.0
+
+
+def probe(path: Path, timeout_s: float = FFPROBE_TIMEOUT_S) -> ProbeResult:
+    """Describe the first audio stream of ``path``; AudioError if there is none."""
+    cmd = [
+        FFPROBE, "-v", "error", "-select_streams", "a:0",
+        "-show_entries", "stream=codec_name,sample_rate,channels:format=duration,format_name",
+        "-of", "json", "--", str(path),
+    ]  # fmt: skip
+    proc = _run(cmd, timeout_s, what="ffprobe")
+    if proc.returncode != 0:
+        raise AudioError(f"ffprobe failed: {_tail(proc.stderr, path)}")
+    info = json.loads(proc.stdout or "{}")
+    streams = info.get("streams") or []
+    if not streams:
+        raise AudioError("no audio stream found")
+    stream, fmt = streams[0], info.get("format") or {}
+    try:
+        duration = float(fmt.get("duration", "nan"))
+    except ValueError:
+        duration = float("nan")
+    if not duration >= 0:  # also catches NaN
+        raise AudioError("audio duration is unknown")
+    return ProbeResult(
+        duration_s=duration,
+        codec=str(stream.get("codec_name", "")),
+        sample_rate=int(stream.get("sample_rate") or 0),
+        channels=int(stream.get("channels") or 0),
+        format_name=str(fmt.get("format_name", "")),
+    )
+
+
+def opus_command(source: Path, output: Path, bitrate: str = OPUS_BITRATE) -> list[str]:
+    """The ffmpeg command line: first audio stream -> Ogg Opus, 16 kHz mono."""
+    return [
+        FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+        "-threads", "1", "-filter_threads", "1",
+        "-i", str(source),
+        "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
+        "-ac", str(OPUS_CHANNELS), "-ar", str(OPUS_SAMPLE_RATE),
+        "-c:a", "libopus", "-b:a", bitrate, "-threads", "1",
+        "-f", "ogg", str(output),
+    ]  # fmt: skip
+
+
+def convert_to_opus(
+    source: Path, output: Path, bitrate: str = OPUS_BITRATE, timeout_s: float = FFMPEG_TIMEOUT_S
+) -> float:
+    """Convert ``source`` to Opus at ``output`` atomically; returns the output's duration.
+
+    Raises AudioError with ffmpeg's reason; nothing is left at ``output`` then.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    try:
+        proc = _run(opus_command(source, partial, bitrate), timeout_s, what="ffmpeg")
+        if proc.returncode != 0:
+            raise AudioError(_tail(proc.stderr, source, partial) or f"exit {proc.returncode}")
+        try:
+            duration = probe(partial).duration_s
+        except AudioError as exc:
+            raise AudioError(f"ffmpeg produced no usable audio ({exc})") from None
+        if duration <= 0:
+            raise AudioError("no audio decoded (output is 0 seconds long)")
+        partial.replace(output)
+        return duration
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def convert_one(job: Conversion, settings: AudioSettings) -> ConversionResult:
+    """Probe, then convert one file; never raises for a bad file."""
+    start = time.monotonic()
+    try:
+        try:
+            probe(job.source)
+        except AudioError as exc:
+            # Say plainly that the input is the problem (a text file named .mp3),
+            # not the converter, then give ffprobe's own words.
+            raise AudioError(f"not a readable audio file: {exc}") from None
+        duration = convert_to_opus(
+            job.source, job.output, settings.opus_bitrate, settings.timeout_s
+        )
+    except AudioError as exc:
+        return ConversionResult(
+            job.key, job.source, job.output, ok=False, error=_clip(str(exc)),
+            elapsed_s=time.monotonic() - start,
+        )  # fmt: skip
+    return ConversionResult(
+        job.key, job.source, job.output, ok=True, duration_s=duration,
+        elapsed_s=time.monotonic() - start,
+    )  # fmt: skip
+
+
+def convert_many(
+    jobs: Iterable[Conversion], settings: AudioSettings | None = None
+) -> Iterator[ConversionResult]:
+    """Convert in parallel, yielding each result as soon as it is ready.
+
+    The caller can upload and record each file while the rest still convert.
+    Closing the iterator early cancels conversions that have not started.
+    """
+    settings = settings or AudioSettings()
+    jobs = list(jobs)
+    if not jobs:
+        return
+    with ThreadPoolExecutor(
+        max_workers=min(settings.jobs, len(jobs)), thread_name_prefix="ffmpeg"
+    ) as pool:
+        futures: list[Future[ConversionResult]] = [
+            pool.submit(convert_one, job, settings) for job in jobs
+        ]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _run(cmd: list[str], timeout_s: float, what: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, errors="replace", timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise AudioError(f"{what} timed out after {timeout_s:g} s") from None
+    except FileNotFoundError:
+        raise AudioError(f"{what} is not installed (not found on PATH)") from None
+
+
+def _tail(stderr: str, *paths: Path) -> str:
+    """ffmpeg's last few stderr lines, with our scratch paths shortened to file names."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # "[mp3 @ 0x55d0c...]" -> "[mp3]": the address differs on every run
+    text = _CONTEXT_ADDRESS.sub(r"[\1]", " | ".join(lines[-STDERR_TAIL_LINES:]))
+    for path in paths:
+        text = text.replace(str(path), path.name)
+    return _clip(text)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."

@@ -1,0 +1,161 @@
+"""audio.py with the real ffmpeg/ffprobe: probing, Opus conversion, failures, parallel runs."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from audio_pipeline import audio
+from audio_pipeline.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+
+def speech_mp3(path: Path, text: str = "The birch canoe slid on the smooth planks.") -> Path:
+    wav = path.with_suffix(".wav")
+    subprocess.run(["espeak-ng", "-w", str(wav), "--", text], check=True)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-c:a", "libmp3lame", str(path)],
+        check=True,
+    )
+    wav.unlink()
+    return path
+
+
+def tone_mp3(path: Path, seconds: float) -> Path:
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi",
+         "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}",
+         "-ac", "2", "-c:a", "libmp3lame", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+def opus_head(path: Path) -> tuple[int, int]:
+    """(channels, input sample rate) from the Ogg Opus identification header."""
+    data = path.read_bytes()
+    at = data.index(b"OpusHead")
+    channels = data[at + 9]
+    (rate,) = struct.unpack("<I", data[at + 12 : at + 16])
+    return channels, rate
+
+
+def test_probe_speech_mp3(tmp_path):
+    info = audio.probe(speech_mp3(tmp_path / "s.mp3"))
+    assert info.codec == "mp3"
+    assert info.format_name == "mp3"
+    assert 1.5 < info.duration_s < 5
+    assert info.channels == 1
+
+
+def test_probe_refuses_a_file_without_audio(tmp_path):
+    text = tmp_path / "fake.mp3"
+    text.write_text("I am text, not audio.\n" * 50)
+    with pytest.raises(audio.AudioError, match="ffprobe failed"):
+        audio.probe(text)
+    image = tmp_path / "pic.png"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16",
+         "-frames:v", "1", str(image)],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(audio.AudioError, match="no audio stream"):
+        audio.probe(image)
+
+
+def test_convert_gives_16khz_mono_opus_atomically(tmp_path):
+    src = tone_mp3(tmp_path / "stereo 44k.mp3", 4.0)
+    out = tmp_path / "out" / "nested" / "stereo 44k.opus"
+    duration = audio.convert_to_opus(src, out)
+    assert duration == pytest.approx(4.0, abs=0.1)
+    assert opus_head(out) == (1, 16_000)
+    info = audio.probe(out)
+    assert (info.codec, info.format_name, info.channels) == ("opus", "ogg", 1)
+    assert os.listdir(out.parent) == [out.name], "no temporary file left behind"
+
+
+def test_bitrate_setting_changes_the_output(tmp_path):
+    src = tone_mp3(tmp_path / "t.mp3", 6.0)
+    low, high = tmp_path / "low.opus", tmp_path / "high.opus"
+    audio.convert_to_opus(src, low, bitrate="12k")
+    audio.convert_to_opus(src, high, bitrate="48k")
+    assert high.stat().st_size > 2 * low.stat().st_size
+    # 24k for 6 s is about 18 kB of audio plus Ogg overhead
+    assert 8_000 < low.stat().st_size < 16_000
+
+
+def test_failed_conversion_leaves_nothing_and_keeps_an_existing_output(tmp_path):
+    text = tmp_path / "fake.mp3"
+    text.write_text("definitely not audio\n" * 100)
+    out = tmp_path / "fake.opus"
+    out.write_bytes(b"previous good output")
+    with pytest.raises(audio.AudioError) as exc_info:
+        audio.convert_to_opus(text, out)
+    assert "fake.mp3" in str(exc_info.value)
+    assert str(tmp_path) not in str(exc_info.value), "scratch paths are shortened"
+    assert out.read_bytes() == b"previous good output"
+    assert sorted(os.listdir(tmp_path)) == ["fake.mp3", "fake.opus"]
+
+
+def test_timeout_is_a_clear_failure(tmp_path):
+    src = tone_mp3(tmp_path / "t.mp3", 30.0)
+    with pytest.raises(audio.AudioError, match=r"ffmpeg timed out after 0.01 s"):
+        audio.convert_to_opus(src, tmp_path / "t.opus", timeout_s=0.01)
+    assert not list(tmp_path.glob("*.opus"))
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_convert_many_reports_every_file_and_a_bad_one_does_not_stop_the_rest(tmp_path):
+    jobs = []
+    for i in range(5):
+        src = tone_mp3(tmp_path / f"good {i}.mp3", 1.0 + i)
+        jobs.append(audio.Conversion(f"good {i}", src, tmp_path / "out" / f"good {i}.opus"))
+    fake = tmp_path / "really text.mp3"
+    fake.write_text("This MP3 is really a text file.\n" * 30)
+    jobs.insert(2, audio.Conversion("bad", fake, tmp_path / "out" / "bad.opus"))
+    truncated = tmp_path / "cut.mp3"
+    truncated.write_bytes((tmp_path / "good 4.mp3").read_bytes()[:300])
+    jobs.append(audio.Conversion("cut", truncated, tmp_path / "out" / "cut.opus"))
+
+    results = {r.key: r for r in audio.convert_many(jobs, audio.AudioSettings(jobs=2))}
+
+    assert set(results) == {j.key for j in jobs}
+    for i in range(5):
+        r = results[f"good {i}"]
+        assert r.ok
+        assert r.error is None
+        assert r.duration_s == pytest.approx(1.0 + i, abs=0.1)
+        assert r.output.exists()
+    bad = results["bad"]
+    assert not bad.ok
+    assert bad.duration_s is None
+    assert bad.error.startswith("not a readable audio file: ffprobe failed:")
+    assert "really text.mp3" in bad.error
+    assert not (tmp_path / "out" / "bad.opus").exists()
+    assert results["cut"].ok is False or results["cut"].duration_s < 0.5
+    assert not list((tmp_path / "out").glob(".*"))
+
+
+def test_commands_use_one_thread_per_process():
+    cmd = audio.opus_command(Path("in.mp3"), Path("out.opus"), "24k")
+    assert cmd.count("-threads") == 2
+    assert "-filter_threads" in cmd
+    assert cmd[cmd.index("-ar") + 1] == "16000"
+    assert cmd[cmd.index("-ac") + 1] == "1"
+    assert cmd[cmd.index("-b:a") + 1] == "24k"
+    assert "libopus" in cmd
+
+
+def test_settings_from_env():
+    s = audio.AudioSettings.from_env(
+        {"OPUS_BITRATE": "32k", "UNPACK_FFMPEG_JOBS": "3", "UNPACK_FFMPEG_TIMEOUT_S": "9.5"}
+    )
+    assert (s.opus_bitrate, s.jobs, s.timeout_s) == ("32k", 3, 9.5)
+    assert audio.AudioSettings.from_env({}).jobs == (os.cpu_count() or 1)
+    with pytest.raises(ConfigError, match=r"(?s)OPUS_BITRATE.*UNPACK_FFMPEG_JOBS"):
+        audio.AudioSettings.from_env({"OPUS_BITRATE": "fast", "UNPACK_FFMPEG_JOBS": "0"})
