@@ -1,0 +1,471 @@
+"""Reliable job queues on Redis lists: claim, ack, retry, dead letter, reaper.
+
+Delivery is at-least-once and never loses a job:
+
+- A claim moves the item atomically (LMOVE/BLMOVE) from its source queue into a
+  processing list of this worker *for that source queue*,
+  ``processing:{worker_id}:from:{queue}``. The source is therefore part of the key,
+  so a kill -9 at any instant leaves nothing to reconstruct: whoever finds the list
+  knows exactly where its items go back to.
+- An item leaves the processing list only in one atomic step with its next home:
+  ack (gone), retry (into the delayed set), dead letter (queue:failed) or release
+  (back to the head of its source). Each of these is a Lua script that moves the
+  item only if it is still in this worker's processing list, so a job the reaper
+  already handed to someone else is never also retried or dead-lettered.
+- Workers keep a heartbeat hash ``worker:{worker_id}`` with a TTL. The reaper
+  (any worker, under a short lock) returns the items of every processing list
+  whose worker has no heartbeat any more.
+- Retries wait in the sorted set ``retry:delayed`` (score = due time) and are
+  promoted back to their queue by whichever worker claims next.
+
+Retry counts travel inside the payload as ``_attempts`` (stripped from
+``Job.payload``), so they survive crashes without any side table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE
+from audio_pipeline.logs import log_event
+
+log = logging.getLogger(__name__)
+
+# Key layout (documented for operators using redis-cli).
+PROCESSING_PREFIX = "processing:"
+PROCESSING_SOURCE_SEP = ":from:"
+DELAYED_KEY = "retry:delayed"  # sorted set: {"queue","raw","id"} scored by due time
+WORKERS_KEY = "workers"  # set of registered worker ids
+HEARTBEAT_PREFIX = "worker:"  # hash per live worker, expires without heartbeats
+REAPER_LOCK_KEY = "lock:reaper"
+ATTEMPTS_FIELD = "_attempts"  # retries so far, carried inside the payload
+
+# Tunables (seconds unless named otherwise); the env overrides let tests use tiny values.
+DEFAULT_MAX_ATTEMPTS = 5  # total tries of one job before it is dead-lettered
+DEFAULT_RETRY_BASE_S = 30.0  # first retry delay; doubles with every retry
+DEFAULT_RETRY_CAP_S = 900.0  # no retry waits longer than this
+BLOCK_SLICE_S = 1.0  # longest single BLMOVE; between slices other queues and retries are seen
+PROMOTE_BATCH = 100  # due retries moved per promotion call
+REAPER_LOCK_S = 30.0  # a reaper that dies holding the lock blocks others this long at most
+ERROR_MAX_CHARS = 4000  # dead-letter error text kept (tracebacks can be huge)
+
+
+class PermanentJobError(Exception):
+    """Bad input that retrying cannot fix: the job goes straight to queue:failed."""
+
+
+def require_fields(
+    payload: Mapping[str, Any], fields: Mapping[str, type | tuple[type, ...]]
+) -> None:
+    """Raise PermanentJobError naming every missing or wrongly-typed key."""
+    problems: list[str] = []
+    for name, expected in fields.items():
+        if name not in payload or payload[name] is None:
+            problems.append(f"missing key {name!r}")
+            continue
+        value = payload[name]
+        types = expected if isinstance(expected, tuple) else (expected,)
+        # bool is an int subclass; an id of True is a malformed payload, not 1.
+        ok = False if isinstance(value, bool) and bool not in types else isinstance(value, types)
+        if not ok:
+            wanted = " or ".join(t.__name__ for t in types)
+            problems.append(f"key {name!r} must be {wanted}, got {type(value).__name__}")
+    if problems:
+        raise PermanentJobError("invalid job payload: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed item. ``raw`` is the exact string in Redis (ack/retry match on it)."""
+
+    queue: str
+    raw: str
+    payload: dict[str, Any] = field(hash=False)
+    attempts: int = 0
+
+    @property
+    def short_id(self) -> str:
+        """A stable 8-hex id for log lines (the payload has no id of its own)."""
+        return uuid.uuid5(uuid.NAMESPACE_OID, self.raw).hex[:8]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    base_s: float = DEFAULT_RETRY_BASE_S
+    cap_s: float = DEFAULT_RETRY_CAP_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float, minimum: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise ValueError(f"{name}={raw} is below the minimum {minimum}")
+            return value
+
+        return cls(
+            max_attempts=int(number("QUEUE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1)),
+            base_s=number("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, 0),
+            cap_s=number("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, 0),
+        )
+
+    def delay_s(self, retries_so_far: int) -> float:
+        return min(self.cap_s, self.base_s * (2**retries_so_far))
+
+
+def processing_key(worker_id: str, queue: str) -> str:
+    return f"{PROCESSING_PREFIX}{worker_id}{PROCESSING_SOURCE_SEP}{queue}"
+
+
+def parse_processing_key(key: str) -> tuple[str, str]:
+    """(worker_id, source queue) of a processing list key."""
+    if not key.startswith(PROCESSING_PREFIX) or PROCESSING_SOURCE_SEP not in key:
+        raise ValueError(f"not a processing list key: {key!r}")
+    worker_id, source = key[len(PROCESSING_PREFIX) :].split(PROCESSING_SOURCE_SEP, 1)
+    return worker_id, source
+
+
+def heartbeat_key(worker_id: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{worker_id}"
+
+
+def reap_destination(source: str) -> str:
+    """Where a dead worker's item goes back to.
+
+    Host transcribe queues go to the shared queue: the dead host may be gone, and
+    any gpu worker can fetch the Opus file from S3.
+    """
+    if source.startswith(QUEUE_TRANSCRIBE + ":"):
+        return QUEUE_TRANSCRIBE
+    return source
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# Moves ARGV[1] out of KEYS[1] into KEYS[2] only if it is still there, so a job the
+# reaper already returned is never settled twice. ARGV[2] says how it lands.
+_SETTLE_LUA = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'rpush' then redis.call('RPUSH', KEYS[2], ARGV[3])
+elseif ARGV[2] == 'lpush' then redis.call('LPUSH', KEYS[2], ARGV[3])
+elseif ARGV[2] == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
+return 1
+"""
+
+# Due retries back to the tail of their queues, atomically per member.
+_PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local entry = cjson.decode(member)
+  redis.call('RPUSH', entry['queue'], entry['raw'])
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# Whole processing list back to the head of a queue, oldest item first in line.
+_RETURN_ALL_LUA = """
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do n = n + 1 end
+return n
+"""
+
+
+class JobQueue:
+    """Queue operations of one worker (``worker_id``) of one ``stage``."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        worker_id: str,
+        stage: str,
+        *,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self.redis = redis_client
+        self.worker_id = worker_id
+        self.stage = stage
+        self.retry_policy = retry_policy or RetryPolicy.from_env()
+        self._settle = redis_client.register_script(_SETTLE_LUA)
+        self._promote = redis_client.register_script(_PROMOTE_LUA)
+        self._return_all = redis_client.register_script(_RETURN_ALL_LUA)
+
+    # -- producing -----------------------------------------------------------------
+
+    def enqueue(self, queue: str, payload: dict[str, Any]) -> None:
+        """RPUSH a JSON payload (FIFO; operators LPUSH by hand to jump the line)."""
+        self.redis.rpush(queue, json.dumps(payload, separators=(",", ":")))
+
+    # -- claiming ------------------------------------------------------------------
+
+    def claim(self, queues: Sequence[str], timeout: float) -> Job | None:
+        """Take one job, trying ``queues`` in priority order, waiting up to ``timeout`` s.
+
+        Malformed items go to queue:failed at once and are never returned.
+        """
+        if not queues:
+            raise ValueError("claim needs at least one queue")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            self.promote_due()
+            for queue in queues:
+                raw = self.redis.lmove(
+                    queue, processing_key(self.worker_id, queue), "LEFT", "RIGHT"
+                )
+                if raw is not None:
+                    job = self._accept(queue, raw)
+                    if job is not None:
+                        return job
+                    break  # a malformed item was removed; look again from the top
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                # Block on the highest-priority queue only; a short slice bounds how
+                # late the others (and due retries) are noticed.
+                wait = max(0.01, min(remaining, BLOCK_SLICE_S))
+                first = queues[0]
+                raw = self.redis.blmove(
+                    first, processing_key(self.worker_id, first), wait, "LEFT", "RIGHT"
+                )
+                if raw is not None:
+                    job = self._accept(first, raw)
+                    if job is not None:
+                        return job
+
+    def claim_many(self, queues: Sequence[str], max_jobs: int, timeout: float) -> list[Job]:
+        """Wait up to ``timeout`` for one job, then add what is ready, up to ``max_jobs``."""
+        first = self.claim(queues, timeout)
+        if first is None:
+            return []
+        jobs = [first]
+        while len(jobs) < max_jobs:
+            job = self.claim(queues, 0)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _accept(self, queue: str, raw: str) -> Job | None:
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            self._dead_letter_raw(queue, raw, 0, f"malformed JSON: {exc}")
+            return None
+        if not isinstance(payload, dict):
+            kind = type(payload).__name__
+            self._dead_letter_raw(
+                queue, raw, 0, f"malformed job: a JSON object is required, got {kind}"
+            )
+            return None
+        attempts = payload.pop(ATTEMPTS_FIELD, 0)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+            attempts = 0
+        return Job(queue=queue, raw=raw, payload=payload, attempts=attempts)
+
+    # -- settling ------------------------------------------------------------------
+
+    def ack(self, job: Job) -> None:
+        """Forget the job; call only after its results are committed."""
+        removed = self.redis.lrem(processing_key(self.worker_id, job.queue), 1, job.raw)
+        if not removed:
+            self._lost(job, "ack")
+
+    def retry(self, job: Job, error: BaseException | str) -> None:
+        """Retry later with capped exponential backoff, or dead-letter when out of tries."""
+        text = _error_text(error)
+        policy = self.retry_policy
+        if job.attempts + 1 >= policy.max_attempts:
+            self.dead_letter(job, f"{text} (gave up after {job.attempts + 1} attempts)")
+            return
+        delay = policy.delay_s(job.attempts)
+        retried = dict(job.payload)
+        retried[ATTEMPTS_FIELD] = job.attempts + 1
+        member = json.dumps(
+            {"queue": job.queue, "raw": json.dumps(retried), "id": uuid.uuid4().hex},
+            separators=(",", ":"),
+        )
+        moved = self._settle(
+            keys=[processing_key(self.worker_id, job.queue), DELAYED_KEY],
+            args=[job.raw, "zadd", member, time.time() + delay],
+        )
+        if not moved:
+            self._lost(job, "retry")
+            return
+        log_event(
+            log, "job.retry", level=logging.WARNING, stage=self.stage, queue=job.queue,
+            job=job.short_id, attempt=job.attempts + 1, delay_s=delay, error=text,
+        )  # fmt: skip
+
+    def dead_letter(self, job: Job, error: str) -> None:
+        """Move the job to queue:failed with why, where from and by whom."""
+        self._dead_letter_raw(job.queue, job.raw, job.attempts + 1, error)
+
+    def release(self, job: Job) -> None:
+        """Hand the job back to the head of its source queue (graceful stop)."""
+        moved = self._settle(
+            keys=[processing_key(self.worker_id, job.queue), job.queue],
+            args=[job.raw, "lpush", job.raw, 0],
+        )
+        if moved:
+            log_event(log, "job.released", stage=self.stage, queue=job.queue, job=job.short_id)
+        else:
+            self._lost(job, "release")
+
+    def _dead_letter_raw(self, queue: str, raw: str, attempts: int, error: str) -> None:
+        entry = {
+            "job": raw,
+            "queue": queue,
+            "stage": self.stage,
+            "worker": self.worker_id,
+            "error": _error_text(error),
+            "attempts": attempts,
+            "failed_at": utc_now_iso(),
+        }
+        moved = self._settle(
+            keys=[processing_key(self.worker_id, queue), QUEUE_FAILED],
+            args=[raw, "rpush", json.dumps(entry), 0],
+        )
+        if moved:
+            log_event(
+                log, "job.failed", level=logging.ERROR, stage=self.stage, queue=queue,
+                job=uuid.uuid5(uuid.NAMESPACE_OID, raw).hex[:8], attempts=attempts,
+                error=entry["error"],
+            )  # fmt: skip
+        else:
+            log_event(log, "job.lost_ownership", level=logging.WARNING, stage=self.stage,
+                      queue=queue, action="dead_letter")  # fmt: skip
+
+    def _lost(self, job: Job, action: str) -> None:
+        # The reaper returned this job while we held it (our heartbeat lapsed): someone
+        # else may be running it now; idempotent writes make the overlap harmless.
+        log_event(
+            log, "job.lost_ownership", level=logging.WARNING, stage=self.stage,
+            queue=job.queue, job=job.short_id, action=action,
+        )  # fmt: skip
+
+    # -- delayed retries -----------------------------------------------------------
+
+    def promote_due(self, now: float | None = None) -> int:
+        """Move retries whose time has come back to their queues; returns how many."""
+        return int(self._promote(keys=[DELAYED_KEY], args=[now or time.time(), PROMOTE_BATCH]))
+
+    def pending_retries(self, queues: Sequence[str] | None = None) -> int:
+        """Delayed retries waiting for ``queues`` (all queues when None)."""
+        wanted = set(queues) if queues is not None else None
+        count = 0
+        for member in self.redis.zrange(DELAYED_KEY, 0, -1):
+            if wanted is None or json.loads(member).get("queue") in wanted:
+                count += 1
+        return count
+
+    # -- registry, heartbeats, reaper ----------------------------------------------
+
+    def heartbeat(self, ttl_s: float, info: Mapping[str, Any]) -> None:
+        """Refresh this worker's heartbeat hash (``info``: stage, pid, current job...)."""
+        key = heartbeat_key(self.worker_id)
+        fields = {k: "" if v is None else str(v) for k, v in info.items()}
+        fields["beat_at"] = f"{time.time():.3f}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(WORKERS_KEY, self.worker_id)
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        pipe.execute()
+
+    def unregister(self) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.srem(WORKERS_KEY, self.worker_id)
+        pipe.delete(heartbeat_key(self.worker_id))
+        pipe.execute()
+
+    def recover_own(self) -> int:
+        """Return what an earlier process with this same worker id left in flight.
+
+        A restarted worker can get its predecessor's pid (containers), so it would
+        look alive to the reaper; it hands those items back itself, to their own
+        source (same host, so host-local files are still here).
+        """
+        moved = 0
+        pattern = processing_key(self.worker_id, "*")
+        for key in self.redis.scan_iter(match=pattern, count=100):
+            _, source = parse_processing_key(key)
+            n = int(self._return_all(keys=[key, source]))
+            if n:
+                log_event(log, "worker.recovered", level=logging.WARNING, stage=self.stage,
+                          queue=source, jobs=n)  # fmt: skip
+            moved += n
+        return moved
+
+    def reap(self) -> list[tuple[str, str, int]]:
+        """Return the in-flight items of dead workers; see reap_dead_workers."""
+        return reap_dead_workers(self.redis, self._return_all)
+
+
+def reap_dead_workers(
+    redis_client: redis.Redis, return_all: Any | None = None
+) -> list[tuple[str, str, int]]:
+    """Hand back the items of every processing list whose worker's heartbeat expired.
+
+    Runs under a short lock so only one worker reaps at a time; returns
+    (worker_id, destination queue, items moved) for each list emptied, or [] when
+    another worker holds the lock.
+    """
+    script = return_all or redis_client.register_script(_RETURN_ALL_LUA)
+    lock = redis_client.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_S, blocking=False)
+    if not lock.acquire():
+        return []
+    reaped: list[tuple[str, str, int]] = []
+    try:
+        dead: set[str] = set()
+        for key in redis_client.scan_iter(match=PROCESSING_PREFIX + "*", count=200):
+            try:
+                worker_id, source = parse_processing_key(key)
+            except ValueError:
+                continue
+            if redis_client.exists(heartbeat_key(worker_id)):
+                continue
+            destination = reap_destination(source)
+            n = int(script(keys=[key, destination]))
+            dead.add(worker_id)
+            if n:
+                reaped.append((worker_id, destination, n))
+                log_event(log, "reaper.returned", level=logging.WARNING, worker=worker_id,
+                          source=source, queue=destination, jobs=n)  # fmt: skip
+        for member in redis_client.smembers(WORKERS_KEY):
+            if not redis_client.exists(heartbeat_key(member)):
+                dead.add(member)
+        if dead:
+            redis_client.srem(WORKERS_KEY, *dead)
+    finally:
+        # A lock that expired while we worked has nothing left to release.
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
+    return reaped
+
+
+def _error_text(error: BaseException | str) -> str:
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    if len(text) > ERROR_MAX_CHARS:
+        text = text[:ERROR_MAX_CHARS] + "...(truncated)"
+    return text

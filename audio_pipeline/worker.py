@@ -1,0 +1,374 @@
+"""The worker runtime every stage shares: loop, heartbeats, reaper, signals, modes.
+
+A stage subclasses Worker, sets ``stage``, lists its ``source_queues()`` and
+implements ``process(job)`` (or ``process_batch(jobs)`` with ``batch_size`` > 1).
+The loop reads as a sentence::
+
+    while not stopping: promote due retries -> ready to claim? -> claim -> process
+                        -> ack / retry / dead letter
+
+Shutdown is two-stage (like RQ's warm and cold stop): the first SIGTERM/SIGINT stops
+claiming and lets the job in hand finish; a second one interrupts the handler, hands
+the job back to the head of its queue and exits. Either way the exit code is 0 and
+nothing is lost. A side thread keeps the heartbeat alive and runs the reaper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+from types import FrameType
+from typing import Any
+
+import redis
+from psycopg_pool import ConnectionPool
+
+from audio_pipeline.config import ConfigError, Settings, load_settings
+from audio_pipeline.logs import configure_logging, log_event
+from audio_pipeline.queue import Job, JobQueue, PermanentJobError, utc_now_iso
+from audio_pipeline.redis_conn import get_redis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0  # between heartbeat refreshes
+DEFAULT_HEARTBEAT_TTL_S = 30.0  # a worker silent this long is presumed dead and reaped
+DEFAULT_REAPER_INTERVAL_S = 60.0  # between reaper runs (each also runs at start)
+CLAIM_TIMEOUT_S = 1.0  # longest wait in one claim; bounds how late a stop is noticed
+BACKPRESSURE_SLEEP_S = 2.0  # pause while ready_to_claim() says no
+ERROR_BACKOFF_S = 5.0  # pause after Redis/Postgres trouble in the loop itself
+
+
+class RunMode(StrEnum):
+    FOREVER = "forever"  # a systemd service
+    ONCE = "once"  # one claim (or one scan), then exit
+    DRAIN = "drain"  # until the source queues and their pending retries are empty
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
+class ShutdownForced(BaseException):
+    """Second stop signal: raised inside the handler to abandon the job in hand.
+
+    A BaseException so a handler's ``except Exception`` cannot swallow it.
+    """
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw} must be positive")
+    return value
+
+
+class Worker:
+    """Base class of the stage workers; see the module docstring for the contract."""
+
+    stage: str = ""
+    batch_size: int = 1
+
+    def __init__(self, settings: Settings | None = None, *, mode: RunMode = RunMode.FOREVER):
+        if not self.stage:
+            raise TypeError(f"{type(self).__name__} must set the class attribute 'stage'")
+        self.settings = settings or load_settings()
+        self.mode = RunMode(mode)
+        self.worker_id = f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
+        self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
+        self.redis: redis.Redis = get_redis(self.settings)
+        self.queue = JobQueue(self.redis, self.worker_id, self.stage)
+        self.heartbeat_interval_s = _env_float(
+            "WORKER_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_INTERVAL_S
+        )
+        self.heartbeat_ttl_s = _env_float("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S)
+        self.reaper_interval_s = _env_float("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S)
+        self.stopping = False
+        self.state = WorkerState.STARTING
+        self._db: ConnectionPool | None = None
+        self._in_hand: list[Job] = []
+        self._interruptible = False  # True only while a handler runs
+        self._force = False
+        self._stop_beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._started_at = utc_now_iso()
+
+    # -- hooks for subclasses ------------------------------------------------------
+
+    def source_queues(self) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def process_batch(self, jobs: list[Job]) -> dict[str, BaseException | None]:
+        """Default: one process() call per job; override to batch model calls."""
+        results: dict[str, BaseException | None] = {}
+        for job in jobs:
+            try:
+                self.process(job)
+                results[job.raw] = None
+            except Exception as exc:  # reported per job; the batch goes on
+                results[job.raw] = exc
+        return results
+
+    def ready_to_claim(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        """Load models and open what the handler needs, once per process."""
+
+    def teardown(self) -> None:
+        """Release what setup() took."""
+
+    # -- resources -----------------------------------------------------------------
+
+    @property
+    def db(self) -> ConnectionPool:
+        """The Postgres pool (dict rows), opened on first use."""
+        if self._db is None:
+            from audio_pipeline.db import pool
+
+            self._db = pool(self.settings)
+        return self._db
+
+    # -- the loop ------------------------------------------------------------------
+
+    def work(self) -> int:
+        """Run until stopped (or until the mode says done); returns the exit code."""
+        self._install_signal_handlers()
+        self._start_heartbeat()
+        try:
+            self.queue.recover_own()
+            self.queue.reap()
+            self.setup()
+            log_event(self.log, "worker.started", stage=self.stage, worker=self.worker_id,
+                      mode=self.mode.value, queues=",".join(self.source_queues()))  # fmt: skip
+            while not self.stopping:
+                did_work = self.iterate()
+                if self.mode is RunMode.ONCE:
+                    break
+                if self.mode is RunMode.DRAIN and not did_work and self.drained():
+                    break
+        except ShutdownForced:
+            self._hand_back()
+        finally:
+            self.state = WorkerState.STOPPING
+            self._shutdown()
+        log_event(self.log, "worker.stopped", stage=self.stage, worker=self.worker_id)
+        return 0
+
+    def iterate(self) -> bool:
+        """One turn of the loop; True when a job was handled (or tried)."""
+        if not self.ready_to_claim():
+            self.state = WorkerState.IDLE
+            self._sleep(BACKPRESSURE_SLEEP_S)
+            return False
+        jobs = self._claim()
+        if not jobs:
+            self.state = WorkerState.IDLE
+            return False
+        if self.stopping:  # the stop came while we were blocked in the claim
+            self._hand_back()
+            return False
+        self._handle(jobs)
+        if self.stopping:
+            self.state = WorkerState.STOPPING
+        return True
+
+    def drained(self) -> bool:
+        """True when nothing is left for this worker: queues empty, no pending retries."""
+        queues = self.source_queues()
+        if any(self.redis.llen(q) for q in queues):
+            return False
+        return self.queue.pending_retries(queues) == 0
+
+    def _claim(self) -> list[Job]:
+        try:
+            jobs = self.queue.claim_many(self.source_queues(), self.batch_size, CLAIM_TIMEOUT_S)
+        except redis.exceptions.ConnectionError as exc:
+            log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
+            self._sleep(ERROR_BACKOFF_S)
+            return []
+        self._in_hand = list(jobs)
+        return jobs
+
+    def _handle(self, jobs: list[Job]) -> None:
+        self.state = WorkerState.BUSY
+        for job in jobs:
+            log_event(self.log, "job.started", **self._job_fields(job), attempt=job.attempts + 1)
+        started = time.monotonic()
+        self._interruptible = True
+        try:
+            if self._force:
+                raise ShutdownForced
+            results = self._run_handler(jobs)
+        finally:
+            self._interruptible = False
+        duration = time.monotonic() - started
+        for job in jobs:
+            self._settle(job, results.get(job.raw, _missing_result(job)), duration)
+        self._in_hand = []
+
+    def _run_handler(self, jobs: list[Job]) -> dict[str, BaseException | None]:
+        try:
+            return self.process_batch(jobs)
+        except Exception as exc:  # the whole batch failed: each job carries the reason
+            return {job.raw: exc for job in jobs}
+
+    def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
+        fields = self._job_fields(job)
+        if error is None:
+            self.queue.ack(job)
+            log_event(self.log, "job.done", **fields, duration_s=duration_s)
+        elif isinstance(error, PermanentJobError):
+            self.queue.dead_letter(job, f"{type(error).__name__}: {error}")
+        else:
+            self.log.debug("job %s failed", job.short_id, exc_info=error)
+            self.queue.retry(job, error)
+
+    def _job_fields(self, job: Job) -> dict[str, Any]:
+        fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}
+        for key in ("batch_id", "audio_id"):
+            if key in job.payload:
+                fields[key] = job.payload[key]
+        return fields
+
+    def _hand_back(self) -> None:
+        for job in self._in_hand:
+            self.queue.release(job)
+        self._in_hand = []
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _shutdown(self) -> None:
+        try:
+            self.teardown()
+        finally:
+            self._stop_beating.set()
+            if self._beat_thread is not None:
+                self._beat_thread.join(timeout=5)
+            try:
+                self.queue.unregister()
+            except redis.exceptions.RedisError as exc:
+                log_event(self.log, "worker.unregister_failed", level=logging.WARNING,
+                          error=str(exc))  # fmt: skip
+            if self._db is not None:
+                self._db.close()
+
+    # -- heartbeat and reaper (side thread) ----------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        self._beat()  # before the first claim, so the reaper never sees us as dead
+        self._beat_thread = threading.Thread(
+            target=self._beat_loop, name=f"heartbeat-{self.stage}", daemon=True
+        )
+        self._beat_thread.start()
+
+    def _beat(self) -> None:
+        current = ",".join(j.short_id for j in self._in_hand)
+        self.queue.heartbeat(
+            self.heartbeat_ttl_s,
+            {
+                "stage": self.stage, "host": self.settings.worker_host, "pid": os.getpid(),
+                "state": self.state.value, "started_at": self._started_at, "job": current,
+                "job_raw": self._in_hand[0].raw[:500] if self._in_hand else "",
+                "queues": ",".join(self.source_queues()),
+            },
+        )  # fmt: skip
+
+    def _beat_loop(self) -> None:
+        next_reap = time.monotonic() + self.reaper_interval_s
+        while not self._stop_beating.wait(self.heartbeat_interval_s):
+            try:
+                self._beat()
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self.reaper_interval_s
+                    self.queue.reap()
+            except redis.exceptions.RedisError as exc:
+                log_event(self.log, "worker.heartbeat_failed", level=logging.ERROR,
+                          error=str(exc))  # fmt: skip
+
+    # -- signals -------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # tests may run the loop in a thread; signals stay with the runner
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if not self.stopping:
+            self.stopping = True
+            self.state = WorkerState.STOPPING  # shown in the heartbeat / `status`
+            log_event(self.log, "worker.stop_requested", stage=self.stage, signal=name,
+                      jobs_in_hand=len(self._in_hand))  # fmt: skip
+            return
+        self._force = True
+        log_event(self.log, "worker.stop_forced", stage=self.stage, signal=name,
+                  jobs_in_hand=len(self._in_hand))  # fmt: skip
+        if self._interruptible:
+            raise ShutdownForced
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the job in hand (what the first SIGTERM does)."""
+        self.stopping = True
+
+
+def _missing_result(job: Job) -> BaseException:
+    return RuntimeError(f"process_batch returned no result for job {job.short_id}")
+
+
+def build_arg_parser(
+    prog: str | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--once", action="store_true", help="handle one claim, then exit")
+    modes.add_argument(
+        "--drain", action="store_true", help="work until the source queues are empty, then exit"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="default: $LOG_LEVEL or INFO",
+    )
+    return parser
+
+
+def run_worker(worker_cls: type[Worker], argv: Sequence[str] | None = None) -> int:
+    """The command line shared by every worker; returns the process exit code."""
+    parser = build_arg_parser(
+        prog=f"{worker_cls.stage}-worker", description=(worker_cls.__doc__ or "").strip()
+    )
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    mode = RunMode.ONCE if args.once else RunMode.DRAIN if args.drain else RunMode.FOREVER
+    try:
+        worker = worker_cls(load_settings(), mode=mode)
+    except ConfigError as exc:
+        print(f"{worker_cls.stage}-worker: {exc}", file=sys.stderr)
+        return 2
+    return worker.work()

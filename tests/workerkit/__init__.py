@@ -1,0 +1,1 @@
+"""Helpers for testing the worker runtime with real subprocesses."""
