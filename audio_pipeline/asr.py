@@ -199,7 +199,8 @@ class Transcriber(Protocol):
         ...
 
 
-def resolve_device(device: AsrDevice) -> str:
+def resolve_device(device: AsrDevice | str) -> str:
+    device = AsrDevice(device)
     if device is not AsrDevice.AUTO:
         return device.value
     import ctranslate2
@@ -310,42 +311,44 @@ def pack_speech(audios: Sequence[Any]) -> tuple[Any, list[_Piece], list[tuple[in
 
 
 class _Unpacker:
-    """Maps a time in the packed array back to (file, time in that file)."""
+    """Maps times in the packed array back to files and times within them."""
 
     def __init__(self, pieces: Sequence[_Piece]) -> None:
         self.pieces = list(pieces)
         self.starts = [p.packed_start / SAMPLE_RATE for p in pieces]
 
-    def locate(self, t: float) -> tuple[int, float]:
+    def piece_at(self, t: float) -> _Piece:
         """The piece containing ``t``; a time in a gap belongs to the nearer piece."""
         i = max(0, bisect.bisect_right(self.starts, t) - 1)
-        piece = self.pieces[i]
-        end_s = piece.packed_end / SAMPLE_RATE
+        end_s = self.pieces[i].packed_end / SAMPLE_RATE
         if t > end_s and i + 1 < len(self.pieces) and self.starts[i + 1] - t < t - end_s:
             i += 1
-            piece = self.pieces[i]
-        offset_s = t - piece.packed_start / SAMPLE_RATE
-        offset_s = min(max(offset_s, 0.0), piece.length / SAMPLE_RATE)
-        return piece.file_index, piece.file_start / SAMPLE_RATE + offset_s
+        return self.pieces[i]
+
+    @staticmethod
+    def file_time(piece: _Piece, t: float) -> float:
+        """``t`` as seconds in the piece's file, kept inside the piece."""
+        offset = min(max(t - piece.packed_start / SAMPLE_RATE, 0.0), piece.length / SAMPLE_RATE)
+        return round((piece.file_start / SAMPLE_RATE) + offset, 3)
 
 
-def split_segment(seg: Any, unpacker: _Unpacker, durations: Sequence[float]) -> dict[int, Segment]:
+def split_segment(seg: Any, unpacker: _Unpacker) -> dict[int, Segment]:
     """One decoded segment of the packed array as per-file segments.
 
-    Words carry their own times, so each word goes to the file its midpoint lies in;
-    a segment that ran across a file boundary becomes one segment in each file.
+    Words carry their own times, so each word goes to the piece its midpoint lies
+    in, and its edges are kept inside that piece; a segment that ran across a file
+    boundary becomes one segment in each file.
     """
     by_file: dict[int, list[Word]] = {}
     for w in seg.words or []:
-        index, _ = unpacker.locate((w.start + w.end) / 2)
-        _, start = unpacker.locate(w.start)
-        _, end = unpacker.locate(w.end)
-        # A word whose edges fall in a neighbouring piece keeps times inside its own file.
-        dur = durations[index]
-        start, end = _clamp(start, dur), _clamp(end, dur)
-        word = Word(start=min(start, end), end=max(start, end), word=w.word.strip(),
-                    probability=round(float(w.probability), 4))  # fmt: skip
-        by_file.setdefault(index, []).append(word)
+        piece = unpacker.piece_at((w.start + w.end) / 2)
+        word = Word(
+            start=unpacker.file_time(piece, w.start),
+            end=unpacker.file_time(piece, w.end),
+            word=w.word.strip(),
+            probability=round(float(w.probability), 4),
+        )
+        by_file.setdefault(piece.file_index, []).append(word)
     return {
         index: Segment(
             start=words[0].start,
@@ -432,9 +435,8 @@ class FasterWhisperTranscriber:
             ],
         )
         unpacker = _Unpacker(pieces)
-        durations = [len(a) / SAMPLE_RATE for a in audios]
         for seg in segments:
-            for index, part in split_segment(seg, unpacker, durations).items():
+            for index, part in split_segment(seg, unpacker).items():
                 per_file[index].append(part)
         return per_file, (info.language, float(info.language_probability))
 
