@@ -31,6 +31,7 @@ skipped): nothing else in an archive is used, and it need not fill scratch.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -107,14 +108,28 @@ class ArchiveLimits:
 
 
 @dataclass(frozen=True)
+class ExtractedFile:
+    rel_path: str  # POSIX, relative to the extraction root
+    size_bytes: int
+    sha256: str  # of the bytes written, computed while writing them
+
+
+@dataclass(frozen=True)
 class ExtractedArchive:
-    """What came out: audio paths relative to ``root`` (POSIX, archive order)."""
+    """What came out: the audio files under ``root``, in archive order."""
 
     root: Path
-    audio_files: list[str]
+    files: list[ExtractedFile]
     skipped: list[str] = field(default_factory=list)  # regular non-audio files, not written
     member_count: int = 0
-    bytes_written: int = 0
+
+    @property
+    def audio_files(self) -> list[str]:
+        return [f.rel_path for f in self.files]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(f.size_bytes for f in self.files)
 
 
 def is_audio_name(rel_path: str) -> bool:
@@ -147,7 +162,7 @@ def extract_archive(
         with _open(tar_path) as tf:
             plan = _validate(tf, partial, limits, archive_bytes=size)
             partial.mkdir(mode=DIR_MODE, parents=True)
-            written = _write(tf, plan, partial, limits)
+            files = _write(tf, plan, partial, limits)
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)
     except BaseException:
@@ -155,10 +170,9 @@ def extract_archive(
         raise
     return ExtractedArchive(
         root=dest,
-        audio_files=[rel for rel, _ in plan.audio],
+        files=files,
         skipped=plan.skipped,
         member_count=plan.member_count,
-        bytes_written=written,
     )
 
 
@@ -305,14 +319,17 @@ def _check_conflicts(rel: str, is_dir: bool, seen: dict[str, bool]) -> None:
         raise UnsafeArchiveError(f"member {rel!r} is both a file and a directory")
 
 
-def _write(tf: tarfile.TarFile, plan: _Plan, root: Path, limits: ArchiveLimits) -> int:
-    """Write the planned audio members under ``root``; returns bytes written.
+def _write(
+    tf: tarfile.TarFile, plan: _Plan, root: Path, limits: ArchiveLimits
+) -> list[ExtractedFile]:
+    """Write the planned audio members under ``root``, hashing them on the way.
 
     Read errors mean a damaged archive (CorruptArchiveError); write errors such
     as a full disk are this host's problem and propagate as OSError.
     """
     real_root = os.path.realpath(root)
     written = 0
+    files: list[ExtractedFile] = []
     for rel, member in plan.audio:
         target = root / rel
         _make_parents(target.parent, root)
@@ -325,6 +342,7 @@ def _write(tf: tarfile.TarFile, plan: _Plan, root: Path, limits: ArchiveLimits) 
             raise CorruptArchiveError(f"member {rel!r} has no data")
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
         member_bytes = 0
+        digest = hashlib.sha256()
         with source, os.fdopen(fd, "wb") as out:
             while chunk := _read_side(rel, source.read, COPY_CHUNK):
                 member_bytes += len(chunk)
@@ -333,12 +351,14 @@ def _write(tf: tarfile.TarFile, plan: _Plan, root: Path, limits: ArchiveLimits) 
                     raise ArchiveLimitError(
                         f"member {rel!r} holds more bytes than the limits allow"
                     )
+                digest.update(chunk)
                 out.write(chunk)
         if member_bytes != member.size:
             raise CorruptArchiveError(
                 f"member {rel!r} declares {member.size} bytes but holds {member_bytes}"
             )
-    return written
+        files.append(ExtractedFile(rel, member_bytes, digest.hexdigest()))
+    return files
 
 
 def _read_side(rel: str, func: Callable[[_A], _R], arg: _A) -> _R:

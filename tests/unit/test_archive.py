@@ -7,6 +7,7 @@ so a byte written anywhere (inside or outside the batch) fails the test.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -82,6 +83,8 @@ def test_extracts_nested_odd_names_as_relative_posix_paths(sandbox, tmp_path):
         assert not os.access(path, os.X_OK)
     assert not (sandbox["dest"] / "notes.txt").exists(), "non-audio members are not written"
     assert result.bytes_written == len(ODD_NAMES) * len(bad.FAKE_MP3)
+    digest = hashlib.sha256(bad.FAKE_MP3).hexdigest()
+    assert {(f.size_bytes, f.sha256) for f in result.files} == {(len(bad.FAKE_MP3), digest)}
     assert not sandbox["batch"].joinpath("files.partial").exists()
 
 
