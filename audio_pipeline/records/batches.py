@@ -1,0 +1,73 @@
+"""batches rows: one per archive, keyed by batch_id (upserts on the natural key).
+
+Owned by the transfer stage; later stages append the small functions for the
+status transitions they own at the end of this file.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+class BatchStatus(StrEnum):
+    TRANSFERRING = "transferring"
+    TRANSFERRED = "transferred"
+    UNPACKING = "unpacking"
+    UNPACKED = "unpacked"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# --- unpack stage: unpacking -> unpacked | failed ------------------------------
+
+
+def mark_unpacking(
+    conn: psycopg.Connection, batch_id: str, s3_key: str, host: str
+) -> BatchStatus | None:
+    """Claim the batch for unpacking on ``host``; returns the status it had before.
+
+    Creates the row when the job was injected by hand (no transfer recorded it).
+    A batch already done is left as it is: the caller skips it.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "SELECT status FROM batches WHERE batch_id = %s FOR UPDATE", (batch_id,)
+        ).fetchone()
+        previous = BatchStatus(row["status"]) if row else None
+        if previous is BatchStatus.DONE:
+            return previous
+        cur.execute(
+            """
+            INSERT INTO batches (batch_id, s3_key, status, unpack_host)
+            VALUES (%s, %s, 'unpacking', %s)
+            ON CONFLICT (batch_id) DO UPDATE
+               SET status = 'unpacking', unpack_host = EXCLUDED.unpack_host,
+                   error = NULL, updated_at = now()
+            """,
+            (batch_id, s3_key, host),
+        )
+    return previous
+
+
+def mark_unpacked(conn: psycopg.Connection, batch_id: str, file_count: int) -> None:
+    """unpacking -> unpacked with the number of audio files found."""
+    conn.execute(
+        """
+        UPDATE batches
+           SET status = 'unpacked', file_count = %s, unpacked_at = now(), error = NULL,
+               updated_at = now()
+         WHERE batch_id = %s AND status <> 'done'
+        """,
+        (file_count, batch_id),
+    )
+
+
+def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> None:
+    """-> failed with the reason (an unsafe or corrupt archive, no convertible audio)."""
+    conn.execute(
+        "UPDATE batches SET status = 'failed', error = %s, updated_at = now() WHERE batch_id = %s",
+        (error, batch_id),
+    )
