@@ -1,0 +1,272 @@
+"""The assignment queue: who codes which flagged item, handed out atomically.
+
+ra_queue (the pipeline's view) cannot be locked by the ra_app role, which only
+reads it, so flagged rows are copied into ra_items, an RA-side table with a
+coder-slot counter. A claim locks one open ra_items row with FOR UPDATE SKIP
+LOCKED, takes a slot and records the assignment in the same transaction: two
+claimers never share a slot, and neither waits on the other.
+
+Whether an item is double-coded and where it falls in a random order are derived
+from md5(seed, classification_id), so they are stable across syncs and processes
+and reproducible from the study's seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import text
+
+from ra_app.config import QueueOrder
+from ra_app.extensions import db
+from ra_app.models import Assignment, AssignmentSource, AssignmentStatus, User
+
+SYNC_INTERVAL = 5.0  # seconds between incremental syncs of ra_queue, per app process
+# Classification ids are taken from a sequence, but transactions commit out of
+# order: re-read this many ids below the watermark so a late commit is not missed.
+SYNC_LOOKBACK_IDS = 1000
+HASH_SPACE = 2**32  # md5 prefix of 8 hex digits
+
+_ORDER_SQL = {
+    QueueOrder.SCORE: "i.score DESC, i.classification_id",
+    QueueOrder.BATCH: "i.batch_id, i.classification_id",
+    QueueOrder.RANDOM: "i.shuffle_key, i.classification_id",
+}
+
+
+class AssignmentError(RuntimeError):
+    """The assignment cannot take this action (wrong owner, already done, ...)."""
+
+
+_SYNC_SQL = """
+INSERT INTO ra_items (classification_id, audio_id, batch_id, policy_id, score,
+                      shuffle_key, coders_needed, open_slots)
+SELECT s.classification_id, s.audio_id, s.batch_id, s.policy_id, s.score,
+       s.shuffle_key, s.coders, s.coders
+FROM (
+    SELECT q.classification_id, q.audio_id, q.batch_id, q.policy_id, q.score,
+           ('x' || substr(md5(:seed || ':order:' || q.classification_id), 1, 15))
+               ::bit(60)::bigint AS shuffle_key,
+           CASE WHEN ('x' || substr(md5(:seed || ':double:' || q.classification_id), 1, 8))
+                         ::bit(32)::bigint < :double_below
+                THEN 2 ELSE 1 END AS coders
+    FROM ra_queue q
+    WHERE q.classification_id > :after
+) s
+ON CONFLICT (classification_id) DO {conflict}
+"""
+_ON_CONFLICT_FULL = (
+    "UPDATE SET score = EXCLUDED.score WHERE ra_items.score IS DISTINCT FROM EXCLUDED.score"
+)
+
+
+def sync_queue(full: bool = False) -> int:
+    """Copy new flagged rows from ra_queue into ra_items; returns rows written.
+
+    Incremental syncs read only ids above the watermark (an index range scan);
+    a full sync re-reads everything and refreshes scores of re-run classifications.
+    """
+    cfg = current_app.config
+    after = 0
+    if not full:
+        watermark = db.session.execute(
+            text("SELECT coalesce(max(classification_id), 0) FROM ra_items")
+        ).scalar_one()
+        after = max(0, watermark - SYNC_LOOKBACK_IDS)
+    conflict = _ON_CONFLICT_FULL if full else "NOTHING"
+    result = db.session.execute(
+        text(_SYNC_SQL.format(conflict=conflict)),
+        {
+            "seed": cfg["RA_QUEUE_SEED"],
+            "double_below": int(cfg["RA_DOUBLE_CODED_SHARE"] * HASH_SPACE),
+            "after": after,
+        },
+    )
+    db.session.commit()
+    current_app.extensions["ra_last_sync"] = time.monotonic()
+    return result.rowcount
+
+
+def maybe_sync_queue() -> None:
+    last = current_app.extensions.get("ra_last_sync")
+    if last is None or time.monotonic() - last >= SYNC_INTERVAL:
+        sync_queue()
+
+
+def expire_abandoned() -> int:
+    """Return the slots of abandoned queue assignments to the pool."""
+    rows = db.session.execute(
+        text("""
+        WITH expired AS (
+            UPDATE ra_assignments SET status = 'expired'
+            WHERE status = 'assigned' AND expires_at < now()
+            RETURNING classification_id
+        ), counts AS (
+            SELECT classification_id, count(*) AS n FROM expired GROUP BY classification_id
+        )
+        UPDATE ra_items i SET open_slots = i.open_slots + counts.n
+        FROM counts WHERE i.classification_id = counts.classification_id
+        RETURNING counts.n
+        """)
+    ).all()
+    db.session.commit()
+    return sum(r.n for r in rows)
+
+
+def _expiry() -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=current_app.config["RA_ASSIGNMENT_TTL"])
+
+
+def current_assignment(user: User) -> Assignment | None:
+    """The RA's oldest unfinished assignment (admin-assigned batches first)."""
+    return db.session.execute(
+        db.select(Assignment)
+        .where(Assignment.user_id == user.id, Assignment.status == AssignmentStatus.ASSIGNED)
+        .order_by((Assignment.source == AssignmentSource.ADMIN.value).desc(), Assignment.id)
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def claim(user: User) -> Assignment | None:
+    """Take one open slot for ``user`` in the study order, or None if none is left."""
+    order = _ORDER_SQL[QueueOrder(current_app.config["RA_QUEUE_ORDER"])]
+    row = db.session.execute(
+        text(f"""
+        SELECT i.classification_id, i.batch_id FROM ra_items i
+        WHERE i.open_slots > 0
+          AND NOT EXISTS (
+              SELECT 1 FROM ra_assignments a
+              WHERE a.classification_id = i.classification_id AND a.user_id = :uid
+                AND a.status IN ('assigned', 'done', 'skipped'))
+        ORDER BY {order}
+        LIMIT 1
+        FOR UPDATE OF i SKIP LOCKED
+        """),  # noqa: S608 - order is one of the fixed strings above
+        {"uid": user.id},
+    ).first()
+    if row is None:
+        db.session.rollback()
+        return None
+    db.session.execute(
+        text("UPDATE ra_items SET open_slots = open_slots - 1 WHERE classification_id = :cid"),
+        {"cid": row.classification_id},
+    )
+    assignment = Assignment(
+        classification_id=row.classification_id, user_id=user.id, batch_id=row.batch_id,
+        status=AssignmentStatus.ASSIGNED.value, source=AssignmentSource.QUEUE.value,
+        expires_at=_expiry(),
+    )  # fmt: skip
+    db.session.add(assignment)
+    db.session.commit()
+    return assignment
+
+
+def next_assignment(user: User) -> Assignment | None:
+    """What "Next item" gives ``user``: the unfinished one, else a fresh claim."""
+    expire_abandoned()
+    current = current_assignment(user)
+    if current is not None:
+        touch(current)
+        return current
+    maybe_sync_queue()
+    return claim(user)
+
+
+def touch(assignment: Assignment) -> None:
+    """Keep a queue assignment alive while the RA is on it."""
+    if assignment.source == AssignmentSource.QUEUE.value:
+        assignment.expires_at = _expiry()
+        db.session.commit()
+
+
+def skip(assignment: Assignment, user: User) -> None:
+    """Give the slot back to the pool; this RA will not be offered the item again."""
+    if assignment.user_id != user.id:
+        raise AssignmentError("not your assignment")
+    if assignment.status != AssignmentStatus.ASSIGNED.value:
+        raise AssignmentError(f"assignment is {assignment.status}, not assigned")
+    assignment.status = AssignmentStatus.SKIPPED.value
+    assignment.completed_at = datetime.now(UTC)
+    db.session.execute(
+        text("UPDATE ra_items SET open_slots = open_slots + 1 WHERE classification_id = :cid"),
+        {"cid": assignment.classification_id},
+    )
+    db.session.commit()
+
+
+def lock_for_label(assignment_id: int, user: User) -> Assignment:
+    """Lock ``user``'s assignment for a label; re-takes the slot if it had expired.
+
+    Raises AssignmentError when it is someone else's, already labelled, skipped,
+    or expired and its slot has since gone to another RA.
+    """
+    assignment = db.session.execute(
+        db.select(Assignment).where(Assignment.id == assignment_id).with_for_update(of=Assignment)
+    ).scalar_one_or_none()
+    if assignment is None or assignment.user_id != user.id:
+        raise AssignmentError("no such assignment of yours")
+    if assignment.status == AssignmentStatus.EXPIRED.value:
+        retaken = db.session.execute(
+            text("""UPDATE ra_items SET open_slots = open_slots - 1
+                    WHERE classification_id = :cid AND open_slots > 0"""),
+            {"cid": assignment.classification_id},
+        ).rowcount
+        if not retaken:
+            db.session.rollback()
+            raise AssignmentError("this assignment expired and the item went to another RA")
+        assignment.status = AssignmentStatus.ASSIGNED.value
+    if assignment.status != AssignmentStatus.ASSIGNED.value:
+        db.session.rollback()
+        raise AssignmentError(f"assignment is already {assignment.status}")
+    return assignment
+
+
+def assign_batch(batch_id: str, user: User) -> int:
+    """Give ``user`` one open slot of every item of ``batch_id`` not yet theirs."""
+    maybe_sync_queue()
+    result = db.session.execute(
+        text("""
+        WITH picked AS (
+            SELECT i.classification_id FROM ra_items i
+            WHERE i.batch_id = :batch AND i.open_slots > 0
+              AND NOT EXISTS (
+                  SELECT 1 FROM ra_assignments a
+                  WHERE a.classification_id = i.classification_id AND a.user_id = :uid
+                    AND a.status IN ('assigned', 'done'))
+            FOR UPDATE OF i SKIP LOCKED
+        ), taken AS (
+            UPDATE ra_items i SET open_slots = i.open_slots - 1
+            FROM picked WHERE i.classification_id = picked.classification_id
+            RETURNING i.classification_id, i.batch_id
+        )
+        INSERT INTO ra_assignments (classification_id, user_id, batch_id, status, source)
+        SELECT classification_id, :uid, batch_id, 'assigned', 'admin' FROM taken
+        """),
+        {"batch": batch_id, "uid": user.id},
+    )
+    db.session.commit()
+    return result.rowcount
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    items: int
+    open_slots: int
+    assigned: int
+    done: int
+
+
+def queue_counts() -> QueueCounts:
+    row: Any = db.session.execute(
+        text("""
+        SELECT (SELECT count(*) FROM ra_items) AS items,
+               (SELECT coalesce(sum(open_slots), 0) FROM ra_items) AS open_slots,
+               (SELECT count(*) FROM ra_assignments WHERE status = 'assigned') AS assigned,
+               (SELECT count(*) FROM ra_assignments WHERE status = 'done') AS done
+        """)
+    ).one()
+    return QueueCounts(int(row.items), int(row.open_slots), int(row.assigned), int(row.done))

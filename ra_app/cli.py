@@ -1,0 +1,98 @@
+"""Operator commands: ``flask --app ra_app <command>``."""
+
+from __future__ import annotations
+
+import click
+from flask import Flask
+from flask.cli import with_appcontext
+from sqlalchemy.exc import IntegrityError
+
+from ra_app import assignment, users
+from ra_app.config import API_TOKEN_DAYS
+from ra_app.extensions import db
+from ra_app.models import Role, User
+from ra_app.security import issue_token
+
+
+def _user(username: str) -> User:
+    user = db.session.execute(
+        db.select(User).where(User.username == username.strip().lower())
+    ).scalar_one_or_none()
+    if user is None:
+        raise click.ClickException(f"no user {username!r}")
+    return user
+
+
+@click.command("create-user")
+@with_appcontext
+@click.argument("username")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.RA.value,
+              show_default=True)  # fmt: skip
+@click.option("--password", envvar="RA_NEW_PASSWORD", prompt=True, hide_input=True,
+              confirmation_prompt=True, help="prompted for if not given")  # fmt: skip
+def create_user(username: str, role: str, password: str) -> None:
+    """Create a user, e.g. the first admin: flask --app ra_app create-user alice --role admin"""
+    try:
+        user = users.create_user(username, password, role)
+        db.session.commit()
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except IntegrityError as exc:  # created concurrently
+        db.session.rollback()
+        raise click.ClickException(f"user {username!r} already exists") from exc
+    click.echo(f"created {role} {user.username!r}")
+
+
+@click.command("deactivate-user")
+@with_appcontext
+@click.argument("username")
+def deactivate_user(username: str) -> None:
+    """Stop a user from logging in; their labels stay."""
+    user = _user(username)
+    user.active = False
+    db.session.commit()
+    click.echo(f"deactivated {user.username!r}")
+
+
+@click.command("create-token")
+@with_appcontext
+@click.argument("username")
+@click.option("--name", default="script", show_default=True, help="what the token is for")
+@click.option("--days", type=click.IntRange(1, 365), default=API_TOKEN_DAYS, show_default=True)
+def create_token(username: str, name: str, days: int) -> None:
+    """Print a new bearer token for USERNAME (shown once; only its hash is stored)."""
+    user = _user(username)
+    token = issue_token(user, name, days)
+    db.session.commit()
+    click.echo(token)
+
+
+@click.command("sync-queue")
+@with_appcontext
+@click.option("--full", is_flag=True, help="re-read all of ra_queue and refresh scores")
+def sync_queue(full: bool) -> None:
+    """Copy newly flagged items from the pipeline's ra_queue into the RA queue."""
+    click.echo(f"synced {assignment.sync_queue(full=full)} items")
+
+
+@click.command("expire-assignments")
+@with_appcontext
+def expire_assignments() -> None:
+    """Return abandoned assignments to the pool (also done on every "Next item")."""
+    click.echo(f"expired {assignment.expire_abandoned()} assignments")
+
+
+@click.command("assign-batch")
+@with_appcontext
+@click.argument("batch_id")
+@click.argument("username")
+def assign_batch(batch_id: str, username: str) -> None:
+    """Assign every open item of BATCH_ID to USERNAME."""
+    n = assignment.assign_batch(batch_id, _user(username))
+    click.echo(f"assigned {n} items of {batch_id!r} to {username!r}")
+
+
+def init_app(app: Flask) -> None:
+    for command in (create_user, deactivate_user, create_token, sync_queue,
+                    expire_assignments, assign_batch):  # fmt: skip
+        app.cli.add_command(command)

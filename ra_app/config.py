@@ -1,0 +1,154 @@
+"""RA app settings, read from the environment.
+
+Same rules as audio_pipeline.config: every setting has a local default so the app
+runs against the local stack with nothing exported, and with APP_ENV=production the
+secrets (DATABASE_URL, SECRET_KEY) must be set: a missing one stops start-up with a
+message naming the variable instead of the app quietly using a development value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from audio_pipeline.config import ConfigError, _Env
+
+DEV_DATABASE_URL = "postgresql://ra_app:dev-ra-app@127.0.0.1:15432/audio_pipeline"
+DEV_SECRET_KEY = "dev-only-secret-key-not-for-production"  # noqa: S105
+DEFAULT_CODEBOOK = Path(__file__).parent / "codebooks" / "default.yml"
+
+ASSIGNMENT_TTL = 30 * 60  # seconds an unfinished, self-claimed assignment is held
+DOUBLE_CODED_SHARE = 0.2  # share of items coded by two different RAs
+SESSION_LIFETIME = 12 * 3600  # seconds a login lasts (one working day)
+API_TOKEN_DAYS = 30  # default lifetime of a bearer token, days
+LOGIN_RATE_LIMIT = "10 per minute;50 per hour"  # per client address, POSTs only
+PAGE_SIZE = 50  # rows per page in lists
+
+
+class QueueOrder(StrEnum):
+    """The order in which the queue hands out flagged items (a study decision)."""
+
+    SCORE = "score"  # highest classifier score first
+    BATCH = "batch"  # batch by batch, in classification order
+    RANDOM = "random"  # a shuffle fixed by RA_QUEUE_SEED
+
+
+@dataclass(frozen=True)
+class RASettings:
+    app_env: str
+    database_url: str
+    secret_key: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_bucket: str
+    s3_region: str
+    codebook_path: Path
+    queue_order: QueueOrder
+    queue_seed: str
+    double_coded_share: float
+    assignment_ttl: int
+    ratelimit_storage_uri: str
+    session_cookie_secure: bool
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    def flask_config(self) -> dict[str, Any]:
+        """The Flask config keys these settings map to."""
+        return {
+            "ENV_NAME": self.app_env,
+            "SECRET_KEY": self.secret_key,
+            "SQLALCHEMY_DATABASE_URI": sqlalchemy_url(self.database_url),
+            "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+            "S3_ENDPOINT": self.s3_endpoint,
+            "S3_ACCESS_KEY": self.s3_access_key,
+            "S3_SECRET_KEY": self.s3_secret_key,
+            "S3_BUCKET": self.s3_bucket,
+            "S3_REGION": self.s3_region,
+            "CODEBOOK_PATH": str(self.codebook_path),
+            "RA_QUEUE_ORDER": self.queue_order.value,
+            "RA_QUEUE_SEED": self.queue_seed,
+            "RA_DOUBLE_CODED_SHARE": self.double_coded_share,
+            "RA_ASSIGNMENT_TTL": self.assignment_ttl,
+            "RATELIMIT_STORAGE_URI": self.ratelimit_storage_uri,
+            "RATELIMIT_HEADERS_ENABLED": True,
+            "SESSION_COOKIE_SECURE": self.session_cookie_secure,
+            "SESSION_COOKIE_HTTPONLY": True,
+            "SESSION_COOKIE_SAMESITE": "Lax",
+            "REMEMBER_COOKIE_SECURE": self.session_cookie_secure,
+            "REMEMBER_COOKIE_HTTPONLY": True,
+            "REMEMBER_COOKIE_SAMESITE": "Lax",
+            "PERMANENT_SESSION_LIFETIME": SESSION_LIFETIME,
+            "WTF_CSRF_TIME_LIMIT": SESSION_LIFETIME,
+            "PAGE_SIZE": PAGE_SIZE,
+        }
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Point a libpq URL at psycopg 3 (SQLAlchemy's default driver is psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _redis_uri(environ: Mapping[str, str]) -> str:
+    password = environ.get("REDIS_PASSWORD", "")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    host = environ.get("REDIS_HOST", "127.0.0.1")
+    port = environ.get("REDIS_PORT", "6379")
+    return f"redis://{auth}{host}:{port}/{environ.get('REDIS_DB', '0')}"
+
+
+def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
+    """Build RASettings; raises ConfigError naming every bad variable at once."""
+    environ = os.environ if environ is None else environ
+    app_env = environ.get("APP_ENV", "development").strip() or "development"
+    production = app_env == "production"
+    env = _Env(environ, production=production)
+    order_raw = env.str("RA_QUEUE_ORDER", QueueOrder.SCORE.value).lower()
+    try:
+        order = QueueOrder(order_raw)
+    except ValueError:
+        env.errors.append(
+            f"RA_QUEUE_ORDER={order_raw!r} is not one of {[o.value for o in QueueOrder]}"
+        )
+        order = QueueOrder.SCORE
+    share = env.float("RA_DOUBLE_CODED_SHARE", DOUBLE_CODED_SHARE)
+    if not 0.0 <= share <= 1.0:
+        env.errors.append(f"RA_DOUBLE_CODED_SHARE={share} must be between 0 and 1")
+    codebook = Path(env.str("CODEBOOK_PATH", str(DEFAULT_CODEBOOK)))
+    if not codebook.is_file():
+        env.errors.append(f"CODEBOOK_PATH={str(codebook)!r} is not a readable file")
+    # Production shares the limiter's counters between gunicorn workers via Redis;
+    # memory:// counts per process, which is fine for one developer.
+    default_limiter = _redis_uri(environ) if production else "memory://"
+    settings = RASettings(
+        app_env=app_env,
+        database_url=env.str("DATABASE_URL", DEV_DATABASE_URL, required=True),
+        secret_key=env.str("SECRET_KEY", DEV_SECRET_KEY, required=True),
+        s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", required=True),
+        s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", required=True),
+        s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", required=True),
+        s3_bucket=env.str("S3_BUCKET", "audio-archives"),
+        s3_region=env.str("S3_REGION", "us-east-1"),
+        codebook_path=codebook,
+        queue_order=order,
+        queue_seed=env.str("RA_QUEUE_SEED", "study"),
+        double_coded_share=share,
+        assignment_ttl=env.int("RA_ASSIGNMENT_TTL", ASSIGNMENT_TTL, minimum=60),
+        ratelimit_storage_uri=env.str("RATELIMIT_STORAGE_URI", default_limiter),
+        session_cookie_secure=env.bool("RA_COOKIE_SECURE", production),
+    )
+    if production and settings.secret_key == DEV_SECRET_KEY:
+        env.errors.append("SECRET_KEY is the development key; set a real one")
+    if env.errors:
+        raise ConfigError("invalid RA app configuration:\n  " + "\n  ".join(env.errors))
+    return settings

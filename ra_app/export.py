@@ -1,0 +1,104 @@
+"""Export of labels with transcript metadata, streamed as CSV or JSONL.
+
+One query with a server-side cursor: memory stays flat however many labels
+there are, and the pipeline tables are joined by primary key.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import text
+
+from ra_app.codebook import Codebook, FieldType
+from ra_app.extensions import db
+
+FETCH_ROWS = 1000  # rows per round trip of the server-side cursor
+MULTI_SEPARATOR = ";"  # joins a multi-choice answer in one CSV cell
+
+
+class ExportFormat(StrEnum):
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+MIME = {ExportFormat.CSV: "text/csv; charset=utf-8", ExportFormat.JSONL: "application/x-ndjson"}
+
+_EXPORT_SQL = """
+SELECT l.id AS label_id, l.assignment_id, l.classification_id, c.audio_id, f.batch_id,
+       f.rel_path, f.duration_s, f.opus_s3_key, p.name AS policy_name,
+       p.version AS policy_version, c.model AS classifier_model, c.score, c.threshold,
+       u.username AS coder, a.source AS assignment_source, i.coders_needed,
+       l.codebook_version, l.time_on_task_ms, a.assigned_at, l.created_at AS labeled_at,
+       t.language, t.model AS asr_model, t.text AS transcript, l.answer
+FROM ra_labels l
+JOIN ra_assignments a ON a.id = l.assignment_id
+JOIN ra_users u ON u.id = l.user_id
+JOIN ra_items i ON i.classification_id = l.classification_id
+JOIN classifications c ON c.id = l.classification_id
+JOIN audio_files f ON f.id = c.audio_id
+JOIN policies p ON p.id = c.policy_id
+LEFT JOIN transcripts t ON t.audio_id = c.audio_id
+ORDER BY l.id
+"""
+BASE_COLUMNS = [
+    "label_id", "assignment_id", "classification_id", "audio_id", "batch_id", "rel_path",
+    "duration_s", "opus_s3_key", "policy_name", "policy_version", "classifier_model", "score",
+    "threshold", "coder", "assignment_source", "coders_needed", "codebook_version",
+    "time_on_task_ms", "assigned_at", "labeled_at", "language", "asr_model", "transcript",
+]  # fmt: skip
+
+
+def _rows() -> Iterator[dict[str, Any]]:
+    result = db.session.execute(
+        text(_EXPORT_SQL).execution_options(stream_results=True, yield_per=FETCH_ROWS)
+    )
+    for row in result.mappings():
+        yield dict(row)
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def jsonl(codebook: Codebook) -> Iterator[str]:
+    for row in _rows():
+        record = {k: _plain(row[k]) for k in BASE_COLUMNS}
+        record["answer"] = row["answer"]
+        yield json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def csv_lines(codebook: Codebook) -> Iterator[str]:
+    """CSV with one column per codebook field after the metadata columns."""
+    fields = list(codebook.fields)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def flush() -> str:
+        out = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return out
+
+    writer.writerow(BASE_COLUMNS + [f"answer_{f.id}" for f in fields])
+    yield flush()
+    for row in _rows():
+        answer = row["answer"] or {}
+        cells = [_plain(row[k]) for k in BASE_COLUMNS]
+        for f in fields:
+            value = answer.get(f.id)
+            if f.type is FieldType.MULTI and isinstance(value, list):
+                value = MULTI_SEPARATOR.join(value)
+            cells.append("" if value is None else value)
+        writer.writerow(cells)
+        yield flush()
+
+
+def export_lines(fmt: ExportFormat, codebook: Codebook) -> Iterator[str]:
+    return csv_lines(codebook) if fmt is ExportFormat.CSV else jsonl(codebook)

@@ -1,0 +1,211 @@
+"""The RA app's own tables (ra_*). Pipeline tables are only read, in pipeline.py.
+
+No foreign key points at a pipeline table: the ra_app role holds SELECT, not
+REFERENCES, on them, and the pipeline must stay free to re-create its rows
+without RA tables in the way. RA rows carry the pipeline's ids (classification_id,
+audio_id, batch_id) as plain values; ra_items is the RA-side copy of the queue
+that claims lock, since the view ra_queue cannot be locked by a reader.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from flask_login import UserMixin
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from ra_app.extensions import db
+
+
+class Role(StrEnum):
+    RA = "ra"
+    ADMIN = "admin"
+
+
+class AssignmentStatus(StrEnum):
+    ASSIGNED = "assigned"  # handed out, not finished
+    DONE = "done"  # a label was submitted
+    SKIPPED = "skipped"  # the RA passed; the slot went back to the pool
+    EXPIRED = "expired"  # abandoned past its TTL; the slot went back to the pool
+
+
+class AssignmentSource(StrEnum):
+    QUEUE = "queue"  # claimed with "Next item"; expires when abandoned
+    ADMIN = "admin"  # an admin assigned the batch to this RA; never expires
+
+
+# Statuses that hold a coder slot of an item.
+HOLDING = (AssignmentStatus.ASSIGNED.value, AssignmentStatus.DONE.value)
+
+
+def _utcnow() -> Any:
+    return func.now()
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "ra_users"
+    __table_args__ = (
+        CheckConstraint("role IN ('ra', 'admin')", name="ra_users_role_check"),
+        CheckConstraint("username ~ '^[a-z0-9][a-z0-9._-]{1,63}$'", name="ra_users_name_check"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(Text, nullable=False)
+    role: Mapped[str] = mapped_column(Text, nullable=False, default=Role.RA.value)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    @property
+    def is_active(self) -> bool:  # Flask-Login refuses inactive users
+        return self.active
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN.value
+
+
+class Item(db.Model):
+    """One flagged classification as the RA queue sees it (synced from ra_queue)."""
+
+    __tablename__ = "ra_items"
+    __table_args__ = (
+        CheckConstraint("open_slots >= 0 AND open_slots <= coders_needed", name="ra_items_slots"),
+        CheckConstraint("coders_needed IN (1, 2)", name="ra_items_coders_needed"),
+        # One partial index per study order: a claim walks the first open row.
+        Index(
+            "ra_items_open_score_idx",
+            text("score DESC"),
+            "classification_id",
+            postgresql_where=text("open_slots > 0"),
+        ),
+        Index(
+            "ra_items_open_batch_idx",
+            "batch_id",
+            "classification_id",
+            postgresql_where=text("open_slots > 0"),
+        ),
+        Index(
+            "ra_items_open_random_idx",
+            "shuffle_key",
+            "classification_id",
+            postgresql_where=text("open_slots > 0"),
+        ),
+        Index("ra_items_batch_idx", "batch_id"),
+    )
+
+    classification_id: Mapped[int] = mapped_column(BigInteger, primary_key=True,
+                                                   autoincrement=False)  # fmt: skip
+    audio_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    batch_id: Mapped[str] = mapped_column(Text, nullable=False)
+    policy_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    score: Mapped[float] = mapped_column(Float, nullable=False)
+    shuffle_key: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    coders_needed: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    open_slots: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    synced_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+
+
+class Assignment(db.Model):
+    __tablename__ = "ra_assignments"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('assigned', 'done', 'skipped', 'expired')", name="ra_assignments_status"
+        ),
+        CheckConstraint("source IN ('queue', 'admin')", name="ra_assignments_source"),
+        # An RA holds at most one live or finished slot of an item, so a
+        # double-coded item always gets two different coders.
+        Index(
+            "ra_assignments_one_per_coder",
+            "classification_id",
+            "user_id",
+            unique=True,
+            postgresql_where=text("status IN ('assigned', 'done')"),
+        ),
+        Index("ra_assignments_user_status_idx", "user_id", "status", "id"),
+        Index(
+            "ra_assignments_expiry_idx", "expires_at", postgresql_where=text("status = 'assigned'")
+        ),
+        Index("ra_assignments_item_idx", "classification_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    classification_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ra_items.classification_id"), nullable=False
+    )
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("ra_users.id"), nullable=False)
+    batch_id: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(
+        Text, nullable=False, default=AssignmentStatus.ASSIGNED.value
+    )
+    source: Mapped[str] = mapped_column(Text, nullable=False, default=AssignmentSource.QUEUE.value)
+    assigned_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class Label(db.Model):
+    __tablename__ = "ra_labels"
+    __table_args__ = (
+        CheckConstraint("time_on_task_ms >= 0", name="ra_labels_time_check"),
+        Index("ra_labels_item_idx", "classification_id"),
+        Index("ra_labels_user_idx", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ra_assignments.id"), unique=True, nullable=False
+    )
+    classification_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("ra_users.id"), nullable=False)
+    answer: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    time_on_task_ms: Mapped[int] = mapped_column(Integer, nullable=False)
+    codebook_version: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+
+
+class ApiToken(db.Model):
+    """A bearer token for scripts; only its SHA-256 is stored."""
+
+    __tablename__ = "ra_api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("ra_users.id"), nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    token_hash: Mapped[str] = mapped_column(Text, unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(lazy="joined")

@@ -1,0 +1,140 @@
+"""Read-only queries of the pipeline's tables (the ra_app role may only SELECT).
+
+Plain SQL rather than ORM models: these tables belong to schema.sql, and keeping
+them out of SQLAlchemy's metadata keeps them out of the RA migrations too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+
+from ra_app.extensions import db
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    start: float
+    end: float
+    text: str
+    evidence: bool = False
+    terms: tuple[str, ...] = ()
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class ItemDetail:
+    classification_id: int
+    audio_id: int
+    batch_id: str
+    rel_path: str
+    opus_s3_key: str | None
+    duration_s: float | None
+    policy_name: str
+    policy_version: int
+    model: str
+    score: float
+    threshold: float
+    language: str | None
+    transcript_text: str
+    segments: list[Segment] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "classification_id": self.classification_id,
+            "audio_id": self.audio_id,
+            "batch_id": self.batch_id,
+            "rel_path": self.rel_path,
+            "duration_s": self.duration_s,
+            "policy": {"name": self.policy_name, "version": self.policy_version},
+            "model": self.model,
+            "score": self.score,
+            "threshold": self.threshold,
+            "language": self.language,
+            "transcript": self.transcript_text,
+            "segments": [
+                {
+                    "index": s.index,
+                    "start": s.start,
+                    "end": s.end,
+                    "text": s.text,
+                    "evidence": s.evidence,
+                    "terms": list(s.terms),
+                    "score": s.score,
+                }
+                for s in self.segments
+            ],
+        }
+
+
+def _segments(raw_segments: list[dict[str, Any]], evidence: list[dict[str, Any]]) -> list[Segment]:
+    by_index: dict[int, dict[str, Any]] = {}
+    for ev in evidence:
+        if isinstance(ev, dict) and isinstance(ev.get("segment"), int):
+            by_index[ev["segment"]] = ev
+    segments = []
+    for i, seg in enumerate(raw_segments):
+        ev = by_index.get(i)
+        segments.append(
+            Segment(
+                index=i,
+                start=float(seg.get("start") or 0.0),
+                end=float(seg.get("end") or 0.0),
+                text=str(seg.get("text", "")).strip(),
+                evidence=ev is not None,
+                terms=tuple(str(t) for t in (ev or {}).get("terms") or ()),
+                score=(ev or {}).get("score"),
+            )
+        )
+    return segments
+
+
+def item_detail(classification_id: int) -> ItemDetail | None:
+    """One item with its transcript, in one query.
+
+    Reads the base tables rather than ra_queue, so an item already handed out
+    still shows if a re-run has since unflagged it.
+    """
+    row = db.session.execute(
+        text("""
+        SELECT c.id AS classification_id, c.audio_id, a.batch_id, a.rel_path, a.opus_s3_key,
+               a.duration_s, p.name AS policy_name, p.version AS policy_version, c.model,
+               c.score, c.threshold, c.evidence, t.text AS transcript_text, t.language,
+               t.segments
+        FROM classifications c
+        JOIN audio_files a ON a.id = c.audio_id
+        JOIN policies p ON p.id = c.policy_id
+        LEFT JOIN transcripts t ON t.audio_id = c.audio_id
+        WHERE c.id = :cid
+        """),
+        {"cid": classification_id},
+    ).mappings().first()  # fmt: skip
+    if row is None:
+        return None
+    return ItemDetail(
+        classification_id=row["classification_id"],
+        audio_id=row["audio_id"],
+        batch_id=row["batch_id"],
+        rel_path=row["rel_path"],
+        opus_s3_key=row["opus_s3_key"],
+        duration_s=row["duration_s"],
+        policy_name=row["policy_name"],
+        policy_version=row["policy_version"],
+        model=row["model"],
+        score=float(row["score"]),
+        threshold=float(row["threshold"]),
+        language=row["language"],
+        transcript_text=row["transcript_text"] or "",
+        segments=_segments(row["segments"] or [], row["evidence"] or []),
+    )
+
+
+def opus_key_for(classification_id: int) -> str | None:
+    return db.session.execute(
+        text("""SELECT a.opus_s3_key FROM classifications c
+                JOIN audio_files a ON a.id = c.audio_id WHERE c.id = :cid"""),
+        {"cid": classification_id},
+    ).scalar_one_or_none()

@@ -1,0 +1,1 @@
+"""Blueprints: auth, queue (the RA's home), review, admin, api."""

@@ -1,0 +1,180 @@
+"""Researcher pages: progress, agreement, adjudication, users, batches, export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
+from flask_login import current_user
+
+from ra_app import assignment, pipeline, reports, users
+from ra_app.codebook_support import get_codebook
+from ra_app.export import MIME, ExportFormat, export_lines
+from ra_app.extensions import db
+from ra_app.forms import ActionForm, AssignBatchForm, NewUserForm, TokenForm
+from ra_app.models import User
+from ra_app.security import admin_required, issue_token
+from ra_app.views.queue import page_arg
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+@bp.get("/")
+@admin_required
+def index() -> Any:
+    return render_template(
+        "admin/index.html", progress=reports.ra_progress(), counts=assignment.queue_counts(),
+        assign_form=AssignBatchForm(), form=ActionForm(),
+    )  # fmt: skip
+
+
+@bp.get("/batches")
+@admin_required
+def batches() -> Any:
+    page, size = page_arg(), current_app.config["PAGE_SIZE"]
+    rows = reports.batch_progress(page, size)
+    return render_template("admin/batches.html", rows=rows[:size], page=page,
+                           has_next=len(rows) > size)  # fmt: skip
+
+
+@bp.get("/agreement")
+@admin_required
+def agreement_page() -> Any:
+    codebook = get_codebook()
+    return render_template("admin/agreement.html", report=reports.agreement_figures(codebook),
+                           codebook=codebook)  # fmt: skip
+
+
+@bp.get("/disagreements")
+@admin_required
+def disagreements() -> Any:
+    page, size = page_arg(), current_app.config["PAGE_SIZE"]
+    found = reports.disagreement_page(get_codebook(), page, size)
+    return render_template("admin/disagreements.html", found=found, page=page)
+
+
+@bp.get("/items/<int:classification_id>")
+@admin_required
+def item(classification_id: int) -> Any:
+    detail = pipeline.item_detail(classification_id)
+    if detail is None:
+        abort(404)
+    return render_template("admin/item.html", item=detail, labels=reports.item_labels(
+        classification_id), codebook=get_codebook())  # fmt: skip
+
+
+@bp.post("/assign")
+@admin_required
+def assign() -> Any:
+    form = AssignBatchForm()
+    if not form.validate_on_submit():
+        flash("Give a batch and a research assistant.", "error")
+        return redirect(url_for("admin.index"))
+    name = form.username.data.strip().lower()
+    user = db.session.execute(db.select(User).where(User.username == name)).scalar_one_or_none()
+    if user is None or not user.active:
+        flash(f"No active user {name!r}.", "error")
+        return redirect(url_for("admin.index"))
+    n = assignment.assign_batch(form.batch_id.data.strip(), user)
+    flash(f"Assigned {n} items of batch {form.batch_id.data.strip()!r} to {name}.", "info")
+    return redirect(url_for("admin.index"))
+
+
+@bp.post("/sync")
+@admin_required
+def sync() -> Any:
+    if ActionForm().validate_on_submit():
+        n = assignment.sync_queue(full=True)
+        flash(f"Queue synced from the pipeline: {n} items new or re-scored.", "info")
+    return redirect(url_for("admin.index"))
+
+
+@bp.get("/users")
+@admin_required
+def user_list() -> Any:
+    rows = db.session.execute(db.select(User).order_by(User.username)).scalars().all()
+    return render_template("admin/users.html", users=rows, new_form=NewUserForm(),
+                           token_form=TokenForm(), form=ActionForm())  # fmt: skip
+
+
+@bp.post("/users")
+@admin_required
+def user_create() -> Any:
+    form = NewUserForm()
+    if not form.validate_on_submit():
+        for field, errors in form.errors.items():
+            flash(f"{field}: {'; '.join(errors)}", "error")
+        return redirect(url_for("admin.user_list"))
+    try:
+        user = users.create_user(form.username.data, form.password.data, form.role.data)
+        db.session.commit()
+    except users.UserError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.user_list"))
+    flash(f"Created {user.role} {user.username!r}.", "info")
+    return redirect(url_for("admin.user_list"))
+
+
+def _target(user_id: int) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.post("/users/<int:user_id>/active")
+@admin_required
+def user_set_active(user_id: int) -> Any:
+    user = _target(user_id)
+    if ActionForm().validate_on_submit():
+        activate = request.form.get("active") == "1"
+        if not activate and user.id == current_user.id:
+            flash("You cannot deactivate yourself.", "error")
+        else:
+            user.active = activate
+            db.session.commit()
+            flash(f"{user.username} is now {'active' if activate else 'deactivated'}.", "info")
+    return redirect(url_for("admin.user_list"))
+
+
+@bp.post("/users/<int:user_id>/tokens")
+@admin_required
+def user_token(user_id: int) -> Any:
+    user = _target(user_id)
+    form = TokenForm()
+    if not form.validate_on_submit():
+        flash("Token name and a lifetime of 1 to 365 days are needed.", "error")
+        return redirect(url_for("admin.user_list"))
+    token = issue_token(user, form.name.data, form.days.data)
+    db.session.commit()
+    return render_template("admin/token.html", user=user, token=token, days=form.days.data)
+
+
+@bp.get("/export.<fmt>")
+@admin_required
+def export(fmt: str) -> Any:
+    try:
+        kind = ExportFormat(fmt)
+    except ValueError:
+        abort(404)
+    return export_response(kind)
+
+
+def export_response(kind: ExportFormat) -> Response:
+    lines = export_lines(kind, get_codebook())
+    return Response(
+        stream_with_context(lines), mimetype=MIME[kind],
+        headers={"Content-Disposition": f'attachment; filename="ra_labels.{kind.value}"'},
+    )  # fmt: skip

@@ -1,0 +1,60 @@
+"""Login and logout."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+
+from ra_app.config import LOGIN_RATE_LIMIT
+from ra_app.extensions import db, limiter
+from ra_app.forms import ActionForm, LoginForm
+from ra_app.models import User
+from ra_app.security import verify_password
+
+bp = Blueprint("auth", __name__)
+
+
+def _safe_next(target: str | None) -> str | None:
+    """Only a local path: never redirect a fresh login to another site."""
+    if not target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return None
+    return target
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(LOGIN_RATE_LIMIT, methods=["POST"])
+def login() -> Any:
+    if current_user.is_authenticated:
+        return redirect(url_for("queue.index"))
+    form = LoginForm()
+    if form.validate_on_submit():
+        name = form.username.data.strip().lower()
+        user = db.session.execute(db.select(User).where(User.username == name)).scalar_one_or_none()
+        if verify_password(user, form.password.data) and user is not None and user.active:
+            session.clear()  # no session fixation: a fresh session for the new login
+            login_user(user)
+            session.permanent = True
+            user.last_login_at = datetime.now(UTC)
+            db.session.commit()
+            return redirect(_safe_next(request.args.get("next")) or url_for("queue.index"))
+        db.session.commit()  # a rehash on verify, if any
+        flash("Wrong username or password, or the account is deactivated.", "error")
+        return render_template("login.html", form=form), 401
+    return render_template("login.html", form=form)
+
+
+@bp.post("/logout")
+@login_required
+def logout() -> Any:
+    if ActionForm().validate_on_submit():
+        logout_user()
+        session.clear()
+        flash("Logged out.", "info")
+    return redirect(url_for("auth.login"))
