@@ -1,0 +1,266 @@
+"""gpu worker: transcribe and classify claimed audio files, many per model call.
+
+Claims up to BATCH_SIZE jobs at once, its host queue first (files unpacked here),
+then the shared ``queue:transcribe``; finds each file; transcribes the whole batch
+in one call (asr.py packs short files into shared windows); classifies every
+transcript against every active policy in one batched call; writes everything in
+one transaction; then deletes the local Opus files and, once a batch has no file
+left waiting, its scratch directory.
+
+Finding a file: the job's ``opus_path`` if it exists on this host; otherwise the
+row's ``opus_s3_key`` fetched from S3 into SCRATCH_ROOT/{batch_id}/fetched/;
+otherwise the job fails with a reason naming both places.
+
+Jobs injected by hand (``redis-cli LPUSH queue:transcribe '{"audio_id": 1,
+"opus_path": "/data/scratch/test-001/audio.opus"}'``): the payload's audio_id is
+trusted only when that row exists and records the same opus_path (or none). If
+not, the row that records this opus_path is used; failing that, the path is
+registered as a new file of the batch ``adhoc`` and its results are stored under
+the id the database assigns (logged as ``registered_audio_id``). The payload's id
+is never inserted: ids come from the sequence, so a hand-typed id cannot collide
+with a file the unpack worker registers later. Files outside SCRATCH_ROOT (an
+operator's own) are never deleted.
+
+Redelivery is harmless: a file already done (transcript stored) is acknowledged
+without work, and every write is an upsert on its natural key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from audio_pipeline import s3_utils
+from audio_pipeline.asr import AsrSettings, AudioDecodeError, Transcriber, load_transcriber
+from audio_pipeline.classify import (
+    Classifier,
+    ClassifierSettings,
+    ClassifyItem,
+    TextSegment,
+    load_classifier,
+)
+from audio_pipeline.config import QUEUE_TRANSCRIBE, ConfigError
+from audio_pipeline.logs import log_event
+from audio_pipeline.queue import Job, PermanentJobError, require_fields
+from audio_pipeline.records import results as records
+from audio_pipeline.records.policies import active_policies
+from audio_pipeline.worker import Worker, run_worker
+
+DEFAULT_BATCH_SIZE = 8  # files per claim (and per model call); group_vars sets production's
+PAYLOAD_FIELDS: Mapping[str, type] = {"audio_id": int, "opus_path": str}
+FETCHED_DIR = "fetched"  # under SCRATCH_ROOT/{batch_id}: Opus files pulled from S3
+
+
+def batch_size_from_env(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    raw = env.get("BATCH_SIZE", "").strip()
+    if not raw:
+        return DEFAULT_BATCH_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"BATCH_SIZE={raw!r} is not an integer") from None
+    if value < 1:
+        raise ConfigError(f"BATCH_SIZE={value} is below the minimum 1")
+    return value
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A job resolved to a database row and a readable local file."""
+
+    job: Job
+    row: records.AudioRow
+    path: Path
+    fetched: bool  # pulled from S3 by us: always ours to delete
+
+
+class GpuWorker(Worker):
+    """Transcribes and classifies audio files (queue:transcribe:{host}, then queue:transcribe)."""
+
+    stage = "gpu"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size_from_env()
+        self.asr_settings = AsrSettings.from_env()
+        self.classifier_settings = ClassifierSettings.from_env()
+        self.transcriber: Transcriber | None = None
+        self.classifier: Classifier | None = None
+        self._s3: Any = None
+
+    def source_queues(self) -> list[str]:
+        return [self.settings.host_queue, QUEUE_TRANSCRIBE]
+
+    def setup(self) -> None:
+        self.transcriber = load_transcriber(self.settings.models_root, self.asr_settings)
+        self.classifier = load_classifier(self.settings.models_root, self.classifier_settings)
+        log_event(self.log, "gpu.models_loaded", asr=self.transcriber.model_name,
+                  asr_backend=self.transcriber.backend, classifier=self.classifier.model_name,
+                  batch_size=self.batch_size)  # fmt: skip
+
+    @property
+    def s3(self) -> Any:
+        if self._s3 is None:
+            self._s3 = s3_utils.get_s3_client(self.settings)
+        return self._s3
+
+    # -- the batch -------------------------------------------------------------------
+
+    def process_batch(self, jobs: list[Job]) -> dict[str, BaseException | None]:
+        outcomes: dict[str, BaseException | None] = {}
+        work: list[_Work] = []
+        for job in jobs:
+            try:
+                item = self._resolve(job)
+            except Exception as exc:  # reported for this job only
+                outcomes[job.raw] = exc
+                continue
+            if item is None:  # already done: a redelivery
+                outcomes[job.raw] = None
+            else:
+                work.append(item)
+        if work:
+            outcomes.update(self._transcribe_and_store(work))
+        return outcomes
+
+    def _transcribe_and_store(self, work: list[_Work]) -> dict[str, BaseException | None]:
+        assert self.transcriber is not None, "setup() loads the models"
+        assert self.classifier is not None, "setup() loads the models"
+        outcomes: dict[str, BaseException | None] = {}
+        with self.db.connection() as conn:
+            records.mark_transcribing(conn, [w.row.id for w in work], self.settings.worker_host)
+        try:
+            transcripts = self.transcriber.transcribe_many([w.path for w in work])
+        except AudioDecodeError as exc:
+            # Fail exactly the undecodable files; the rest go again in one call.
+            bad = [w for w in work if w.path in exc.failures]
+            for w in bad:
+                outcomes[w.job.raw] = self._fail_file(
+                    w, f"undecodable audio: {exc.failures[w.path]}"
+                )
+            work = [w for w in work if w.path not in exc.failures]
+            transcripts = self.transcriber.transcribe_many([w.path for w in work]) if work else []
+        with self.db.connection() as conn:
+            policies = active_policies(conn)
+        items = [
+            ClassifyItem(
+                key=w.row.id,
+                text=t.text,
+                segments=[TextSegment(s.start, s.end, s.text) for s in t.segments],
+            )
+            for w, t in zip(work, transcripts, strict=True)
+        ]
+        verdicts = self.classifier.classify(items, policies) if policies else []
+        by_audio: dict[int, list[Any]] = {}
+        for v in verdicts:
+            by_audio.setdefault(v.key, []).append(v)
+        results = [
+            records.FileResult(w.row.id, t, by_audio.get(w.row.id, []))
+            for w, t in zip(work, transcripts, strict=True)
+        ]
+        with self.db.connection() as conn:
+            finished = records.save_results(conn, results)
+        for w, r in zip(work, results, strict=True):
+            outcomes[w.job.raw] = None
+            flagged = sum(v.label for v in r.verdicts)
+            log_event(self.log, "gpu.file_done", audio_id=w.row.id, batch_id=w.row.batch_id,
+                      audio_s=r.transcript.audio_seconds, words=len(r.transcript.text.split()),
+                      policies=len(r.verdicts), flagged=flagged)  # fmt: skip
+            self._delete_local(w)
+        self._clean_finished(finished)
+        return outcomes
+
+    # -- finding the file ------------------------------------------------------------
+
+    def _resolve(self, job: Job) -> _Work | None:
+        require_fields(job.payload, PAYLOAD_FIELDS)
+        audio_id: int = job.payload["audio_id"]
+        opus_path: str = job.payload["opus_path"]
+        if not opus_path.strip():
+            raise PermanentJobError("invalid job payload: 'opus_path' is empty")
+        with self.db.connection() as conn:
+            row = records.audio_by_id(conn, audio_id)
+            if row is None or row.opus_path not in (None, opus_path):
+                row = records.audio_by_opus_path(conn, opus_path)
+            if row is None:
+                row = records.register_adhoc(conn, opus_path, self.settings.worker_host)
+                log_event(self.log, "gpu.registered_adhoc", audio_id=audio_id,
+                          registered_audio_id=row.id, opus_path=opus_path)  # fmt: skip
+        if row.status == "done" and row.has_transcript:
+            log_event(self.log, "gpu.already_done", audio_id=row.id, batch_id=row.batch_id)
+            self._delete_local_path(Path(opus_path), fetched=False)
+            return None
+        local = Path(opus_path)
+        if local.is_file():
+            return _Work(job, row, local, fetched=False)
+        if not row.opus_s3_key:
+            raise self._fail_row(
+                row, f"{opus_path} is not on host {self.settings.worker_host} and no S3 copy "
+                "is recorded for it (audio_files.opus_s3_key is empty)",
+            )  # fmt: skip
+        return _Work(job, row, self._fetch(row), fetched=True)
+
+    def _fetch(self, row: records.AudioRow) -> Path:
+        assert row.opus_s3_key is not None
+        target = self.settings.batch_scratch(row.batch_id) / FETCHED_DIR / f"{row.id}.opus"
+        try:
+            s3_utils.download_file(self.s3, self.settings.s3_bucket, row.opus_s3_key, target)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in {"404", "NoSuchKey", "NotFound"}:
+                raise self._fail_row(
+                    row, f"{row.opus_path} is not on host {self.settings.worker_host} and "
+                    f"s3://{self.settings.s3_bucket}/{row.opus_s3_key} does not exist",
+                ) from exc  # fmt: skip
+            raise  # transient: the queue retries
+        except s3_utils.IntegrityError as exc:
+            raise self._fail_row(row, str(exc)) from exc
+        log_event(self.log, "gpu.fetched", audio_id=row.id, s3_key=row.opus_s3_key)
+        return target
+
+    def _fail_row(self, row: records.AudioRow, reason: str) -> PermanentJobError:
+        with self.db.connection() as conn:
+            finished = records.mark_failed(conn, row.id, reason)
+        self._clean_finished(finished)
+        return PermanentJobError(reason)
+
+    def _fail_file(self, w: _Work, reason: str) -> PermanentJobError:
+        error = self._fail_row(w.row, reason)
+        self._delete_local(w)
+        return error
+
+    # -- cleanup ---------------------------------------------------------------------
+
+    def _delete_local(self, w: _Work) -> None:
+        self._delete_local_path(w.path, fetched=w.fetched)
+
+    def _delete_local_path(self, path: Path, *, fetched: bool) -> None:
+        """Delete an Opus we own: one we fetched, or one under SCRATCH_ROOT."""
+        try:
+            ours = fetched or path.resolve().is_relative_to(self.settings.scratch_root.resolve())
+            if ours:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log_event(self.log, "gpu.delete_failed", level=logging.WARNING, path=str(path),
+                      error=str(exc))  # fmt: skip
+
+    def _clean_finished(self, batch_ids: list[str]) -> None:
+        for batch_id in batch_ids:
+            s3_utils.cleanup_scratch(batch_id, self.settings)
+            log_event(self.log, "gpu.batch_done", batch_id=batch_id)
+
+
+def main() -> int:
+    return run_worker(GpuWorker)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

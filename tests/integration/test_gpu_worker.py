@@ -1,0 +1,187 @@
+"""The gpu worker as a real process against real Redis, PostgreSQL and S3.
+
+One batch covers the cases that matter: a file on this host, a file only in S3,
+a file nowhere, a hand-injected path with no row, a malformed payload; then the
+same jobs delivered again must not add a single row.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jiwer
+import pytest
+from workerkit.procs import finish, start_module
+
+from audio_pipeline import s3_utils
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
+from audio_pipeline.dev_models import install_whisper
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BATCH = "b-gpu-001"
+TEXTS = {
+    "local.opus": "The birch canoe slid on the smooth planks.",
+    "in_s3.opus": "Kick the ball straight and follow through.",
+    "adhoc.opus": "A pot of tea helps to pass the evening.",
+}
+WER_BOUND = 0.6  # per file; measured 0.0-0.4 with tiny.en on espeak-ng (see test_asr_*)
+NORMALISE = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.Strip()])
+
+
+def speak(text: str, path: Path) -> Path:
+    wav = path.with_suffix(".wav")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-ac", "1", "-ar",
+                    "16000", "-c:a", "libopus", "-b:a", "24k", str(path)], check=True)  # fmt: skip
+    wav.unlink()
+    return path
+
+
+def insert_file(db, rel_path: str, opus_path: Path, s3_key: str | None) -> int:
+    row = db.execute(
+        """INSERT INTO audio_files (batch_id, rel_path, opus_path, opus_s3_key, host, status)
+           VALUES (%s, %s, %s, %s, 'testhost', 'converted') RETURNING id""",
+        (BATCH, rel_path, str(opus_path), s3_key),
+    ).fetchone()
+    return int(row["id"])
+
+
+def run_drain(pipeline_env: dict[str, str]) -> str:
+    proc = start_module("audio_pipeline.workers.gpu_worker", pipeline_env, ["--drain"])
+    code, output = finish(proc, timeout=240)
+    assert code == 0, output
+    return output
+
+
+def counts(db) -> dict[str, int]:
+    return {
+        table: db.execute(f"SELECT count(*) AS n FROM {table}").fetchone()["n"]
+        for table in ("audio_files", "transcripts", "classifications", "batches")
+    }
+
+
+def test_gpu_worker_batch_with_every_kind_of_job(
+    pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
+) -> None:
+    install_whisper(settings.models_root)
+    scratch = settings.batch_scratch(BATCH)
+    db = db_conn
+    db.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
+               (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    canoe = db.execute(
+        "INSERT INTO policies (name, version, text, lexicon) VALUES ('boats', 1, 'Boats.', "
+        "ARRAY['canoe', 'smooth planks']) RETURNING id"
+    ).fetchone()["id"]
+    db.execute(
+        "INSERT INTO policies (name, version, text, lexicon, active) VALUES "
+        "('retired', 1, 'Old.', ARRAY['ball'], false)"
+    )
+
+    local = speak(TEXTS["local.opus"], scratch / "nested dir" / "local.opus")
+    key_local = s3_utils.opus_key(BATCH, "nested dir/local.mp3")
+    s3_utils.upload_file(s3_client, settings.s3_bucket, local, key_local)
+    local_id = insert_file(db, "nested dir/local.mp3", local, key_local)
+
+    elsewhere = speak(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
+    key_s3 = s3_utils.opus_key(BATCH, "in_s3.mp3")
+    s3_utils.upload_file(s3_client, settings.s3_bucket, elsewhere, key_s3)
+    s3_id = insert_file(db, "in_s3.mp3", scratch / "in_s3.opus", key_s3)  # not on this host
+
+    nowhere_id = insert_file(db, "gone.mp3", scratch / "gone.opus", s3_utils.opus_key(BATCH, "g"))
+    db.commit()
+
+    operator_file = speak(TEXTS["adhoc.opus"], tmp_path / "operator" / "adhoc.opus")
+    host_q = host_transcribe_queue("testhost")
+    jobs = [
+        (host_q, {"audio_id": local_id, "opus_path": str(local), "batch_id": BATCH}),
+        (host_q, {"audio_id": s3_id, "opus_path": str(scratch / "in_s3.opus")}),
+        (host_q, {"audio_id": nowhere_id, "opus_path": str(scratch / "gone.opus")}),
+        # By hand, as in the guide: an id no row has, a path no row records.
+        (QUEUE_TRANSCRIBE, {"audio_id": 424242, "opus_path": str(operator_file)}),
+        (QUEUE_TRANSCRIBE, {"audio_id": "seven", "opus_path": 3}),
+    ]
+    for queue, payload in jobs:
+        redis_client.rpush(queue, json.dumps(payload))
+
+    output = run_drain(pipeline_env)
+
+    rows = {r["id"]: r for r in db.execute("SELECT * FROM audio_files").fetchall()}
+    assert rows[local_id]["status"] == "done"
+    assert rows[s3_id]["status"] == "done"
+    assert rows[nowhere_id]["status"] == "failed"
+    assert "is not on host testhost" in rows[nowhere_id]["error"]
+    assert "does not exist" in rows[nowhere_id]["error"]
+    (adhoc,) = [r for r in rows.values() if r["batch_id"] == "adhoc"]
+    assert adhoc["rel_path"] == str(operator_file).lstrip("/")
+    assert adhoc["status"] == "done"
+    assert adhoc["id"] != 424242
+    assert f"registered_audio_id={adhoc['id']}" in output
+
+    transcripts = {r["audio_id"]: r for r in db.execute("SELECT * FROM transcripts").fetchall()}
+    assert set(transcripts) == {local_id, s3_id, adhoc["id"]}
+    for audio_id, name in ((local_id, "local.opus"), (s3_id, "in_s3.opus"),
+                           (adhoc["id"], "adhoc.opus")):  # fmt: skip
+        t = transcripts[audio_id]
+        error = jiwer.wer(NORMALISE(TEXTS[name]), NORMALISE(t["text"]) or "<empty>")
+        assert error <= WER_BOUND, (name, t["text"])
+        assert t["model"] == "whisper/tiny.en"
+        assert t["backend"] == "faster-whisper"
+        assert t["segments"]
+        assert t["segments"][0]["words"]
+
+    verdicts = db.execute("SELECT * FROM classifications ORDER BY audio_id").fetchall()
+    assert {(v["audio_id"], v["policy_id"]) for v in verdicts} == {
+        (local_id, canoe),
+        (s3_id, canoe),
+        (adhoc["id"], canoe),
+    }  # the retired policy is never applied
+    assert all(v["model"] == "lexicon-v1" for v in verdicts)
+    by_audio = {v["audio_id"]: v for v in verdicts}
+    assert by_audio[s3_id]["label"] == 0
+    if "canoe" in transcripts[local_id]["text"].lower():
+        assert by_audio[local_id]["label"] == 1
+        assert by_audio[local_id]["evidence"][0]["terms"]
+        flagged = db.execute("SELECT audio_id FROM ra_queue").fetchall()
+        assert local_id in {f["audio_id"] for f in flagged}
+
+    failed = [json.loads(e) for e in redis_client.lrange(QUEUE_FAILED, 0, -1)]
+    assert len(failed) == 2
+    errors = " | ".join(f["error"] for f in failed)
+    assert "does not exist" in errors
+    assert "'audio_id' must be int" in errors
+    assert all(f["stage"] == "gpu" for f in failed)
+
+    # Every file of the batch is done or failed: batch done, its scratch gone.
+    batch = db.execute("SELECT status, completed_at FROM batches WHERE batch_id = %s",
+                       (BATCH,)).fetchone()  # fmt: skip
+    assert batch["status"] == "done"
+    assert batch["completed_at"] is not None
+    assert not scratch.exists()
+    assert operator_file.exists(), "an operator's file outside scratch is never deleted"
+    assert redis_client.llen(host_q) == 0
+    assert redis_client.llen(QUEUE_TRANSCRIBE) == 0
+    db.commit()
+
+    # Redelivery: the same jobs again (e.g. after a crash between commit and ack).
+    before = counts(db)
+    transcript_times = {
+        r["audio_id"]: r["updated_at"]
+        for r in db.execute("SELECT audio_id, updated_at FROM transcripts").fetchall()
+    }
+    db.commit()
+    for queue, payload in jobs[:2] + jobs[3:4]:
+        redis_client.rpush(queue, json.dumps(payload))
+    output = run_drain(pipeline_env)
+
+    assert counts(db) == before
+    assert output.count("event=gpu.already_done") == 3
+    after = {
+        r["audio_id"]: r["updated_at"]
+        for r in db.execute("SELECT audio_id, updated_at FROM transcripts").fetchall()
+    }
+    assert after == transcript_times  # acknowledged without transcribing again
+    assert redis_client.llen(QUEUE_FAILED) == 2
