@@ -71,3 +71,30 @@ def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> N
         "UPDATE batches SET status = 'failed', error = %s, updated_at = now() WHERE batch_id = %s",
         (error, batch_id),
     )
+
+
+# --- gpu stage: -> done once every file is done or failed -----------------------
+
+
+def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str]) -> list[str]:
+    """Mark done each batch none of whose files is still waiting; returns those batches.
+
+    Runs inside the caller's transaction. Only a batch that has files and none left
+    pending, converted or transcribing completes; one already done is not returned
+    again, so exactly one writer sees it finish (and cleans its scratch).
+    """
+    if not batch_ids:
+        return []
+    rows = conn.execute(
+        """
+        UPDATE batches b SET status = 'done', completed_at = now(), error = NULL,
+               updated_at = now()
+         WHERE b.batch_id = ANY(%s) AND b.status <> 'done'
+           AND EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id)
+           AND NOT EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id
+                           AND a.status IN ('pending', 'converted', 'transcribing'))
+        RETURNING b.batch_id
+        """,
+        (batch_ids,),
+    ).fetchall()
+    return sorted(r["batch_id"] if isinstance(r, dict) else r[0] for r in rows)
