@@ -84,12 +84,20 @@ class Worker:
     stage: str = ""
     batch_size: int = 1
 
-    def __init__(self, settings: Settings | None = None, *, mode: RunMode = RunMode.FOREVER):
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        mode: RunMode = RunMode.FOREVER,
+        worker_id: str | None = None,
+    ) -> None:
+        """``worker_id`` defaults to ``{stage}:{host}:{pid}``; pass one only to run
+        several workers in one process (tests), since ids must be unique."""
         if not self.stage:
             raise TypeError(f"{type(self).__name__} must set the class attribute 'stage'")
         self.settings = settings or load_settings()
         self.mode = RunMode(mode)
-        self.worker_id = f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
+        self.worker_id = worker_id or f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
         self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
         self.redis: redis.Redis = get_redis(self.settings)
         self.queue = JobQueue(self.redis, self.worker_id, self.stage)

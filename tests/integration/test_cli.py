@@ -1,0 +1,247 @@
+"""The real ``audio-pipeline`` console script against the local stack."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from audio_pipeline.cli import render_table
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
+from audio_pipeline.queue import JobQueue, RetryPolicy, processing_key
+
+pytestmark = pytest.mark.integration
+
+CLI = Path(sys.executable).parent / "audio-pipeline"
+
+
+def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CLI), *args], env={"PATH": "/usr/bin:/bin", **env}, input=stdin,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def dead_letter(r: redis.Redis, stage: str, queue: str, payload: dict, attempts: int = 0) -> None:
+    """Put a real dead letter through the queue library, as a worker would."""
+    q = JobQueue(r, f"{stage}:testhost:1", stage, retry_policy=RetryPolicy(max_attempts=1))
+    body = dict(payload)
+    if attempts:
+        body["_attempts"] = attempts
+    r.rpush(queue, json.dumps(body))
+    job = q.claim([queue], timeout=0)
+    q.retry(job, RuntimeError(f"{stage} broke"))
+
+
+def test_status_shows_queues_workers_processing_retries_and_batches(
+    pipeline_env, redis_client, db_conn
+):
+    redis_client.rpush(QUEUE_UNPACK, '{"batch_id": "b1"}', '{"batch_id": "b2"}')
+    redis_client.rpush(f"{QUEUE_TRANSCRIBE}:gpu-01", '{"audio_id": 1, "opus_path": "/a"}')
+    live = JobQueue(redis_client, "unpack:gpu-01:77", "unpack")
+    live.heartbeat(60, {"stage": "unpack", "state": "busy", "job_raw": '{"batch_id": "b1"}'})
+    live.claim([QUEUE_UNPACK], 0)
+    JobQueue(redis_client, "gpu:gpu-02:5", "gpu").enqueue(QUEUE_TRANSCRIBE, {"audio_id": 2})
+    JobQueue(redis_client, "gpu:gpu-02:5", "gpu").claim([QUEUE_TRANSCRIBE], 0)  # no heartbeat
+    slow = JobQueue(redis_client, "gpu:gpu-01:9", "gpu", retry_policy=RetryPolicy(5, 300, 600))
+    slow.enqueue(QUEUE_TRANSCRIBE, {"audio_id": 3})
+    slow.retry(slow.claim([QUEUE_TRANSCRIBE], 0), "flaky")
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "bad"})
+    db_conn.execute(
+        "INSERT INTO batches (batch_id, s3_key, status, file_count) VALUES "
+        "('b1', 'archives/b1.tar', 'unpacking', 3), ('b0', 'archives/b0.tar', 'done', 2)"
+    )
+    db_conn.commit()
+
+    result = cli(pipeline_env, "status")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"^queue:unpack +1$", out, re.M)  # b1 is claimed, b2 waits
+    assert re.search(r"^queue:transcribe:gpu-01 +1$", out, re.M)
+    assert re.search(r"^queue:failed +1$", out, re.M)
+    assert "unpack:gpu-01:77" in out
+    assert "DEAD" in out  # gpu:gpu-02:5 holds an item with no heartbeat
+    assert "b1" in out
+    assert "unpacking" in out
+
+    data = json.loads(cli(pipeline_env, "status", "--json").stdout)
+    assert data["queues"][QUEUE_UNPACK] == 1
+    assert data["queues"][f"{QUEUE_TRANSCRIBE}:gpu-01"] == 1
+    assert data["failed"] == 1
+    assert {p["worker"]: p["alive"] for p in data["processing"]} == {
+        "unpack:gpu-01:77": True,
+        "gpu:gpu-02:5": False,
+    }
+    assert data["delayed_retries"][0]["queue"] == QUEUE_TRANSCRIBE
+    assert data["delayed_retries"][0]["retries"] == 1
+    [worker] = data["workers"]
+    assert worker["worker"] == "unpack:gpu-01:77"
+    assert worker["state"] == "busy"
+    assert worker["heartbeat_age_s"] < 30
+    assert worker["job"] == '{"batch_id": "b1"}'
+    assert data["batches"]["by_status"] == {"unpacking": 1, "done": 1}
+    assert [b["batch_id"] for b in data["batches"]["in_flight"]] == ["b1"]
+
+
+def test_failed_lists_dead_letters_with_indexes(pipeline_env, redis_client):
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "x1"})
+    dead_letter(redis_client, "gpu", QUEUE_TRANSCRIBE, {"audio_id": 9, "opus_path": "/o"})
+    redis_client.rpush(QUEUE_FAILED, "garbage someone pushed by hand")
+    result = cli(pipeline_env, "failed")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["index", "failed_at", "stage", "queue", "tries", "error", "job"]
+    assert "unpack broke" in lines[2]
+    assert "gpu broke" in lines[3]
+    assert "unreadable dead letter" in lines[4]
+    assert "3 of 3 dead letters shown" in result.stdout
+    limited = json.loads(cli(pipeline_env, "failed", "--limit", "1", "--json").stdout)
+    assert limited["total"] == 3
+    assert [e["index"] for e in limited["entries"]] == [2]
+
+
+def test_requeue_by_index_resets_attempts(pipeline_env, redis_client):
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "x1"}, attempts=4)
+    dead_letter(redis_client, "gpu", QUEUE_TRANSCRIBE, {"audio_id": 9, "opus_path": "/o"})
+    result = cli(pipeline_env, "requeue", "--index", "0")
+    assert result.returncode == 0, result.stderr
+    assert "requeued" in result.stdout
+    assert "1 job(s) requeued" in result.stdout
+    assert [json.loads(x) for x in redis_client.lrange(QUEUE_UNPACK, 0, -1)] == [{"batch_id": "x1"}]
+    assert redis_client.llen(QUEUE_FAILED) == 1
+    # the job starts from scratch: a claim sees zero attempts
+    job = JobQueue(redis_client, "unpack:h:2", "unpack").claim([QUEUE_UNPACK], 0)
+    assert job.attempts == 0
+
+
+def test_requeue_by_stage_and_all(pipeline_env, redis_client):
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "x1"})
+    dead_letter(redis_client, "gpu", f"{QUEUE_TRANSCRIBE}:testhost", {"audio_id": 1})
+    dead_letter(redis_client, "gpu", QUEUE_TRANSCRIBE, {"audio_id": 2})
+    result = cli(pipeline_env, "requeue", "--stage", "gpu")
+    assert result.returncode == 0, result.stderr
+    assert redis_client.llen(f"{QUEUE_TRANSCRIBE}:testhost") == 1  # back to its own source
+    assert redis_client.llen(QUEUE_TRANSCRIBE) == 1
+    assert redis_client.llen(QUEUE_UNPACK) == 0
+    data = json.loads(cli(pipeline_env, "requeue", "--all", "--json").stdout)
+    assert data["requeued"] == 1
+    assert redis_client.llen(QUEUE_UNPACK) == 1
+    assert redis_client.llen(QUEUE_FAILED) == 0
+
+
+def test_requeue_skips_malformed_jobs_and_says_so(pipeline_env, redis_client):
+    redis_client.rpush(QUEUE_UNPACK, "{not json")
+    JobQueue(redis_client, "unpack:h:1", "unpack").claim([QUEUE_UNPACK], 0)  # dead-letters it
+    result = cli(pipeline_env, "requeue", "--all")
+    assert result.returncode == 1
+    assert "not a JSON object" in result.stdout
+    assert redis_client.llen(QUEUE_FAILED) == 1
+    assert redis_client.llen(QUEUE_UNPACK) == 0
+
+
+def test_requeue_bad_index_is_a_clear_error(pipeline_env):
+    result = cli(pipeline_env, "requeue", "--index", "5")
+    assert result.returncode == 1
+    assert "no dead letter at index 5 (0 in queue:failed)" in result.stderr
+    usage = cli(pipeline_env, "requeue")
+    assert usage.returncode == 2
+    assert "one of the arguments --all --index --stage is required" in usage.stderr
+
+
+def test_purge_failed_asks_first(pipeline_env, redis_client):
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "x1"})
+    refused = cli(pipeline_env, "purge-failed", stdin="n\n")
+    assert refused.returncode == 1
+    assert "Delete 1 dead letter(s)" in refused.stdout
+    assert redis_client.llen(QUEUE_FAILED) == 1
+    accepted = cli(pipeline_env, "purge-failed", stdin="y\n")
+    assert accepted.returncode == 0
+    assert redis_client.llen(QUEUE_FAILED) == 0
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "x2"})
+    assert cli(pipeline_env, "purge-failed", "--yes").returncode == 0
+    assert redis_client.llen(QUEUE_FAILED) == 0
+
+
+def test_init_db_is_idempotent(pipeline_env, db_conn):
+    for _ in range(2):
+        result = cli(pipeline_env, "init-db")
+        assert result.returncode == 0, result.stderr
+        assert "schema applied" in result.stdout
+    assert db_conn.execute("SELECT to_regclass('batches') IS NOT NULL AS ok").fetchone()["ok"]
+
+
+def test_policy_add_list_deactivate(pipeline_env, db_conn, tmp_path):
+    text = tmp_path / "hate.txt"
+    text.write_text("Flag content that attacks people for who they are.\n")
+    added = cli(
+        pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file", str(text),
+        "--lexicon", "slur, attack ,",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "added" in added.stdout
+    again = cli(pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file",
+                str(text), "--lexicon", "slur,attack")  # fmt: skip
+    assert "unchanged" in again.stdout
+    text.write_text("A different wording.")
+    clash = cli(pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file", str(text))
+    assert clash.returncode == 1
+    assert "add version 2 instead" in clash.stderr
+    row = db_conn.execute("SELECT text, lexicon, active FROM policies").fetchone()
+    assert row == {
+        "text": "Flag content that attacks people for who they are.",
+        "lexicon": ["slur", "attack"],
+        "active": True,
+    }
+    listed = cli(pipeline_env, "policy", "list")
+    assert listed.stdout.splitlines()[0].split() == [
+        "id", "name", "version", "active", "lexicon", "text",
+    ]  # fmt: skip
+    assert "hate-speech" in listed.stdout
+    off = cli(pipeline_env, "policy", "deactivate", "hate-speech", "1")
+    assert off.returncode == 0, off.stderr
+    [policy] = json.loads(cli(pipeline_env, "policy", "list", "--json").stdout)
+    assert policy["active"] is False
+    missing = cli(pipeline_env, "policy", "deactivate", "hate-speech", "7")
+    assert missing.returncode == 1
+    assert "no policy 'hate-speech' version 7" in missing.stderr
+
+
+def test_policy_add_rejects_bad_input_clearly(pipeline_env, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    result = cli(pipeline_env, "policy", "add", "p", "--version", "1", "--file", str(empty))
+    assert result.returncode == 1
+    assert "is empty" in result.stderr
+    result = cli(pipeline_env, "policy", "add", "p", "--version", "1", "--file", "/nonexistent")
+    assert "cannot read policy file /nonexistent" in result.stderr
+    empty.write_text("ok")
+    bad_name = cli(pipeline_env, "policy", "add", "../x", "--version", "1", "--file", str(empty))
+    assert bad_name.returncode == 1
+    assert "rejected by the schema" in bad_name.stderr
+
+
+def test_unreachable_redis_is_reported_not_a_traceback(pipeline_env):
+    result = cli({**pipeline_env, "REDIS_PORT": "1"}, "status")
+    assert result.returncode == 1
+    assert "Redis unavailable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_render_table_aligns_columns():
+    table = render_table(["queue", "depth"], [("queue:unpack", 3), ("queue:transcribe:gpu-01", 12)])
+    assert table.splitlines() == [
+        "queue                    depth",
+        "-----------------------  -----",
+        "queue:unpack                 3",
+        "queue:transcribe:gpu-01     12",
+    ]
+
+
+def test_processing_key_is_what_status_parses(redis_client):
+    # status reads worker and source back from the key; keep the two in step
+    assert processing_key("unpack:h:1", QUEUE_UNPACK).startswith("processing:unpack:h:1")
