@@ -72,9 +72,9 @@ stack-down:  ## stop the local stack
 stack-env:  ## print the exports for the local stack: eval "$$(make -s stack-env)"
 	@$(BIN)/devstack env
 
+DEMO_FILES ?= 12
 demo: deps  ## run the pipeline end to end on a generated batch, then serve the RA app
-	$(BIN)/devstack up > /dev/null
-	@echo "stack is up; load it with: eval \"\$$(make -s stack-env)\""
+	$(BIN)/python -m audio_pipeline.demo --files $(DEMO_FILES)
 
 clean: stack-down  ## stop the stack and delete its data and the virtualenv
 	rm -rf $(STACK_DIR) $(VENV) .make .pytest_cache .ruff_cache
