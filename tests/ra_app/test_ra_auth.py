@@ -80,8 +80,9 @@ def test_login_is_rate_limited(app: Flask, client: FlaskClient) -> None:
     add_user(app, "ann")
     token = csrf_token(client, "/login")
     codes = [
-        client.post("/login", data={"username": "ann", "password": "wrong-password!",
-                                    "csrf_token": token}).status_code  # fmt: skip
+        client.post(
+            "/login", data={"username": "ann", "password": "wrong-password!", "csrf_token": token}
+        ).status_code  # fmt: skip
         for _ in range(12)
     ]
     assert codes[:10] == [401] * 10
@@ -106,9 +107,7 @@ def test_deactivated_user_cannot_log_in_and_loses_session(app: Flask) -> None:
     assert response.status_code == 401
 
 
-def test_ra_gets_403_on_every_admin_route(
-    app: Flask, ra_client: tuple[FlaskClient, str]
-) -> None:
+def test_ra_gets_403_on_every_admin_route(app: Flask, ra_client: tuple[FlaskClient, str]) -> None:
     client, token = ra_client
     for url in ADMIN_GET:
         assert client.get(url).status_code == 403, url
