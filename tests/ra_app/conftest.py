@@ -18,15 +18,17 @@ from flask import Flask
 from flask.testing import FlaskClient
 from flask_migrate import upgrade
 
-from ra_app.factory import create_app
 from ra_app.extensions import db
+from ra_app.factory import create_app
 from ra_app.models import Role
 from ra_app.users import create_user
 
 PASSWORD = "correct-horse-battery"
-CSRF_RE = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"|'
-                     r'type="hidden" name="csrf_token" value="([^"]+)"|'
-                     r'name="csrf_token" value="([^"]+)"')  # fmt: skip
+CSRF_RE = re.compile(
+    r'name="csrf_token" type="hidden" value="([^"]+)"|'
+    r'type="hidden" name="csrf_token" value="([^"]+)"|'
+    r'name="csrf_token" value="([^"]+)"'
+)
 
 
 @pytest.fixture

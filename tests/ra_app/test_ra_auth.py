@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import pytest
+from conftest import PASSWORD, add_user, csrf_token, login, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
 
 from ra_app.extensions import db
 from ra_app.models import User
 
-from conftest import PASSWORD, add_user, csrf_token, login, seed_items
-
 pytestmark = pytest.mark.integration
 
 # Every page route with a sample argument; the API is covered in test_ra_api.py.
 GET_ROUTES = [
-    "/", "/review/1", "/audio/1", "/admin/", "/admin/batches", "/admin/agreement",
-    "/admin/disagreements", "/admin/items/1", "/admin/users", "/admin/export.csv",
+    "/",
+    "/review/1",
+    "/audio/1",
+    "/admin/",
+    "/admin/batches",
+    "/admin/agreement",
+    "/admin/disagreements",
+    "/admin/items/1",
+    "/admin/users",
+    "/admin/export.csv",
     "/admin/export.jsonl",
-]  # fmt: skip
+]
 POST_ROUTES = [
-    "/next", "/logout", "/review/1/label", "/review/1/skip", "/admin/assign", "/admin/sync",
-    "/admin/users", "/admin/users/1/active", "/admin/users/1/tokens",
-]  # fmt: skip
+    "/next",
+    "/logout",
+    "/review/1/label",
+    "/review/1/skip",
+    "/admin/assign",
+    "/admin/sync",
+    "/admin/users",
+    "/admin/users/1/active",
+    "/admin/users/1/tokens",
+]
 ADMIN_GET = [r for r in GET_ROUTES if r.startswith("/admin")]
 ADMIN_POST = [r for r in POST_ROUTES if r.startswith("/admin")]
 
@@ -40,18 +54,21 @@ def test_anonymous_posts_are_refused(app: Flask) -> None:
     client = app.test_client()
     for url in POST_ROUTES:
         response = client.post(url)
-        assert response.status_code == 302 and "/login" in response.headers["Location"], url
+        assert response.status_code == 302, url
+        assert "/login" in response.headers["Location"], url
 
 
 def test_login_logout_and_wrong_password(app: Flask, client: FlaskClient) -> None:
     add_user(app, "ann")
     token = csrf_token(client, "/login")
-    bad = client.post("/login", data={"username": "ann", "password": "nope-nope-nope",
-                                      "csrf_token": token})  # fmt: skip
+    bad = client.post(
+        "/login", data={"username": "ann", "password": "nope-nope-nope", "csrf_token": token}
+    )
     assert bad.status_code == 401
     assert "Wrong username or password" in bad.get_data(as_text=True)
-    unknown = client.post("/login", data={"username": "zed", "password": PASSWORD,
-                                          "csrf_token": token})  # fmt: skip
+    unknown = client.post(
+        "/login", data={"username": "zed", "password": PASSWORD, "csrf_token": token}
+    )
     assert unknown.status_code == 401
     session_token = login(client, "ANN")  # usernames are case-insensitive
     assert client.get("/").status_code == 200
@@ -63,7 +80,8 @@ def test_password_is_stored_as_argon2id(app: Flask) -> None:
     add_user(app, "ann")
     with app.app_context():
         stored = db.session.execute(db.select(User.password_hash)).scalar_one()
-    assert stored.startswith("$argon2id$") and PASSWORD not in stored
+    assert stored.startswith("$argon2id$")
+    assert PASSWORD not in stored
 
 
 def test_post_without_csrf_token_is_rejected(app: Flask, client: FlaskClient) -> None:
@@ -82,14 +100,15 @@ def test_login_is_rate_limited(app: Flask, client: FlaskClient) -> None:
     codes = [
         client.post(
             "/login", data={"username": "ann", "password": "wrong-password!", "csrf_token": token}
-        ).status_code  # fmt: skip
+        ).status_code
         for _ in range(12)
     ]
     assert codes[:10] == [401] * 10
     assert codes[10:] == [429, 429]
     # Even the right password is refused while limited: no brute-force oracle.
-    right = client.post("/login", data={"username": "ann", "password": PASSWORD,
-                                        "csrf_token": token})  # fmt: skip
+    right = client.post(
+        "/login", data={"username": "ann", "password": PASSWORD, "csrf_token": token}
+    )
     assert right.status_code == 429
 
 
@@ -102,8 +121,9 @@ def test_deactivated_user_cannot_log_in_and_loses_session(app: Flask) -> None:
         db.session.commit()
     assert client.get("/").status_code == 302  # the open session stopped working
     token = csrf_token(client, "/login")
-    response = client.post("/login", data={"username": "ann", "password": PASSWORD,
-                                           "csrf_token": token})  # fmt: skip
+    response = client.post(
+        "/login", data={"username": "ann", "password": PASSWORD, "csrf_token": token}
+    )
     assert response.status_code == 401
 
 
@@ -147,22 +167,25 @@ def test_ra_never_sees_another_ras_assignment(app: Flask, db_conn) -> None:
 def test_session_cookie_is_hardened(app: Flask, client: FlaskClient) -> None:
     add_user(app, "ann")
     token = csrf_token(client, "/login")
-    response = client.post("/login", data={"username": "ann", "password": PASSWORD,
-                                           "csrf_token": token})  # fmt: skip
+    response = client.post(
+        "/login", data={"username": "ann", "password": PASSWORD, "csrf_token": token}
+    )
     cookie = response.headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie
     assert app.config["PERMANENT_SESSION_LIFETIME"] > 0
 
 
 def test_create_user_cli(app: Flask) -> None:
     runner = app.test_cli_runner()
-    result = runner.invoke(args=["create-user", "Root", "--role", "admin",
-                                 "--password", PASSWORD])  # fmt: skip
+    result = runner.invoke(args=["create-user", "Root", "--role", "admin", "--password", PASSWORD])
     assert result.exit_code == 0, result.output
     again = runner.invoke(args=["create-user", "root", "--password", PASSWORD])
-    assert again.exit_code != 0 and "already exists" in again.output
+    assert again.exit_code != 0
+    assert "already exists" in again.output
     short = runner.invoke(args=["create-user", "carl", "--password", "short"])
-    assert short.exit_code != 0 and "at least" in short.output
+    assert short.exit_code != 0
+    assert "at least" in short.output
     with app.app_context():
         user = db.session.execute(db.select(User).where(User.username == "root")).scalar_one()
         assert user.role == "admin"

@@ -17,9 +17,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
-
 from conftest import PASSWORD, seed_items
+from psycopg.rows import dict_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
@@ -27,9 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SERVER_START_TIMEOUT = 30.0  # seconds
 SCREENSHOT = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp")) / "ra_review_page.png"
 
@@ -42,37 +46,74 @@ def _free_port() -> int:
 
 def _opus(path: Path, seconds: float = 7.0) -> Path:
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-         f"sine=frequency=440:duration={seconds}", "-ac", "1", "-ar", "16000",
-         "-c:a", "libopus", "-b:a", "24k", str(path)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "24k",
+            str(path),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return path
 
 
 @pytest.fixture
-def server(pipeline_env: dict[str, str], db_conn: Any, s3_client: Any,
-           tmp_path: Path) -> Iterator[str]:  # fmt: skip
+def server(
+    pipeline_env: dict[str, str], db_conn: Any, s3_client: Any, tmp_path: Path
+) -> Iterator[str]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed")
     seed_items(db_conn, 3)
     clip = _opus(tmp_path / "clip.opus")
     for row in db_conn.execute("SELECT opus_s3_key FROM audio_files").fetchall():
         s3_client.upload_file(str(clip), pipeline_env["S3_BUCKET"], row["opus_s3_key"])
-    env = {**os.environ, **pipeline_env, "SECRET_KEY": "browser-test", "RA_WORKERS": "2",
-           "RA_DOUBLE_CODED_SHARE": "0", "RA_NEW_PASSWORD": PASSWORD}  # fmt: skip
+    env = {
+        **os.environ,
+        **pipeline_env,
+        "SECRET_KEY": "browser-test",
+        "RA_WORKERS": "2",
+        "RA_DOUBLE_CODED_SHARE": "0",
+        "RA_NEW_PASSWORD": PASSWORD,
+    }
     flask = [str(BIN / "flask"), "--app", "ra_app"]
     subprocess.run([*flask, "db", "upgrade"], env=env, cwd=REPO, check=True, capture_output=True)
     for name, role in (("ann", "ra"), ("boss", "admin")):
-        subprocess.run([*flask, "create-user", name, "--role", role], env=env, cwd=REPO,
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*flask, "create-user", name, "--role", role],
+            env=env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
     port = _free_port()
     log = (tmp_path / "gunicorn.log").open("w")
     proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "-c", "ra_app/gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
-         "ra_app:create_app()"],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            str(BIN / "gunicorn"),
+            "-c",
+            "ra_app/gunicorn.conf.py",
+            "-b",
+            f"127.0.0.1:{port}",
+            "ra_app:create_app()",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -148,8 +189,12 @@ def test_review_three_items_by_keyboard_and_export(
         with psycopg.connect(pipeline_env["DATABASE_URL"], row_factory=dict_row) as conn:
             labels = conn.execute("SELECT answer, time_on_task_ms FROM ra_labels").fetchall()
         assert len(labels) == 3
-        assert all(r["answer"]["violates"] == "yes" and r["answer"]["severity"] == "medium"
-                   and r["answer"]["categories"] == ["hate_speech"] for r in labels)  # fmt: skip
+        assert all(
+            r["answer"]["violates"] == "yes"
+            and r["answer"]["severity"] == "medium"
+            and r["answer"]["categories"] == ["hate_speech"]
+            for r in labels
+        )
         assert all(r["time_on_task_ms"] > 0 for r in labels)
 
         page.click("text=Log out")
@@ -163,5 +208,10 @@ def test_review_three_items_by_keyboard_and_export(
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
     assert len(rows) == 3
     assert {r["coder"] for r in rows} == {"ann"}
-    assert all(r["answer_violates"] == "yes" and r["answer_categories"] == "hate_speech"
-               and r["policy_name"] == "hate" and r["transcript"] for r in rows)  # fmt: skip
+    assert all(
+        r["answer_violates"] == "yes"
+        and r["answer_categories"] == "hate_speech"
+        and r["policy_name"] == "hate"
+        and r["transcript"]
+        for r in rows
+    )

@@ -7,9 +7,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from conftest import add_user, make_app, seed_items
 from sqlalchemy import text
 
-from conftest import add_user, make_app, seed_items
 from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import User
@@ -65,15 +65,18 @@ def test_parallel_double_coding_uses_two_different_ras(
     ra_env: dict[str, str], db_conn: Any
 ) -> None:
     seed_items(db_conn, 60)
-    app = make_app({**ra_env, "RA_DOUBLE_CODED_SHARE": "0.5"},
-                   SQLALCHEMY_ENGINE_OPTIONS={"pool_size": CLAIMERS})  # fmt: skip
+    app = make_app(
+        {**ra_env, "RA_DOUBLE_CODED_SHARE": "0.5"},
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": CLAIMERS},
+    )
     names = [f"ra{i:02d}" for i in range(CLAIMERS)]
     for n in names:
         add_user(app, n)
     claimed = _run_claimers(app, names)
     with app.app_context():
-        needed = dict(db.session.execute(
-            text("SELECT classification_id, coders_needed FROM ra_items")).all())  # fmt: skip
+        needed = dict(
+            db.session.execute(text("SELECT classification_id, coders_needed FROM ra_items")).all()
+        )
         left = db.session.execute(text("SELECT sum(open_slots) FROM ra_items")).scalar_one()
     assert left == 0
     holders: dict[int, list[str]] = {}

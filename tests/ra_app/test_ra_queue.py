@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from conftest import add_user, login, make_app, seed_items
 from flask import Flask
 from sqlalchemy import text
 
-from conftest import add_user, login, make_app, seed_items
 from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import Assignment, Label, User
@@ -59,7 +59,8 @@ def test_random_order_is_fixed_by_the_seed(ra_env: dict[str, str], db_conn: Any)
         orders.append(_claim_all(app, name))
     assert sorted(orders[0]) == sorted(ids)
     assert orders[0] == orders[1]
-    assert orders[0] != orders[2] and orders[0] != ids
+    assert orders[0] != orders[2]
+    assert orders[0] != ids
 
 
 def test_double_coded_share_goes_to_two_different_ras(ra_env: dict[str, str], db_conn: Any) -> None:
@@ -69,8 +70,9 @@ def test_double_coded_share_goes_to_two_different_ras(ra_env: dict[str, str], db
         add_user(app, name)
     claimed = {name: _claim_all(app, name) for name in ("ann", "bob", "cat")}
     with app.app_context():
-        needed = dict(db.session.execute(
-            text("SELECT classification_id, coders_needed FROM ra_items")).all())  # fmt: skip
+        needed = dict(
+            db.session.execute(text("SELECT classification_id, coders_needed FROM ra_items")).all()
+        )
     doubles = {c for c, n in needed.items() if n == 2}
     assert 8 <= len(doubles) <= 32  # about half of 40
     for cid in ids:
@@ -86,12 +88,14 @@ def test_abandoned_assignment_expires_and_returns(app: Flask, db_conn: Any) -> N
     with app.app_context():
         ann, bob = _user("ann"), _user("bob")
         first = assignment.next_assignment(ann)
-        assert first is not None and first.classification_id == cid
+        assert first is not None
+        assert first.classification_id == cid
         assert assignment.next_assignment(bob) is None  # the one slot is taken
         db.session.execute(text("UPDATE ra_assignments SET expires_at = now() - interval '1 s'"))
         db.session.commit()
         second = assignment.next_assignment(bob)
-        assert second is not None and second.classification_id == cid
+        assert second is not None
+        assert second.classification_id == cid
         assert db.session.get(Assignment, first.id).status == "expired"
 
 
@@ -115,13 +119,15 @@ def test_admin_assigns_a_batch_to_a_named_ra(app: Flask, db_conn: Any) -> None:
     add_user(app, "boss", "admin")
     admin = app.test_client()
     token = login(admin, "boss")
-    response = admin.post("/admin/assign", data={"csrf_token": token, "batch_id": "b-mine",
-                                                 "username": "ann"})  # fmt: skip
+    response = admin.post(
+        "/admin/assign", data={"csrf_token": token, "batch_id": "b-mine", "username": "ann"}
+    )
     assert response.status_code == 302
     with app.app_context():
         rows = db.session.execute(db.select(Assignment)).scalars().all()
         assert sorted(r.classification_id for r in rows) == mine
-        assert {r.source for r in rows} == {"admin"} and all(r.expires_at is None for r in rows)
+        assert {r.source for r in rows} == {"admin"}
+        assert all(r.expires_at is None for r in rows)
     # ann gets her batch before the higher-scored items; bob never sees it
     assert _claim_all(app, "ann")[:3] == mine
     assert set(_claim_all(app, "bob")).isdisjoint(mine)
@@ -135,30 +141,45 @@ def test_label_through_the_form(app: Flask, db_conn: Any) -> None:
     url = client.post("/next", data={"csrf_token": token}).headers["Location"]
     aid = int(url.rsplit("/", 1)[1])
     page = client.get(url).get_data(as_text=True)
-    assert "You people are vermin." in page and 'class="segment evidence"' in page
-    assert "hate v1" in page and "0.90" in page
+    assert "You people are vermin." in page
+    assert 'class="segment evidence"' in page
+    assert "hate v1" in page
+    assert "0.90" in page
 
-    bad = client.post(f"{url}/label", data={"csrf_token": token, "violates": "maybe",
-                                            "time_on_task_ms": "1000"})  # fmt: skip
-    assert bad.status_code == 400 and "is not one of" in bad.get_data(as_text=True)
+    bad = client.post(
+        f"{url}/label", data={"csrf_token": token, "violates": "maybe", "time_on_task_ms": "1000"}
+    )
+    assert bad.status_code == 400
+    assert "is not one of" in bad.get_data(as_text=True)
     with app.app_context():
         assert db.session.execute(db.select(Label)).first() is None
 
-    data = {"csrf_token": token, "violates": "yes", "severity": "high",
-            "categories": ["harassment", "hate_speech"], "notes": " slur at 0:03 ",
-            "time_on_task_ms": "4200"}  # fmt: skip
+    data = {
+        "csrf_token": token,
+        "violates": "yes",
+        "severity": "high",
+        "categories": ["harassment", "hate_speech"],
+        "notes": " slur at 0:03 ",
+        "time_on_task_ms": "4200",
+    }
     ok = client.post(f"{url}/label", data=data)
-    assert ok.status_code == 302 and "/review/" in ok.headers["Location"]  # straight to the next
+    assert ok.status_code == 302
+    assert "/review/" in ok.headers["Location"]
     with app.app_context():
         label = db.session.execute(db.select(Label)).scalar_one()
         assert label.assignment_id == aid
-        assert label.answer == {"violates": "yes", "severity": "high",
-                                "categories": ["hate_speech", "harassment"], "notes": "slur at 0:03"}  # fmt: skip
+        assert label.answer == {
+            "violates": "yes",
+            "severity": "high",
+            "categories": ["hate_speech", "harassment"],
+            "notes": "slur at 0:03",
+        }
         assert 0 <= label.time_on_task_ms <= 4200
         assert label.codebook_version == "1"
         assert db.session.get(Assignment, aid).status == "done"
     again = client.post(f"{url}/label", data=data)  # a double submit changes nothing
-    assert again.status_code == 302 and again.headers["Location"] == "/"
+    assert again.status_code == 302
+    assert again.headers["Location"] == "/"
     with app.app_context():
         assert db.session.execute(text("SELECT count(*) FROM ra_labels")).scalar_one() == 1
 
