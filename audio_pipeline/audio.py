@@ -35,12 +35,22 @@ MAX_REASON_CHARS = 1000  # a reason is stored in Postgres and shown in tables
 
 _CONTEXT_ADDRESS = re.compile(r"\[([\w:.-]+) @ 0x[0-9a-fA-F]+\]")
 
+FFMPEG_SIGNALLED_EXIT = 255  # ffmpeg's exit status after it caught SIGTERM or SIGINT
+
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
 
 
 class AudioError(Exception):
     """ffmpeg or ffprobe could not handle a file; the message is the reason."""
+
+
+class ConversionInterrupted(AudioError):
+    """ffmpeg/ffprobe was stopped by a signal: the host, not the file, is the problem.
+
+    systemd's default stop signals every process of the unit, ffmpeg included,
+    so a graceful stop must not record such a file as bad.
+    """
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class ConversionResult:
     duration_s: float | None = None  # of the Opus output
     error: str | None = None
     elapsed_s: float = 0.0
+    interrupted: bool = False  # stopped by a signal: convert again later, the file is fine
 
 
 def probe(path: Path, timeout_s: float = FFPROBE_TIMEOUT_S) -> ProbeResult:
@@ -110,6 +121,7 @@ def probe(path: Path, timeout_s: float = FFPROBE_TIMEOUT_S) -> ProbeResult:
         "-of", "json", "--", str(path),
     ]  # fmt: skip
     proc = _run(cmd, timeout_s, what="ffprobe")
+    _check_signalled(proc, "ffprobe")
     if proc.returncode != 0:
         raise AudioError(f"ffprobe failed: {_tail(proc.stderr, path)}")
     info = json.loads(proc.stdout or "{}")
@@ -156,10 +168,13 @@ def convert_to_opus(
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         proc = _run(opus_command(source, partial, bitrate), timeout_s, what="ffmpeg")
+        _check_signalled(proc, "ffmpeg")
         if proc.returncode != 0:
             raise AudioError(_tail(proc.stderr, source, partial) or f"exit {proc.returncode}")
         try:
             duration = probe(partial).duration_s
+        except ConversionInterrupted:
+            raise
         except AudioError as exc:
             raise AudioError(f"ffmpeg produced no usable audio ({exc})") from None
         if duration <= 0:
@@ -176,6 +191,8 @@ def convert_one(job: Conversion, settings: AudioSettings) -> ConversionResult:
     try:
         try:
             probe(job.source)
+        except ConversionInterrupted:
+            raise
         except AudioError as exc:
             # Say plainly that the input is the problem (a text file named .mp3),
             # not the converter, then give ffprobe's own words.
@@ -187,6 +204,7 @@ def convert_one(job: Conversion, settings: AudioSettings) -> ConversionResult:
         return ConversionResult(
             job.key, job.source, job.output, ok=False, error=_clip(str(exc)),
             elapsed_s=time.monotonic() - start,
+            interrupted=isinstance(exc, ConversionInterrupted),
         )  # fmt: skip
     return ConversionResult(
         job.key, job.source, job.output, ok=True, duration_s=duration,
@@ -229,6 +247,12 @@ def _run(cmd: list[str], timeout_s: float, what: str) -> subprocess.CompletedPro
         raise AudioError(f"{what} timed out after {timeout_s:g} s") from None
     except FileNotFoundError:
         raise AudioError(f"{what} is not installed (not found on PATH)") from None
+
+
+def _check_signalled(proc: subprocess.CompletedProcess[str], what: str) -> None:
+    # A negative code: killed by a signal. 255: ffmpeg caught SIGTERM/SIGINT and quit.
+    if proc.returncode < 0 or proc.returncode == FFMPEG_SIGNALLED_EXIT:
+        raise ConversionInterrupted(f"{what} was stopped by a signal (exit {proc.returncode})")
 
 
 def _tail(stderr: str, *paths: Path) -> str:

@@ -69,6 +69,10 @@ FILES_DIR = "files"
 OPUS_DIR = "opus"
 
 
+class ConversionStopped(RuntimeError):
+    """ffmpeg was stopped by a signal mid-batch; the job is retried, no file is failed."""
+
+
 @dataclass(frozen=True)
 class UnpackSettings:
     max_host_queue: int = UNPACK_MAX_HOST_QUEUE
@@ -268,6 +272,8 @@ class UnpackWorker(Worker):
 
             for result in convert_many(conversions, self.unpack.audio):
                 rel = result.key
+                if result.interrupted:  # this host is stopping: redo the batch later
+                    raise ConversionStopped(f"{rel!r}: {result.error}")
                 if not result.ok or result.duration_s is None:
                     audio_files.mark_failed(conn, batch_id, rel, result.error or "failed", host)
                     conn.commit()

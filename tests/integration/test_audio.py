@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,43 @@ def test_settings_from_env():
     assert audio.AudioSettings.from_env({}).jobs == (os.cpu_count() or 1)
     with pytest.raises(ConfigError, match=r"(?s)OPUS_BITRATE.*UNPACK_FFMPEG_JOBS"):
         audio.AudioSettings.from_env({"OPUS_BITRATE": "fast", "UNPACK_FFMPEG_JOBS": "0"})
+
+
+def _own_child_with_arg(fragment: str) -> int | None:
+    """The pid of a child of this test process whose command line contains ``fragment``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and fragment in cmdline:
+            return int(entry.name)
+    return None
+
+
+def test_a_signalled_ffmpeg_is_reported_as_interrupted_not_as_a_bad_file(tmp_path):
+    """systemd signals every process of a stopping unit; that is not the file's fault."""
+    src = tone_mp3(tmp_path / "long.mp3", 200.0)
+    out = tmp_path / "out" / "long-unique-name.opus"
+    results: list[audio.ConversionResult] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(audio.convert_many([audio.Conversion("k", src, out)]))
+    )
+    runner.start()
+    pid = None
+    deadline = time.monotonic() + 20
+    while pid is None and time.monotonic() < deadline:
+        pid = _own_child_with_arg(".long-unique-name.opus.")
+        time.sleep(0.02)
+    assert pid is not None, "ffmpeg did not start"
+    os.kill(pid, signal.SIGTERM)
+    runner.join(timeout=30)
+    [result] = results
+    assert result.interrupted
+    assert not result.ok
+    assert "stopped by a signal" in result.error
+    assert not out.exists()
+    assert not list(out.parent.glob(".*"))

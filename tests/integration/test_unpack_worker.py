@@ -241,6 +241,19 @@ def test_bad_jobs_are_dead_lettered_and_the_worker_keeps_serving(
     assert list(redis_client.scan_iter("processing:*")) == []
 
 
+def _run_until_paused(env: dict[str, str], log: Path, **extra_env: str) -> str:
+    """Start a worker, wait until it reports back-pressure, stop it; returns its log."""
+    proc = start_module(WORKER, env, extra_env=extra_env, log_path=log)
+    try:
+        wait_for(lambda: "event=unpack.paused" in log.read_text(), timeout=20, what="pause")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, _ = finish(proc)
+    out = log.read_text()
+    assert code == 0, out
+    return out
+
+
 def test_back_pressure_on_a_full_host_queue_and_low_scratch(
     pipeline_env, settings, db_conn, redis_client, s3_client, speech, tmp_path
 ):
@@ -248,17 +261,12 @@ def test_back_pressure_on_a_full_host_queue_and_low_scratch(
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-odd"))
     redis_client.rpush(HOST_QUEUE, "{}", "{}")
 
-    code, out = finish(start_module(WORKER, pipeline_env, ["--once"],
-                                    extra_env={"UNPACK_MAX_HOST_QUEUE": "2"}))  # fmt: skip
-    assert code == 0, out
-    assert "event=unpack.paused" in out
-    assert "UNPACK_MAX_HOST_QUEUE=2" in out
+    out = _run_until_paused(pipeline_env, tmp_path / "a.log", UNPACK_MAX_HOST_QUEUE="2")
+    assert "2 jobs in queue:transcribe:testhost (UNPACK_MAX_HOST_QUEUE=2)" in out
     assert redis_client.llen(QUEUE_UNPACK) == 1, "nothing claimed while the host queue is full"
 
-    code, out = finish(start_module(WORKER, pipeline_env, ["--once"],
-                                    extra_env={"UNPACK_MIN_FREE_BYTES": str(2**62)}))  # fmt: skip
-    assert code == 0, out
-    assert "UNPACK_MIN_FREE_BYTES" in out
+    out = _run_until_paused(pipeline_env, tmp_path / "b.log", UNPACK_MIN_FREE_BYTES=str(2**62))
+    assert f"(UNPACK_MIN_FREE_BYTES={2**62})" in out
     assert redis_client.llen(QUEUE_UNPACK) == 1, "nothing claimed while scratch is short"
     assert batch_row(db_conn, "b-odd") is None
 
@@ -308,3 +316,23 @@ def test_settings_from_env():
     assert (s.limits.max_members, s.audio.opus_bitrate) == (9, "16k")
     with pytest.raises(ConfigError, match="UNPACK_MAX_HOST_QUEUE"):
         UnpackSettings.from_env({"UNPACK_MAX_HOST_QUEUE": "0"})
+
+
+def test_a_batch_already_done_is_skipped(pipeline_env, settings, db_conn, redis_client, s3_client,
+                                         speech):  # fmt: skip
+    put_archive(settings, s3_client, speech.tar_path, "b-odd")
+    db_conn.execute(
+        "INSERT INTO batches (batch_id, s3_key, status) VALUES ('b-odd', 'archives/b-odd.tar',"
+        " 'done')"
+    )
+    db_conn.commit()
+    redis_client.rpush(QUEUE_UNPACK, unpack_job("b-odd"))
+
+    out = run_drain(pipeline_env)
+
+    assert "event=unpack.skipped" in out
+    assert batch_row(db_conn, "b-odd")["status"] == "done"
+    assert rows(db_conn, "b-odd") == {}
+    assert redis_client.llen(HOST_QUEUE) == 0
+    assert dead_letters(redis_client) == []
+    assert not settings.batch_scratch("b-odd").exists()
