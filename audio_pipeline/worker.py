@@ -107,6 +107,7 @@ class Worker:
         self.heartbeat_ttl_s = _env_float("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S)
         self.reaper_interval_s = _env_float("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S)
         self.stopping = False
+        self.exit_code = 0  # a subclass sets 1 when --once/--drain could not do its work
         self.state = WorkerState.STARTING
         self._db: ConnectionPool | None = None
         self._in_hand: list[Job] = []
@@ -169,7 +170,7 @@ class Worker:
                       mode=self.mode.value, queues=",".join(self.source_queues()))  # fmt: skip
             while not self.stopping:
                 did_work = self.iterate()
-                if self.mode is RunMode.ONCE:
+                if self.mode is RunMode.ONCE and (did_work or self.drained()):
                     break
                 if self.mode is RunMode.DRAIN and not did_work and self.drained():
                     break
@@ -178,8 +179,9 @@ class Worker:
         finally:
             self.state = WorkerState.STOPPING
             self._shutdown()
-        log_event(self.log, "worker.stopped", stage=self.stage, worker=self.worker_id)
-        return 0
+        log_event(self.log, "worker.stopped", stage=self.stage, worker=self.worker_id,
+                  exit_code=self.exit_code)  # fmt: skip
+        return self.exit_code
 
     def iterate(self) -> bool:
         """One turn of the loop; True when a job was handled (or tried)."""
@@ -292,14 +294,19 @@ class Worker:
         )
         self._beat_thread.start()
 
+    def current_job(self) -> tuple[str, str]:
+        """(short id, payload excerpt) of the work in hand, for heartbeats and `status`."""
+        short = ",".join(j.short_id for j in self._in_hand)
+        return short, self._in_hand[0].raw[:500] if self._in_hand else ""
+
     def _beat(self) -> None:
-        current = ",".join(j.short_id for j in self._in_hand)
+        current, current_raw = self.current_job()
         self.queue.heartbeat(
             self.heartbeat_ttl_s,
             {
                 "stage": self.stage, "host": self.settings.worker_host, "pid": os.getpid(),
                 "state": self.state.value, "started_at": self._started_at, "job": current,
-                "job_raw": self._in_hand[0].raw[:500] if self._in_hand else "",
+                "job_raw": current_raw,
                 "queues": ",".join(self.source_queues()),
             },
         )  # fmt: skip

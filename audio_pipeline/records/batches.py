@@ -7,6 +7,7 @@ status transitions they own at the end of this file.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -19,6 +20,88 @@ class BatchStatus(StrEnum):
     UNPACKED = "unpacked"
     DONE = "done"
     FAILED = "failed"
+
+
+# --- transfer stage: (new) -> transferring -> transferred | failed ---------------
+
+# A batch whose archive copy finished has transferred_at set, whatever later stages
+# did to its status since; the transfer worker never copies such a batch again.
+
+
+def transfer_state(conn: psycopg.Connection, batch_id: str) -> dict[str, Any] | None:
+    """status, transferred_at, archive_sha256 and archive_bytes of a batch, or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT status, transferred_at, archive_sha256, archive_bytes "
+            "FROM batches WHERE batch_id = %s",
+            (batch_id,),
+        ).fetchone()
+
+
+def begin_transfer(
+    conn: psycopg.Connection,
+    batch_id: str,
+    s3_key: str,
+    source_host: str,
+    source_path: str,
+    archive_bytes: int,
+) -> bool:
+    """Record (or resume) the copy of a batch; False if the batch is already known
+    in another state (copied before, or injected by hand), so it must not be copied.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            """
+            INSERT INTO batches (batch_id, s3_key, source_host, source_path, archive_bytes,
+                                 status)
+            VALUES (%s, %s, %s, %s, %s, 'transferring')
+            ON CONFLICT (batch_id) DO UPDATE
+               SET s3_key = EXCLUDED.s3_key, source_host = EXCLUDED.source_host,
+                   source_path = EXCLUDED.source_path,
+                   archive_bytes = EXCLUDED.archive_bytes, status = 'transferring',
+                   error = NULL, updated_at = now()
+             WHERE batches.transferred_at IS NULL
+               AND batches.status IN ('transferring', 'failed')
+            RETURNING batch_id
+            """,
+            (batch_id, s3_key, source_host, source_path, archive_bytes),
+        ).fetchone()
+    return row is not None
+
+
+def mark_transferred(
+    conn: psycopg.Connection, batch_id: str, archive_bytes: int, archive_sha256: str
+) -> None:
+    """transferring -> transferred: the archive is in S3 and verified."""
+    conn.execute(
+        """
+        UPDATE batches
+           SET status = 'transferred', transferred_at = now(), archive_bytes = %s,
+               archive_sha256 = %s, error = NULL, updated_at = now()
+         WHERE batch_id = %s AND status = 'transferring'
+        """,
+        (archive_bytes, archive_sha256, batch_id),
+    )
+
+
+def mark_transfer_failed(conn: psycopg.Connection, batch_id: str, error: str) -> None:
+    """transferring -> failed with the reason; a later scan may try again."""
+    conn.execute(
+        """
+        UPDATE batches SET status = 'failed', error = %s, updated_at = now()
+         WHERE batch_id = %s AND status = 'transferring'
+        """,
+        (error, batch_id),
+    )
+
+
+def transferred_batches(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Batches copied but not yet picked up by an unpack worker (for reconciling)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT batch_id, s3_key, file_count, transferred_at FROM batches "
+            "WHERE status = 'transferred' ORDER BY transferred_at"
+        ).fetchall()
 
 
 # --- unpack stage: unpacking -> unpacked | failed ------------------------------
