@@ -35,6 +35,7 @@ MAX_REASON_CHARS = 1000  # a reason is stored in Postgres and shown in tables
 
 _CONTEXT_ADDRESS = re.compile(r"\[([\w:.-]+) @ 0x[0-9a-fA-F]+\]")
 
+PARTIAL_SUFFIX = ".partial"  # ".{name}.{pid}.partial" while ffmpeg writes it
 FFMPEG_SIGNALLED_EXIT = 255  # ffmpeg's exit status after it caught SIGTERM or SIGINT
 
 FFMPEG = "ffmpeg"
@@ -165,7 +166,7 @@ def convert_to_opus(
     Raises AudioError with ffmpeg's reason; nothing is left at ``output`` then.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    partial = output.with_name(f".{output.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         proc = _run(opus_command(source, partial, bitrate), timeout_s, what="ffmpeg")
         _check_signalled(proc, "ffmpeg")
@@ -247,6 +248,19 @@ def _run(cmd: list[str], timeout_s: float, what: str) -> subprocess.CompletedPro
         raise AudioError(f"{what} timed out after {timeout_s:g} s") from None
     except FileNotFoundError:
         raise AudioError(f"{what} is not installed (not found on PATH)") from None
+
+
+def remove_stale_partials(directory: Path) -> int:
+    """Delete outputs half-written by a process that was killed (kill -9, power loss).
+
+    Call before converting into ``directory`` again; returns how many were removed.
+    """
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.rglob(f".*{PARTIAL_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _check_signalled(proc: subprocess.CompletedProcess[str], what: str) -> None:

@@ -51,7 +51,14 @@ from audio_pipeline.archive import (
     UnsafeArchiveError,
     extract_archive,
 )
-from audio_pipeline.audio import FFMPEG, FFPROBE, AudioSettings, Conversion, convert_many
+from audio_pipeline.audio import (
+    FFMPEG,
+    FFPROBE,
+    AudioSettings,
+    Conversion,
+    convert_many,
+    remove_stale_partials,
+)
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, Settings, _Env
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
@@ -254,6 +261,7 @@ class UnpackWorker(Worker):
                 conn, batch_id, [FoundFile(f.rel_path, f.size_bytes, f.sha256) for f in found], host
             )
             conn.commit()  # the pending rows show the batch's files while they convert
+            remove_stale_partials(paths.root / OPUS_DIR)  # left by a killed earlier attempt
             conversions: list[Conversion] = []
             outputs: dict[Path, str] = {}
             for f in found:

@@ -336,3 +336,45 @@ def test_a_batch_already_done_is_skipped(pipeline_env, settings, db_conn, redis_
     assert redis_client.llen(HOST_QUEUE) == 0
     assert dead_letters(redis_client) == []
     assert not settings.batch_scratch("b-odd").exists()
+
+
+def test_kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
+    pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
+):
+    big = make_speech_batch(tmp_path / "c", "b-kill", n_files=10, seed=11, min_seconds=8,
+                            max_seconds=14)  # fmt: skip
+    put_archive(settings, s3_client, big.tar_path, "b-kill")
+    redis_client.rpush(QUEUE_UNPACK, unpack_job("b-kill"))
+    # one ffmpeg at a time, so the batch is surely still converting when killed
+    proc = start_module(WORKER, pipeline_env, extra_env={"UNPACK_FFMPEG_JOBS": "1"},
+                        log_path=tmp_path / "first.log")  # fmt: skip
+
+    def some_converted() -> bool:
+        db_conn.commit()
+        return any(r["status"] == "converted" for r in rows(db_conn, "b-kill").values())
+
+    try:
+        wait_for(some_converted, timeout=60, what="a first converted file")
+    finally:
+        proc.kill()
+        proc.wait()
+    first = rows(db_conn, "b-kill")
+    assert any(r["status"] == "pending" for r in first.values()), "killed mid-batch"
+    assert redis_client.llen(HOST_QUEUE) == 0, "jobs are pushed only once the batch is unpacked"
+
+    # the dead worker's heartbeat expires (1.5 s in tests); the next worker reaps its job
+    wait_for(lambda: not list(redis_client.scan_iter("worker:unpack:*")), timeout=10,
+             what="heartbeat expiry")  # fmt: skip
+    out = run_drain(pipeline_env)
+
+    assert "event=unpack.batch stage=unpack batch_id=b-kill files=10 converted=10" in out
+    second = rows(db_conn, "b-kill")
+    assert {r: v["id"] for r, v in second.items()} == {r: v["id"] for r, v in first.items()}
+    assert {v["status"] for v in second.values()} == {"converted"}
+    jobs = [json.loads(j) for j in redis_client.lrange(HOST_QUEUE, 0, -1)]
+    assert sorted(j["audio_id"] for j in jobs) == sorted(v["id"] for v in second.values())
+    assert batch_row(db_conn, "b-kill")["status"] == "unpacked"
+    scratch = settings.batch_scratch("b-kill")
+    assert sorted(p.name for p in scratch.iterdir()) == ["opus"]
+    assert not [p for p in (scratch / "opus").rglob("*") if p.name.startswith(".")]
+    assert dead_letters(redis_client) == []
