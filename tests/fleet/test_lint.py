@@ -1,0 +1,82 @@
+"""Static checks of the Ansible tree: ansible-lint (production profile) and a
+syntax check of every playbook. Fast, no machines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+PLAYBOOKS = sorted((REPO / "playbooks").glob("*.yml"))
+GUIDE_PLAYBOOKS = {
+    "site.yml", "deploy-pipeline.yml", "deploy-ra-app.yml", "health-check.yml",
+    "setup-new-worker.yml", "sync-models.yml",
+}  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {
+        "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(Path.home()),
+        "LANG": "C.UTF-8",
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "NO_COLOR": "1",
+    }
+
+
+def test_the_guides_playbooks_exist() -> None:
+    assert {p.name for p in PLAYBOOKS} >= GUIDE_PLAYBOOKS
+
+
+def test_ansible_lint_production_profile_is_clean() -> None:
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-lint"), "--profile", "production", "--offline", "--nocolor"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("inventory", ["inventory/production.yml", "inventory/staging.yml"])
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
+def test_playbook_syntax(playbook: Path, inventory: str) -> None:
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", inventory, str(playbook)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_inventories_have_the_guides_groups_and_hosts() -> None:
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-inventory"), "-i", "inventory/production.yml", "--list"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    import json
+
+    inv = json.loads(proc.stdout)
+    for group in ("orchestrator", "gpu_workers", "transfer"):
+        assert inv[group]["hosts"], group
+    assert "gpu-01" in inv["gpu_workers"]["hosts"]
+    # group_vars/ at the top level reach the inventory (inventory/group_vars link).
+    gpu01 = inv["_meta"]["hostvars"]["gpu-01"]
+    assert gpu01["gpu_worker_batch_size"] > 0
+    assert gpu01["app_user"] == "audio"
+
+
+def test_vault_example_names_every_secret_and_holds_none() -> None:
+    import yaml
+
+    example = yaml.safe_load((REPO / "group_vars" / "vault.example.yml").read_text())
+    for name in (
+        "vault_postgres_password", "vault_ra_app_secret_key", "vault_s3_access_key",
+        "vault_s3_secret_key", "vault_redis_password",
+    ):  # fmt: skip
+        assert name in example
+        assert "change-me" in example[name] or "replace" in example[name]
+    assert not (REPO / "group_vars" / "vault.yml").exists() or (
+        (REPO / "group_vars" / "vault.yml").read_text().startswith("$ANSIBLE_VAULT")
+    ), "group_vars/vault.yml must be ansible-vault encrypted"
