@@ -22,7 +22,7 @@ APT_PACKAGES := python3-venv git make ca-certificates \
 	systemd-container debootstrap iproute2 wrk
 PYTHON_EXTRAS := asr,classifier,ra,stack,dev
 
-.PHONY: help deps test test-unit test-fast lint format demo bench stack-up stack-down stack-env clean
+.PHONY: help deps test test-unit test-fast lint format demo bench bench-smoke stack-up stack-down stack-env clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,16 @@ lint: .make/venv  ## ruff (lint + format check)
 format: .make/venv  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+BENCHES := bench_asr bench_pipeline bench_unpack bench_queue bench_ra
+
+bench: deps  ## all benchmarks at full size (minutes; run on a quiet machine): tables + .bench/*.json
+	$(BIN)/devstack up > /dev/null
+	@for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
+
+bench-smoke: deps  ## all benchmarks at their tiny CI size
+	$(BIN)/devstack up > /dev/null
+	@for b in $(BENCHES); do $(BIN)/python bench/$$b.py --smoke || exit 1; done
 
 stack-up: deps  ## start Redis, PostgreSQL, SeaweedFS and sshd on loopback
 	$(BIN)/devstack up
