@@ -69,14 +69,14 @@ Read words in their ordinary meaning; quoted or reported speech still counts.
     ),
     (
         "physical-harm",
-        ("kick", "threw", "broke", "strained"),
+        ("kick", "broke", "punch", "hurt"),
         """# Policy
 
 ## Overview
 This policy flags speech that describes or encourages physical harm.
 
 ## Definition of Terms
-- [Harm act]: an action that injures a person or animal, such as kicking or throwing.
+- [Harm act]: an action that injures a person or animal, such as kicking or punching.
 
 ## Interpretation of Language
 Descriptions of accidents count when a person or animal is hurt.
@@ -86,8 +86,8 @@ Descriptions of accidents count when a person or animal is hurt.
 ### (PH): Physical harm
 
 #### Includes
-- [Violent act]: kicking, throwing or striking a person or animal.
-- [Injury]: a described injury such as a broken or strained limb.
+- [Violent act]: kicking, punching or striking a person or animal.
+- [Injury]: a described injury such as a broken limb.
 
 #### Excludes
 - [Sport]: kicking a ball or other play without injury.

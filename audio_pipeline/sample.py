@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -31,55 +32,42 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Harvard sentences (IEEE 1969 recommended practice), public domain, plus a few
-# short phrases so that two-second files are possible.
+# Everyday sentences, plus a few short phrases so that two-second files are
+# possible. Phonetically balanced test sets (the Harvard sentences) were tried
+# first: tiny.en mishears their odd vocabulary ("birch canoe" -> "merch can"),
+# which measured the model's vocabulary rather than the pipeline. The last group
+# carries the demo policies' lexicon terms, so a realistic share gets flagged.
 SENTENCES = (
     "Good morning.",
     "Thank you very much.",
     "Please sit down.",
-    "It is raining again.",
-    "The birch canoe slid on the smooth planks.",
-    "Glue the sheet to the dark blue background.",
-    "It's easy to tell the depth of a well.",
-    "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.",
-    "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.",
-    "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.",
-    "A large size in stockings is hard to sell.",
-    "The boy was there when the sun rose.",
-    "A rod is used to catch pink salmon.",
-    "The source of the huge river is the clear spring.",
-    "Kick the ball straight and follow through.",
-    "Help the woman get back to her feet.",
-    "A pot of tea helps to pass the evening.",
-    "Smoky fires lack flame and heat.",
-    "The soft cushion broke the man's fall.",
-    "The salt breeze came across from the sea.",
-    "The girl at the booth sold fifty bonds.",
-    "The small pup gnawed a hole in the sock.",
-    "The fish twisted and turned on the bent hook.",
-    "Press the pants and sew a button on the vest.",
-    "The swan dive was far short of perfect.",
-    "The beauty of the view stunned the young boy.",
-    "Two blue fish swam in the tank.",
-    "Her purse was full of useless trash.",
-    "The colt reared and threw the tall rider.",
-    "It snowed, rained, and hailed the same morning.",
-    "Read verse out loud for pleasure.",
-    "Hoist the load to your left shoulder.",
-    "Take the winding path to reach the lake.",
-    "Note closely the size of the gas tank.",
-    "Wipe the grease off his dirty face.",
-    "Mend the coat before you go out.",
-    "The wrist was badly strained and hung limp.",
-    "The stray cat gave birth to kittens.",
-    "The young girl gave no clear response.",
-    "The meal was cooked before the bell rang.",
-    "What joy there is in living.",
+    "See you tomorrow.",
+    "We will meet at the office tomorrow morning to review the quarterly report.",
+    "Please send me the new schedule before the end of the week.",
+    "The weather was cold and windy, so we stayed inside and played cards.",
+    "My brother works at the hospital and comes home late every night.",
+    "I think we should take the train because the traffic is terrible today.",
+    "She bought fresh bread and milk at the market on her way home.",
+    "The meeting has been moved to Thursday afternoon at three o'clock.",
+    "Can you call me back when you have a few minutes to talk?",
+    "We need to finish the project before the holidays start next month.",
+    "The children were playing in the park until it started to rain.",
+    "He told me that the new restaurant downtown is really good.",
+    "Let me know if you need any help with your homework tonight.",
+    "The bus was late again, so I walked to work this morning.",
+    "Our neighbors are having a party on Saturday evening.",
+    "The doctor said I should drink more water and get more sleep.",
+    "They are planning a trip to the mountains this summer.",
+    "Please turn off the lights when you leave the room.",
+    "This coffee is too hot to drink right now.",
+    "Your idea is garbage and everyone knows it.",
+    "Take your trash and get out of my house.",
+    "You are completely useless at this job.",
+    "Keep your dirty hands off my things.",
+    "If you come closer I will kick you.",
+    "She fell off the ladder and broke her arm.",
 )
-VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-x-rp")  # espeak-ng voice+variant
+VOICES = ("en-us", "en-gb", "en-gb-x-rp")  # espeak-ng voices tiny.en hears reliably
 SPEEDS_WPM = (150, 165, 180)  # espeak-ng -s, words per minute
 SECONDS_PER_WORD_PAD = 0.08  # espeak pauses at punctuation; planning estimate only
 LEAD_SILENCE_S = 0.3
@@ -279,7 +267,8 @@ def _assemble(plan: _FilePlan, cache: Path, work: Path, min_seconds: float) -> t
 
 
 def _silence(seconds: float, rate: int, width: int) -> bytes:
-    return b"\0" * (int(seconds * rate) * width)
+    # round up: padding to a minimum length must never fall a frame short of it
+    return b"\0" * (math.ceil(seconds * rate) * width)
 
 
 def _run(cmd: Sequence[str], timeout_s: float) -> None:

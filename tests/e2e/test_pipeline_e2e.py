@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -41,13 +43,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 PIPELINE_TIMEOUT_S = 600.0  # every file done; typically ~1-2 minutes on 2 cores
 STOP_TIMEOUT_S = 60.0  # a worker must exit this soon after SIGTERM
-# Measured here on this corpus with tiny.en int8: ~3-6% mean WER (espeak-ng voices
+# Measured here on this corpus with tiny.en int8: ~5% mean WER (espeak-ng voices
 # vary). The bound leaves room for voice/run variation, not for a broken decoder.
 MEAN_WER_BOUND = 0.15
 BATCHES = (("e2e-alpha", 8, 11), ("e2e-beta", 8, 12), ("e2e-gamma", 6, 13))  # id, files, seed
 POLICIES = (
     ("demeaning-language", ["trash", "garbage", "dirty", "useless"]),
-    ("physical-harm", ["kick", "threw", "broke", "strained"]),
+    ("physical-harm", ["kick", "broke", "punch", "hurt"]),
 )
 NORMALISE = jiwer.Compose(
     [
@@ -69,7 +71,7 @@ def speech_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def e2e_env(pipeline_env: dict[str, str], stack, tmp_path: Path) -> dict[str, str]:
     """pipeline_env plus this test's own collection directory and the dev models."""
-    collection = stack.collection_dir / tmp_path.name
+    collection = stack.collection_dir / f"{tmp_path.name}-{uuid.uuid4().hex[:8]}"
     collection.mkdir(parents=True)
     dev_models.install_whisper(Path(pipeline_env["MODELS_ROOT"]))
     env = {
@@ -93,9 +95,7 @@ def e2e_env(pipeline_env: dict[str, str], stack, tmp_path: Path) -> dict[str, st
                 (name, f"# Policy\n\n## Overview\n{name}", lexicon),
             )
     yield env
-    for leftover in collection.iterdir():
-        leftover.unlink()
-    collection.rmdir()
+    shutil.rmtree(collection)
 
 
 def _db_url(env: Mapping[str, str]) -> str:
@@ -263,6 +263,12 @@ def test_batches_flow_from_collection_host_to_ra_queue(
         assert s3_utils.object_exists(s3_client, bucket, f["opus_s3_key"])
     scratch = Path(e2e_env["SCRATCH_ROOT"])
     assert [p for p in scratch.rglob("*") if p.is_file()] == []
+    # the collection host keeps each archive, moved aside so it is never rescanned
+    collection = Path(e2e_env["COLLECTION_DIR"])
+    assert sorted(p.name for p in collection.glob("*.tar")) == []
+    assert sorted(p.name for p in (collection / "transferred").glob("*.tar")) == sorted(
+        f"{b}.tar" for b in manifests
+    )
 
 
 def test_gpu_worker_killed_mid_job_loses_nothing(e2e_env, workers, speech_cache, tmp_path):
