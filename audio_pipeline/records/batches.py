@@ -162,9 +162,11 @@ def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> N
 def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str]) -> list[str]:
     """Mark done each batch none of whose files is still waiting; returns those batches.
 
-    Runs inside the caller's transaction. Only a batch that has files and none left
-    pending, converted or transcribing completes; one already done is not returned
-    again, so exactly one writer sees it finish (and cleans its scratch).
+    Runs inside the caller's transaction. Only an unpacked batch that has files and
+    none left pending, converted or transcribing completes; one already done is not
+    returned again, so exactly one writer sees it finish (and cleans its scratch).
+    A batch a redelivered unpack job has taken back to 'unpacking' is left alone, so
+    its scratch is never removed under the unpack worker.
     """
     if not batch_ids:
         return []
@@ -172,7 +174,7 @@ def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str])
         """
         UPDATE batches b SET status = 'done', completed_at = now(), error = NULL,
                updated_at = now()
-         WHERE b.batch_id = ANY(%s) AND b.status <> 'done'
+         WHERE b.batch_id = ANY(%s) AND b.status = 'unpacked'
            AND EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id)
            AND NOT EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id
                            AND a.status IN ('pending', 'converted', 'transcribing'))
