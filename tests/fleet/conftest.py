@@ -178,9 +178,12 @@ def write_inventory(
     fleet_wide = {
         "fleet_network_cidr": "127.0.0.0/8",
         "fleet_operators": ["root"],
-        # The machines have no route to a git server: ship the controller's HEAD.
+        # The machines have no route to a git server: ship the controller's checkout,
+        # at the commit HEAD was when the fleet was built (both runs deploy the same).
         "pipeline_source": "controller",
-        "pipeline_version": "HEAD",
+        "pipeline_version": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip(),
         # Their network is the host's: never load a firewall into it.
         "common_firewall_enabled": False,
         "redis_port": FLEET_REDIS_PORT,
