@@ -292,13 +292,16 @@ class JobQueue:
         if not removed:
             self._lost(job, "ack")
 
-    def retry(self, job: Job, error: BaseException | str) -> None:
-        """Retry later with capped exponential backoff, or dead-letter when out of tries."""
+    def retry(self, job: Job, error: BaseException | str) -> bool:
+        """Retry later with capped exponential backoff, or dead-letter when out of tries.
+
+        Returns False when the job was dead-lettered instead (its final failure).
+        """
         text = _error_text(error)
         policy = self.retry_policy
         if job.attempts + 1 >= policy.max_attempts:
             self.dead_letter(job, f"{text} (gave up after {job.attempts + 1} attempts)")
-            return
+            return False
         delay = policy.delay_s(job.attempts)
         retried = dict(job.payload)
         retried[ATTEMPTS_FIELD] = job.attempts + 1
@@ -312,11 +315,12 @@ class JobQueue:
         )
         if not moved:
             self._lost(job, "retry")
-            return
+            return True
         log_event(
             log, "job.retry", level=logging.WARNING, stage=self.stage, queue=job.queue,
             job=job.short_id, attempt=job.attempts + 1, delay_s=delay, error=text,
         )  # fmt: skip
+        return True
 
     def dead_letter(self, job: Job, error: str) -> None:
         """Move the job to queue:failed with why, where from and by whom."""

@@ -35,8 +35,7 @@ from pathlib import Path
 # Everyday sentences, plus a few short phrases so that two-second files are
 # possible. Phonetically balanced test sets (the Harvard sentences) were tried
 # first: tiny.en mishears their odd vocabulary ("birch canoe" -> "merch can"),
-# which measured the model's vocabulary rather than the pipeline. The last group
-# carries the demo policies' lexicon terms, so a realistic share gets flagged.
+# which measured the model's vocabulary rather than the pipeline.
 SENTENCES = (
     "Good morning.",
     "Thank you very much.",
@@ -60,6 +59,10 @@ SENTENCES = (
     "They are planning a trip to the mountains this summer.",
     "Please turn off the lights when you leave the room.",
     "This coffee is too hot to drink right now.",
+)
+# Sentences carrying the demo policies' lexicon terms; about FLAGGED_FILE_SHARE of
+# the files get one, so a realistic share of a batch is flagged.
+FLAGGED_SENTENCES = (
     "Your idea is garbage and everyone knows it.",
     "Take your trash and get out of my house.",
     "You are completely useless at this job.",
@@ -67,6 +70,7 @@ SENTENCES = (
     "If you come closer I will kick you.",
     "She fell off the ladder and broke her arm.",
 )
+FLAGGED_FILE_SHARE = 0.3
 VOICES = ("en-us", "en-gb", "en-gb-x-rp")  # espeak-ng voices tiny.en hears reliably
 SPEEDS_WPM = (150, 165, 180)  # espeak-ng -s, words per minute
 SECONDS_PER_WORD_PAD = 0.08  # espeak pauses at punctuation; planning estimate only
@@ -194,6 +198,8 @@ def _plan(n_files: int, seed: int, min_s: float, max_s: float) -> list[_FilePlan
         voice, speed = rng.choice(VOICES), rng.choice(SPEEDS_WPM)
         order = list(SENTENCES)
         rng.shuffle(order)
+        if rng.random() < FLAGGED_FILE_SHARE:
+            order.insert(0, rng.choice(FLAGGED_SENTENCES))
         chosen: list[str] = []
         total = LEAD_SILENCE_S * 2
         for sentence in order:

@@ -139,6 +139,10 @@ class Worker:
     def ready_to_claim(self) -> bool:
         return True
 
+    def on_job_failed(self, job: Job, error: BaseException) -> None:
+        """Called once a job is dead-lettered (permanent error or retries used up),
+        so a stage can record the failure where operators look (e.g. the batch row)."""
+
     def setup(self) -> None:
         """Load models and open what the handler needs, once per process."""
 
@@ -248,9 +252,17 @@ class Worker:
             log_event(self.log, "job.done", **fields, duration_s=duration_s)
         elif isinstance(error, PermanentJobError):
             self.queue.dead_letter(job, f"{type(error).__name__}: {error}")
+            self._final_failure(job, error)
         else:
             self.log.debug("job %s failed", job.short_id, exc_info=error)
-            self.queue.retry(job, error)
+            if not self.queue.retry(job, error):
+                self._final_failure(job, error)
+
+    def _final_failure(self, job: Job, error: BaseException) -> None:
+        try:
+            self.on_job_failed(job, error)
+        except Exception:  # a failing hook must not stop the worker; the job is dead-lettered
+            self.log.exception("on_job_failed hook failed for job %s", job.short_id)
 
     def _job_fields(self, job: Job) -> dict[str, Any]:
         fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}

@@ -326,6 +326,15 @@ class UnpackWorker(Worker):
             # come back for this batch's scratch, so clear it here.
             s3_utils.cleanup_scratch(batch_id, self.settings)
 
+    def on_job_failed(self, job: Job, error: BaseException) -> None:
+        # Permanent errors already failed the batch in process(); a transient error
+        # that used up its retries would otherwise leave the batch 'unpacking'.
+        if isinstance(error, PermanentJobError):
+            return
+        batch_id = job.payload.get("batch_id")
+        if isinstance(batch_id, str) and BATCH_ID_PATTERN.fullmatch(batch_id):
+            self._fail_batch(batch_id, f"gave up after {job.attempts + 1} attempts: {error}")
+
     def _fail_batch(self, batch_id: str, reason: str) -> None:
         with self.db.connection() as conn:
             batches.mark_unpack_failed(conn, batch_id, reason)

@@ -378,3 +378,25 @@ def test_kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
     assert sorted(p.name for p in scratch.iterdir()) == ["opus"]
     assert not [p for p in (scratch / "opus").rglob("*") if p.name.startswith(".")]
     assert dead_letters(redis_client) == []
+
+
+def test_a_dead_s3_service_is_retried_then_fails_the_batch_clearly(
+    pipeline_env, db_conn, redis_client
+):
+    # S3 pointed at a port nothing listens on: a transient error, retried with
+    # backoff; once the tries are used up the job is dead-lettered and the batch
+    # row says why, instead of staying 'unpacking' forever.
+    redis_client.rpush(QUEUE_UNPACK, unpack_job("b-dead-s3"))
+    out = run_drain(
+        pipeline_env, timeout=180, S3_ENDPOINT="http://127.0.0.1:9", QUEUE_MAX_ATTEMPTS="2",
+        QUEUE_RETRY_BASE_S="0.2", QUEUE_RETRY_CAP_S="0.5",
+    )  # fmt: skip
+    assert "job.retry" in out
+    [letter] = dead_letters(redis_client)
+    assert letter["stage"] == "unpack"
+    assert letter["attempts"] == 2
+    assert "gave up after 2 attempts" in letter["error"]
+    batch = batch_row(db_conn, "b-dead-s3")
+    assert batch["status"] == "failed"
+    assert "gave up after 2 attempts" in batch["error"]
+    assert not (Path(pipeline_env["SCRATCH_ROOT"]) / "b-dead-s3").exists()
