@@ -141,6 +141,8 @@ class Stack:
             "REDIS_HOST": "127.0.0.1",
             "REDIS_PORT": str(p.redis),
             "REDIS_PASSWORD": DEV_REDIS_PASSWORD,
+            # redis-cli reads this, so `redis-cli -p $REDIS_PORT LLEN queue:unpack` just works
+            "REDISCLI_AUTH": DEV_REDIS_PASSWORD,
             "POSTGRES_HOST": "127.0.0.1",
             "POSTGRES_PORT": str(p.postgres),
             "POSTGRES_DB": DEV_DB,
