@@ -82,7 +82,7 @@ def e2e_env(pipeline_env: dict[str, str], stack, tmp_path: Path) -> dict[str, st
         "WORKER_HEARTBEAT_INTERVAL_S": "1",
         "WORKER_HEARTBEAT_TTL_S": "4",
         "WORKER_REAPER_INTERVAL_S": "2",
-        "TRANSFER_POLL_INTERVAL_S": "1",
+        "TRANSFER_POLL_SECONDS": "1",
         "TRANSFER_STABLE_SECONDS": "1",
         "BATCH_SIZE": "4",
         "CLASSIFIER_BACKEND": "lexicon",
