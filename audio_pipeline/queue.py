@@ -184,12 +184,55 @@ end
 return #due
 """
 
-# Whole processing list back to the head of a queue, oldest item first in line.
-_RETURN_ALL_LUA = """
-local n = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do n = n + 1 end
-return n
+# A dead worker's whole processing list back to the head of a queue, oldest item
+# first in line. Dying mid-job counts as a try (a job that crashes its worker every
+# time, e.g. out of memory, must not loop forever): _attempts goes up by one, and a
+# job out of tries becomes a dead letter instead. A graceful hand-back (release)
+# does not come through here and costs no try.
+# KEYS: processing list, destination queue, queue:failed
+# ARGV: max attempts, attempts field, source queue, stage, worker, failed_at
+_RETURN_CRASHED_LUA = """
+local returned, failed = 0, 0
+while true do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  local ok, payload = pcall(cjson.decode, raw)
+  if ok and type(payload) == 'table' then
+    local tries = (tonumber(payload[ARGV[2]]) or 0) + 1
+    if tries >= tonumber(ARGV[1]) then
+      redis.call('RPUSH', KEYS[3], cjson.encode({
+        job = raw, queue = ARGV[3], stage = ARGV[4], worker = ARGV[5],
+        error = 'WorkerDied: the worker died while processing this job (' .. tries .. ' times)',
+        attempts = tries, failed_at = ARGV[6]}))
+      failed = failed + 1
+    else
+      payload[ARGV[2]] = tries
+      redis.call('LPUSH', KEYS[2], cjson.encode(payload))
+      returned = returned + 1
+    end
+  else
+    -- not JSON: the claiming worker dead-letters it with the parse error
+    redis.call('LPUSH', KEYS[2], raw)
+    returned = returned + 1
+  end
+end
+return {returned, failed}
 """
+
+
+def return_crashed(
+    script: Any, key: str, destination: str, source: str, worker_id: str, max_attempts: int
+) -> tuple[int, int]:
+    """Run _RETURN_CRASHED_LUA on one processing list: (returned, dead-lettered)."""
+    returned, failed = script(
+        keys=[key, destination, QUEUE_FAILED],
+        args=[max_attempts, ATTEMPTS_FIELD, source, worker_id.split(":", 1)[0], worker_id,
+              utc_now_iso()],
+    )  # fmt: skip
+    if failed:
+        log_event(log, "reaper.dead_lettered", level=logging.ERROR, worker=worker_id,
+                  source=source, jobs=int(failed))  # fmt: skip
+    return int(returned), int(failed)
 
 
 class JobQueue:
@@ -209,7 +252,7 @@ class JobQueue:
         self.retry_policy = retry_policy or RetryPolicy.from_env()
         self._settle = redis_client.register_script(_SETTLE_LUA)
         self._promote = redis_client.register_script(_PROMOTE_LUA)
-        self._return_all = redis_client.register_script(_RETURN_ALL_LUA)
+        self._return_crashed = redis_client.register_script(_RETURN_CRASHED_LUA)
 
     # -- producing -----------------------------------------------------------------
 
@@ -414,7 +457,8 @@ class JobQueue:
         pattern = processing_key(self.worker_id, "*")
         for key in self.redis.scan_iter(match=pattern, count=100):
             _, source = parse_processing_key(key)
-            n = int(self._return_all(keys=[key, source]))
+            n, _ = return_crashed(self._return_crashed, key, source, source, self.worker_id,
+                                  self.retry_policy.max_attempts)  # fmt: skip
             if n:
                 log_event(log, "worker.recovered", level=logging.WARNING, stage=self.stage,
                           queue=source, jobs=n)  # fmt: skip
@@ -423,19 +467,22 @@ class JobQueue:
 
     def reap(self) -> list[tuple[str, str, int]]:
         """Return the in-flight items of dead workers; see reap_dead_workers."""
-        return reap_dead_workers(self.redis, self._return_all)
+        return reap_dead_workers(self.redis, self._return_crashed, self.retry_policy.max_attempts)
 
 
 def reap_dead_workers(
-    redis_client: redis.Redis, return_all: Any | None = None
+    redis_client: redis.Redis, script: Any | None = None, max_attempts: int | None = None
 ) -> list[tuple[str, str, int]]:
     """Hand back the items of every processing list whose worker's heartbeat expired.
 
     Runs under a short lock so only one worker reaps at a time; returns
-    (worker_id, destination queue, items moved) for each list emptied, or [] when
-    another worker holds the lock.
+    (worker_id, destination queue, items returned) for each list emptied, or [] when
+    another worker holds the lock. A job whose worker died while holding it costs a
+    try; one out of tries goes to queue:failed instead (see _RETURN_CRASHED_LUA).
     """
-    script = return_all or redis_client.register_script(_RETURN_ALL_LUA)
+    script = script or redis_client.register_script(_RETURN_CRASHED_LUA)
+    if max_attempts is None:
+        max_attempts = RetryPolicy.from_env().max_attempts
     lock = redis_client.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_S, blocking=False)
     if not lock.acquire():
         return []
@@ -450,7 +497,7 @@ def reap_dead_workers(
             if redis_client.exists(heartbeat_key(worker_id)):
                 continue
             destination = reap_destination(source)
-            n = int(script(keys=[key, destination]))
+            n, _ = return_crashed(script, key, destination, source, worker_id, max_attempts)
             dead.add(worker_id)
             if n:
                 reaped.append((worker_id, destination, n))

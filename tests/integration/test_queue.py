@@ -263,3 +263,33 @@ def test_heartbeat_expires_and_unregister_cleans_up(redis_client):
     q.unregister()
     assert not redis_client.exists(heartbeat_key("qtest:h:9"))
     assert not redis_client.sismember(WORKERS_KEY, "qtest:h:9")
+
+
+def test_a_job_that_kills_its_worker_every_time_is_dead_lettered(redis_client):
+    # Each "crash": a worker claims the job and vanishes without a heartbeat. Every
+    # reap costs the job a try, so it cannot loop forever (FAST allows 3 tries).
+    redis_client.rpush(Q, json.dumps({"n": "poison"}))
+    for crash in range(1, FAST.max_attempts + 1):
+        victim = make_queue(redis_client, f"qtest:crashy:{crash}")
+        job = victim.claim([Q], timeout=0)
+        assert job is not None
+        assert job.attempts == crash - 1
+        assert job.payload == {"n": "poison"}  # the count never leaks into the payload
+        reap_dead_workers(redis_client, max_attempts=FAST.max_attempts)
+    assert redis_client.llen(Q) == 0
+    [letter] = [json.loads(x) for x in redis_client.lrange(QUEUE_FAILED, 0, -1)]
+    assert letter["attempts"] == FAST.max_attempts
+    assert letter["stage"] == "qtest"
+    assert letter["worker"] == f"qtest:crashy:{FAST.max_attempts}"
+    assert "died while processing" in letter["error"]
+    assert json.loads(letter["job"])["n"] == "poison"
+
+
+def test_one_crash_costs_one_try_and_keeps_the_payload(redis_client):
+    payload = {"audio_id": 7, "opus_path": "/data/scratch/b/x.opus", "batch_id": "b"}
+    redis_client.rpush(Q, json.dumps(payload))
+    make_queue(redis_client, "qtest:crashy:1").claim([Q], timeout=0)
+    assert reap_dead_workers(redis_client, max_attempts=5) == [("qtest:crashy:1", Q, 1)]
+    again = make_queue(redis_client, "qtest:h:2").claim([Q], timeout=0)
+    assert again.attempts == 1
+    assert again.payload == payload
