@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from audio_pipeline.config import ConfigError, _Env
+from audio_pipeline.config import ConfigError, EnvReader
 
 _A = TypeVar("_A")
 _R = TypeVar("_R")
@@ -96,7 +96,7 @@ class ArchiveLimits:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
         """UNPACK_MAX_MEMBERS, UNPACK_MAX_MEMBER_BYTES, UNPACK_MAX_TOTAL_BYTES."""
-        env = _Env(os.environ if environ is None else environ, production=False)
+        env = EnvReader(os.environ if environ is None else environ, production=False)
         limits = cls(
             max_members=env.int("UNPACK_MAX_MEMBERS", MAX_MEMBERS, minimum=1),
             max_member_bytes=env.int("UNPACK_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES, minimum=1),

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_pipeline.config import ConfigError, _Env
+from audio_pipeline.config import ConfigError, EnvReader
 
 OPUS_BITRATE = "24k"  # speech at 16 kHz mono; ASR accuracy is flat above ~16k
 OPUS_SAMPLE_RATE = 16_000  # Hz, what Whisper models consume
@@ -63,7 +63,7 @@ class AudioSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AudioSettings:
         """OPUS_BITRATE (e.g. 24k), UNPACK_FFMPEG_JOBS, UNPACK_FFMPEG_TIMEOUT_S."""
-        env = _Env(os.environ if environ is None else environ, production=False)
+        env = EnvReader(os.environ if environ is None else environ, production=False)
         bitrate = env.str("OPUS_BITRATE", OPUS_BITRATE)
         if not _valid_bitrate(bitrate):
             env.errors.append(f"OPUS_BITRATE={bitrate!r} is not a bitrate like 24k or 32000")

@@ -32,7 +32,7 @@ def host_transcribe_queue(host: str) -> str:
     return f"{QUEUE_TRANSCRIBE}:{host}"
 
 
-class _Env:
+class EnvReader:
     """Reads typed values from a mapping, collecting every problem before failing."""
 
     def __init__(self, environ: Mapping[str, str], production: bool) -> None:
@@ -145,7 +145,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """
     environ = os.environ if environ is None else environ
     app_env = environ.get("APP_ENV", "development").strip() or "development"
-    env = _Env(environ, production=app_env == "production")
+    env = EnvReader(environ, production=app_env == "production")
     settings = Settings(
         app_env=app_env,
         worker_host=env.str("WORKER_HOST", socket.gethostname()),

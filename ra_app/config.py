@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from audio_pipeline.config import ConfigError, _Env
+from audio_pipeline.config import ConfigError, EnvReader
 
 DEV_DATABASE_URL = "postgresql://ra_app:dev-ra-app@127.0.0.1:15432/audio_pipeline"
 DEV_SECRET_KEY = "dev-only-secret-key-not-for-production"  # noqa: S105
@@ -112,7 +112,7 @@ def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
     environ = os.environ if environ is None else environ
     app_env = environ.get("APP_ENV", "development").strip() or "development"
     production = app_env == "production"
-    env = _Env(environ, production=production)
+    env = EnvReader(environ, production=production)
     order_raw = env.str("RA_QUEUE_ORDER", QueueOrder.SCORE.value).lower()
     try:
         order = QueueOrder(order_raw)

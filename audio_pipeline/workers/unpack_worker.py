@@ -59,7 +59,7 @@ from audio_pipeline.audio import (
     convert_many,
     remove_stale_partials,
 )
-from audio_pipeline.config import QUEUE_UNPACK, ConfigError, Settings, _Env
+from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, Settings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import audio_files, batches
@@ -90,7 +90,7 @@ class UnpackSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> UnpackSettings:
         environ = os.environ if environ is None else environ
-        env = _Env(environ, production=False)
+        env = EnvReader(environ, production=False)
         max_queue = env.int("UNPACK_MAX_HOST_QUEUE", UNPACK_MAX_HOST_QUEUE, minimum=1)
         min_free = env.int("UNPACK_MIN_FREE_BYTES", UNPACK_MIN_FREE_BYTES, minimum=0)
         if env.errors:
