@@ -71,25 +71,30 @@ def _categorical(codebook: Codebook) -> list[str]:
     return [f.id for f in codebook.fields if f.type is not FieldType.TEXT]
 
 
-def double_coded_rows(classification_ids: list[int] | None = None) -> list[agreement.Coding]:
-    """Codings of the items that have at least two labels (optionally only some items)."""
-    only = "" if classification_ids is None else "WHERE classification_id = ANY(:ids)"
+def double_coded_rows(
+    codebook_version: str, classification_ids: list[int] | None = None
+) -> list[agreement.Coding]:
+    """Codings of the items with at least two labels under one codebook version
+    (optionally only some items). Labels made under another version of the codebook
+    answer other questions (options come and go), so they are never compared."""
+    only = "" if classification_ids is None else "AND classification_id = ANY(:ids)"
     rows = db.session.execute(
         text(f"""
         SELECT l.classification_id, u.username, l.answer
         FROM ra_labels l JOIN ra_users u ON u.id = l.user_id
-        WHERE l.classification_id IN (
-            SELECT classification_id FROM ra_labels {only}
+        WHERE l.codebook_version = :version AND l.classification_id IN (
+            SELECT classification_id FROM ra_labels WHERE codebook_version = :version {only}
             GROUP BY classification_id HAVING count(*) >= 2)
         ORDER BY l.classification_id, u.username
         """),  # noqa: S608 - the only interpolation is the fixed clause above
-        {"ids": classification_ids or []},
+        {"ids": classification_ids or [], "version": codebook_version},
     ).all()
     return agreement.rows_from_answers((r[0], r[1], r[2]) for r in rows)
 
 
 def agreement_figures(codebook: Codebook) -> agreement.AgreementReport:
-    rows = [r for r in double_coded_rows() if r.field in set(_categorical(codebook))]
+    categorical = set(_categorical(codebook))
+    rows = [r for r in double_coded_rows(codebook.version) if r.field in categorical]
     return agreement.agreement_report(rows, codebook)
 
 
@@ -110,17 +115,27 @@ def disagreement_page(codebook: Codebook, page: int, size: int) -> DisagreementP
         text("""
         SELECT l.classification_id, min(a.batch_id) AS batch_id
         FROM ra_labels l JOIN ra_assignments a ON a.id = l.assignment_id
+        WHERE l.codebook_version = :version
         GROUP BY l.classification_id
         HAVING count(*) >= 2 AND count(DISTINCT (l.answer - CAST(:text_fields AS text[]))) > 1
         ORDER BY l.classification_id
         LIMIT :limit OFFSET :offset
         """),
-        {"text_fields": text_fields, "limit": size + 1, "offset": (page - 1) * size},
+        {
+            "text_fields": text_fields,
+            "version": codebook.version,
+            "limit": size + 1,
+            "offset": (page - 1) * size,
+        },
     ).all()
     ids = [r.classification_id for r in found[:size]]
     by_item: dict[Any, list[agreement.Disagreement]] = {}
     categorical = set(_categorical(codebook))
-    rows = [r for r in double_coded_rows(ids) if r.field in categorical] if ids else []
+    rows = (
+        [r for r in double_coded_rows(codebook.version, ids) if r.field in categorical]
+        if ids
+        else []
+    )
     for d in agreement.disagreements(rows, codebook):
         by_item.setdefault(d.item_id, []).append(d)
     items = [

@@ -104,7 +104,9 @@ def test_api_ignores_session_cookies_and_refuses_expired_tokens(app: Flask) -> N
     assert client.post("/api/v1/next", headers=_auth(token)).status_code == 401
 
 
-def _label(app: Flask, cid: int, name: str, answer: dict[str, Any]) -> None:
+def _label(
+    app: Flask, cid: int, name: str, answer: dict[str, Any], codebook_version: str = "1"
+) -> None:
     """Store a finished assignment and label directly (the form path is tested elsewhere)."""
     with app.app_context():
         uid = db.session.execute(db.select(User.id).where(User.username == name)).scalar_one()
@@ -117,14 +119,20 @@ def _label(app: Flask, cid: int, name: str, answer: dict[str, Any]) -> None:
         db.session.execute(
             text("""INSERT INTO ra_labels (assignment_id, classification_id, user_id, answer,
                     time_on_task_ms, codebook_version)
-                    VALUES (:aid, :cid, :uid, CAST(:answer AS jsonb), 1000, '1')"""),
-            {"aid": aid, "cid": cid, "uid": uid, "answer": json.dumps(answer)},
+                    VALUES (:aid, :cid, :uid, CAST(:answer AS jsonb), 1000, :version)"""),
+            {
+                "aid": aid,
+                "cid": cid,
+                "uid": uid,
+                "answer": json.dumps(answer),
+                "version": codebook_version,
+            },
         )
         db.session.commit()
 
 
 def test_agreement_disagreements_progress_and_export(ra_env: dict[str, str], db_conn: Any) -> None:
-    ids = seed_items(db_conn, 4)
+    ids = seed_items(db_conn, 5)
     app = make_app({**ra_env, "RA_DOUBLE_CODED_SHARE": "1"})
     for name in ("ann", "bob"):
         add_user(app, name)
@@ -142,9 +150,13 @@ def test_agreement_disagreements_progress_and_export(ra_env: dict[str, str], db_
         from ra_app import assignment
 
         assignment.sync_queue()
-    for cid, a, b in zip(ids, ann, bob, strict=True):
+    for cid, a, b in zip(ids[:4], ann, bob, strict=True):
         _label(app, cid, "ann", {"violates": a, "severity": None, "categories": [], "notes": "x"})
         _label(app, cid, "bob", {"violates": b, "severity": None, "categories": [], "notes": "y"})
+    # labels under an older codebook (an option since removed) are never compared
+    old = ids[4]
+    _label(app, old, "ann", {"violates": "maybe"}, codebook_version="0")
+    _label(app, old, "bob", {"violates": "no"}, codebook_version="0")
 
     page = client.get("/admin/agreement").get_data(as_text=True)
     assert "0.500" in page
@@ -162,7 +174,7 @@ def test_agreement_disagreements_progress_and_export(ra_env: dict[str, str], db_
 
     dis = client.get("/admin/disagreements").get_data(as_text=True)
     assert f"/admin/items/{ids[1]}" in dis  # the one item they differ on ...
-    for cid in (ids[0], ids[2], ids[3]):  # ... notes differ everywhere but do not count
+    for cid in (ids[0], ids[2], ids[3], old):  # ... notes differ but do not count
         assert f"/admin/items/{cid}" not in dis
     assert "ann" in client.get(f"/admin/items/{ids[1]}").get_data(as_text=True)
 
@@ -174,8 +186,9 @@ def test_agreement_disagreements_progress_and_export(ra_env: dict[str, str], db_
     exported = client.get("/admin/export.csv")
     assert exported.headers["Content-Disposition"].endswith('ra_labels.csv"')
     rows = list(csv.DictReader(io.StringIO(exported.get_data(as_text=True))))
-    assert len(rows) == 8
+    assert len(rows) == 10  # export keeps every label, each with its codebook version
     assert {r["coder"] for r in rows} == {"ann", "bob"}
+    assert sorted(r["codebook_version"] for r in rows) == ["0", "0"] + ["1"] * 8
     assert rows[0]["rel_path"] == "calls/clip0000.mp3"
     assert rows[0]["coders_needed"] == "2"
     assert client.get("/admin/export.xml").status_code == 404
