@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from conftest import Fleet
 
 
-pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.integration]
+# The fixture converges three machines from bare Debian (cold: ~9 min for the
+# first run, pip installs included), beyond the suite's default 600 s timeout.
+pytestmark = [
+    pytest.mark.fleet,
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.timeout(1800),
+]
 
 SERVICES = {
     "orch": ["redis-server", "postgresql@15-main", "ra-app"],
