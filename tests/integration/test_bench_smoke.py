@@ -42,10 +42,11 @@ def test_asr_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
     r = run_bench("bench_asr.py", tmp_path / "asr.json", stack_env)
     assert r["corpus"]["clips"] >= 2
     assert r["corpus"]["audio_s"] > 0
-    for side in ("baseline", "candidate"):
+    for side in ("baseline", "candidate", "candidate_one_file_per_call"):
         assert r[side]["audio_s_per_s"] > 0
         assert 0.0 <= r[side]["wer"] <= 1.0
     assert r["speedup"] > 0
+    assert r["speedup_one_file_per_call"] > 0
     assert r["wer_delta"] == pytest.approx(r["candidate"]["wer"] - r["baseline"]["wer"], abs=1e-3)
 
 
