@@ -58,6 +58,7 @@ TARGET_P95_MS = 50.0
 # but meant to stay below the saturation point so latency is the app's own and not
 # the length of a queue (the report shows whether it did: compare req/s to flat out).
 THINK_MS = 1000
+SMOKE_THINK_MS = 200  # a smoke run is seconds long: enough to go round the loop
 SERVER_START_TIMEOUT_S = 60
 CSRF_FIELD = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 
@@ -214,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             health = run_wrk(port, "health", duration, sessions_file, work / "health")
             loop = run_wrk(port, "ra", duration, sessions_file, work / "ra")
-            paced = run_wrk(port, "ra", duration, sessions_file, work / "paced", THINK_MS)
+            think = SMOKE_THINK_MS if args.smoke else THINK_MS
+            paced = run_wrk(port, "ra", duration, sessions_file, work / "paced", think)
         finally:
             stop_server(server)
     hk = health["kinds"].get("health", {})
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{k['rps']:.0f} req/s",
                 f"p50 {k['p50_ms']:.1f} / p95 {k['p95_ms']:.1f} / p99 {k['p99_ms']:.1f} ms",
             )
-    report.row(f"worst p95, paced ({THINK_MS} ms think)", f"{p95_paced:.1f} ms",
+    report.row(f"worst p95, paced ({paced['think_ms']} ms think)", f"{p95_paced:.1f} ms",
                f"target < {TARGET_P95_MS} ms")  # fmt: skip
     report.write(args.out)
     return 0
