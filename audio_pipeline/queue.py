@@ -56,6 +56,10 @@ DEFAULT_MAX_ATTEMPTS = 5  # total tries of one job before it is dead-lettered
 DEFAULT_RETRY_BASE_S = 30.0  # first retry delay; doubles with every retry
 DEFAULT_RETRY_CAP_S = 900.0  # no retry waits longer than this
 BLOCK_SLICE_S = 1.0  # longest single BLMOVE; between slices other queues and retries are seen
+# While jobs flow, due retries are promoted at most this often, not on every claim: it
+# saves one of the four round trips per job (bench/bench_queue.py: 20-30 % per job).
+# Claims that find the queues empty always promote before they wait.
+PROMOTE_INTERVAL_S = 1.0
 PROMOTE_BATCH = 100  # due retries moved per promotion call
 REAPER_LOCK_S = 30.0  # a reaper that dies holding the lock blocks others this long at most
 ERROR_MAX_CHARS = 4000  # dead-letter error text kept (tracebacks can be huge)
@@ -253,6 +257,7 @@ class JobQueue:
         self._settle = redis_client.register_script(_SETTLE_LUA)
         self._promote = redis_client.register_script(_PROMOTE_LUA)
         self._return_crashed = redis_client.register_script(_RETURN_CRASHED_LUA)
+        self._promoted_at = float("-inf")  # monotonic time of claim()'s last promotion
 
     # -- producing -----------------------------------------------------------------
 
@@ -271,7 +276,9 @@ class JobQueue:
             raise ValueError("claim needs at least one queue")
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
-            self.promote_due()
+            promoted = time.monotonic() - self._promoted_at >= PROMOTE_INTERVAL_S
+            if promoted:
+                self._promote_for_claim()
             for queue in queues:
                 raw = self.redis.lmove(
                     queue, processing_key(self.worker_id, queue), "LEFT", "RIGHT"
@@ -282,6 +289,8 @@ class JobQueue:
                         return job
                     break  # a malformed item was removed; look again from the top
             else:
+                if not promoted and self._promote_for_claim():
+                    continue  # retries just came due: take them rather than wait
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
@@ -413,6 +422,10 @@ class JobQueue:
         )  # fmt: skip
 
     # -- delayed retries -----------------------------------------------------------
+
+    def _promote_for_claim(self) -> int:
+        self._promoted_at = time.monotonic()
+        return self.promote_due()
 
     def promote_due(self, now: float | None = None) -> int:
         """Move retries whose time has come back to their queues; returns how many."""
