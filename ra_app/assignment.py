@@ -114,6 +114,8 @@ def expire_abandoned() -> int:
         """)
     ).all()
     db.session.commit()
+    if rows:
+        db.session.expire_all()  # plain SQL changed rows this session may hold
     return sum(r.n for r in rows)
 
 
@@ -205,7 +207,12 @@ def lock_for_label(assignment_id: int, user: User) -> Assignment:
     or expired and its slot has since gone to another RA.
     """
     assignment = db.session.execute(
-        db.select(Assignment).where(Assignment.id == assignment_id).with_for_update(of=Assignment)
+        db.select(Assignment)
+        .where(Assignment.id == assignment_id)
+        .with_for_update(of=Assignment)
+        # The locked row, not a copy this session loaded before: sessions do not
+        # expire objects on commit (see extensions.py).
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if assignment is None or assignment.user_id != user.id:
         raise AssignmentError("no such assignment of yours")

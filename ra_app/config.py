@@ -28,6 +28,10 @@ SESSION_LIFETIME = 12 * 3600  # seconds a login lasts (one working day)
 API_TOKEN_DAYS = 30  # default lifetime of a bearer token, days
 LOGIN_RATE_LIMIT = "10 per minute;50 per hour"  # per client address, POSTs only
 PAGE_SIZE = 50  # rows per page in lists
+# Pooled connections are replaced after this many seconds instead of pinged on every
+# checkout (a SELECT 1 round trip per request); a connection that died meanwhile
+# fails that one request and is discarded by the pool.
+POOL_RECYCLE = 30 * 60
 
 
 class QueueOrder(StrEnum):
@@ -66,7 +70,7 @@ class RASettings:
             "ENV_NAME": self.app_env,
             "SECRET_KEY": self.secret_key,
             "SQLALCHEMY_DATABASE_URI": sqlalchemy_url(self.database_url),
-            "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+            "SQLALCHEMY_ENGINE_OPTIONS": {"pool_recycle": POOL_RECYCLE},
             "S3_ENDPOINT": self.s3_endpoint,
             "S3_ACCESS_KEY": self.s3_access_key,
             "S3_SECRET_KEY": self.s3_secret_key,

@@ -9,7 +9,10 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from flask_wtf.csrf import CSRFProtect
 
-db = SQLAlchemy()
+# No reload of every touched object after each commit (a SELECT per object on next
+# access): a request's objects stay as it wrote them. Code that changes ORM rows with
+# plain SQL expires them itself (assignment.expire_abandoned, lock_for_label).
+db = SQLAlchemy(session_options={"expire_on_commit": False})
 migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()
