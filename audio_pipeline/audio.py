@@ -5,6 +5,11 @@ UNPACK_FFMPEG_JOBS of them at once (default: every core). For a batch of many
 short files one process per core beats one multi-threaded ffmpeg per file: the
 MP3 decoder and Opus encoder barely parallelise, and process start-up overlaps.
 
+A conversion is that one process and nothing else: ffmpeg's own failure says an
+input is unreadable, and the output's duration is read from its Ogg pages (see
+``ogg_opus_duration``). An ffprobe before and after each file used to cost about
+as much as the conversion of a short clip.
+
 Every result says what happened to its file. A failure carries ffmpeg's own
 reason (the last lines of its stderr) and never stops the rest of the batch.
 Outputs are written under a temporary name and renamed into place, so a file
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,6 +46,18 @@ FFMPEG_SIGNALLED_EXIT = 255  # ffmpeg's exit status after it caught SIGTERM or S
 
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
+
+# Ogg Opus (RFC 3533, RFC 7845): the duration is the last page's granule position
+# (48 kHz samples, whatever the output rate) minus the OpusHead pre-skip.
+OPUS_GRANULE_RATE = 48_000  # Hz
+OGG_CAPTURE = b"OggS"
+OGG_HEADER = struct.Struct("<4sBBqII I B")  # capture, version, type, granule, serial, seq, crc, n
+OGG_TAIL_BYTES = 64 * 1024  # the last page of a 24 kbit/s stream is a few kB
+OPUS_HEAD = b"OpusHead"
+OPUS_HEAD_BYTES = 4096  # the first page (the OpusHead packet) is well inside this
+# ffmpeg's words when the input has no audio stream to convert. An input it cannot
+# open or parse at all is reported on a line starting with the input's path.
+_NO_AUDIO_STREAM = ("matches no streams", "does not contain any stream")
 
 
 class AudioError(Exception):
@@ -171,11 +189,14 @@ def convert_to_opus(
         proc = _run(opus_command(source, partial, bitrate), timeout_s, what="ffmpeg")
         _check_signalled(proc, "ffmpeg")
         if proc.returncode != 0:
-            raise AudioError(_tail(proc.stderr, source, partial) or f"exit {proc.returncode}")
+            reason = _tail(proc.stderr, source, partial) or f"exit {proc.returncode}"
+            if _input_fault(proc.stderr, source):
+                # Say plainly that the input is the problem (a text file named .mp3),
+                # not the converter, then give ffmpeg's own words.
+                raise AudioError(f"not a readable audio file: {reason}")
+            raise AudioError(f"ffmpeg failed: {reason}")
         try:
-            duration = probe(partial).duration_s
-        except ConversionInterrupted:
-            raise
+            duration = ogg_opus_duration(partial)
         except AudioError as exc:
             raise AudioError(f"ffmpeg produced no usable audio ({exc})") from None
         if duration <= 0:
@@ -187,17 +208,9 @@ def convert_to_opus(
 
 
 def convert_one(job: Conversion, settings: AudioSettings) -> ConversionResult:
-    """Probe, then convert one file; never raises for a bad file."""
+    """Convert one file; never raises for a bad file."""
     start = time.monotonic()
     try:
-        try:
-            probe(job.source)
-        except ConversionInterrupted:
-            raise
-        except AudioError as exc:
-            # Say plainly that the input is the problem (a text file named .mp3),
-            # not the converter, then give ffprobe's own words.
-            raise AudioError(f"not a readable audio file: {exc}") from None
         duration = convert_to_opus(
             job.source, job.output, settings.opus_bitrate, settings.timeout_s
         )
@@ -261,6 +274,54 @@ def remove_stale_partials(directory: Path) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def ogg_opus_duration(path: Path) -> float:
+    """Seconds of audio in an Ogg Opus file, from its first and last pages alone.
+
+    The last page's granule position counts 48 kHz samples from the stream's start,
+    pre-skip included (RFC 7845 section 4), so no decoder and no process is needed.
+    """
+    with path.open("rb") as f:
+        head = f.read(OPUS_HEAD_BYTES)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - OGG_TAIL_BYTES))
+        tail = f.read()
+    if not head.startswith(OGG_CAPTURE) or len(head) < OGG_HEADER.size:
+        raise AudioError("output is not an Ogg stream")
+    serial = OGG_HEADER.unpack_from(head)[4]
+    at = head.find(OPUS_HEAD, OGG_HEADER.size)
+    if at < 0 or len(head) < at + 12:
+        raise AudioError("output has no OpusHead")
+    pre_skip = int.from_bytes(head[at + 10 : at + 12], "little")
+    # The last page is the last capture pattern whose page ends exactly at the end of
+    # the file (a stray "OggS" inside packet data would not).
+    at = tail.rfind(OGG_CAPTURE)
+    while at >= 0:
+        if _is_last_page(tail, at, serial):
+            granule = OGG_HEADER.unpack_from(tail, at)[3]
+            return max(0, granule - pre_skip) / OPUS_GRANULE_RATE
+        at = tail.rfind(OGG_CAPTURE, 0, at)
+    raise AudioError("output has no complete last Ogg page")
+
+
+def _is_last_page(data: bytes, at: int, serial: int) -> bool:
+    if len(data) - at < OGG_HEADER.size:
+        return False
+    _, version, _, granule, page_serial, _, _, n_segments = OGG_HEADER.unpack_from(data, at)
+    table = data[at + OGG_HEADER.size : at + OGG_HEADER.size + n_segments]
+    if version != 0 or page_serial != serial or granule < 0 or len(table) < n_segments:
+        return False
+    return at + OGG_HEADER.size + n_segments + sum(table) == len(data)
+
+
+def _input_fault(stderr: str, source: Path) -> bool:
+    """Whether ffmpeg failed because of its input (as opposed to the output or host)."""
+    opened = f"{source}: "
+    return any(
+        line.startswith(opened) or any(phrase in line for phrase in _NO_AUDIO_STREAM)
+        for line in stderr.splitlines()
+    )
 
 
 def _check_signalled(proc: subprocess.CompletedProcess[str], what: str) -> None:

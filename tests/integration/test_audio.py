@@ -105,6 +105,39 @@ def test_failed_conversion_leaves_nothing_and_keeps_an_existing_output(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["fake.mp3", "fake.opus"]
 
 
+def test_an_input_without_audio_is_reported_as_unreadable(tmp_path):
+    image = tmp_path / "picture.mp3"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16",
+         "-frames:v", "1", "-f", "image2", str(image)],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*matches no streams"):
+        audio.convert_to_opus(image, tmp_path / "picture.opus")
+    assert not list(tmp_path.glob("*.opus"))
+
+
+@pytest.mark.parametrize("seconds", [0.5, 3.0, 17.3])
+def test_ogg_duration_agrees_with_ffprobe(tmp_path, seconds):
+    out = tmp_path / "t.opus"
+    duration = audio.convert_to_opus(tone_mp3(tmp_path / "t.mp3", seconds), out)
+    assert duration == pytest.approx(audio.probe(out).duration_s, abs=0.01)
+    assert duration == pytest.approx(seconds, abs=0.1)
+
+
+def test_ogg_duration_refuses_a_file_that_is_not_ogg_opus(tmp_path):
+    text = tmp_path / "x.opus"
+    text.write_bytes(b"OggS but not really" * 10)
+    with pytest.raises(audio.AudioError):
+        audio.ogg_opus_duration(text)
+    out = tmp_path / "t.opus"
+    audio.convert_to_opus(tone_mp3(tmp_path / "t.mp3", 2.0), out)
+    cut = tmp_path / "cut.opus"
+    cut.write_bytes(out.read_bytes()[:-10])  # last page incomplete
+    with pytest.raises(audio.AudioError, match="no complete last Ogg page"):
+        audio.ogg_opus_duration(cut)
+
+
 def test_timeout_is_a_clear_failure(tmp_path):
     src = tone_mp3(tmp_path / "t.mp3", 30.0)
     with pytest.raises(audio.AudioError, match=r"ffmpeg timed out after 0.01 s"):
@@ -137,7 +170,8 @@ def test_convert_many_reports_every_file_and_a_bad_one_does_not_stop_the_rest(tm
     bad = results["bad"]
     assert not bad.ok
     assert bad.duration_s is None
-    assert bad.error.startswith("not a readable audio file: ffprobe failed:")
+    # ffmpeg's own reason, after a plain statement that the input is the problem
+    assert bad.error.startswith("not a readable audio file: ")
     assert "really text.mp3" in bad.error
     assert not (tmp_path / "out" / "bad.opus").exists()
     assert results["cut"].ok is False or results["cut"].duration_s < 0.5
