@@ -26,6 +26,10 @@ from ra_app.extensions import db
 from ra_app.models import Assignment, AssignmentSource, AssignmentStatus, User
 
 SYNC_INTERVAL = 5.0  # seconds between incremental syncs of ra_queue, per app process
+# Seconds between sweeps for abandoned assignments on "Next item", per app process
+# (each sweep is an UPDATE and a commit); a claim that finds nothing open always
+# sweeps first, so a slot freed by expiry is never reported as "nothing left".
+EXPIRE_INTERVAL = 5.0
 # Classification ids are taken from a sequence, but transactions commit out of
 # order: re-read this many ids below the watermark so a late commit is not missed.
 SYNC_LOOKBACK_IDS = 1000
@@ -99,6 +103,7 @@ def maybe_sync_queue() -> None:
 
 def expire_abandoned() -> int:
     """Return the slots of abandoned queue assignments to the pool."""
+    current_app.extensions["ra_last_expire"] = time.monotonic()
     rows = db.session.execute(
         text("""
         WITH expired AS (
@@ -119,6 +124,12 @@ def expire_abandoned() -> int:
     return sum(r.n for r in rows)
 
 
+def maybe_expire_abandoned() -> None:
+    last = current_app.extensions.get("ra_last_expire")
+    if last is None or time.monotonic() - last >= EXPIRE_INTERVAL:
+        expire_abandoned()
+
+
 def _expiry() -> datetime:
     return datetime.now(UTC) + timedelta(seconds=current_app.config["RA_ASSIGNMENT_TTL"])
 
@@ -134,48 +145,58 @@ def current_assignment(user: User) -> Assignment | None:
 
 
 def claim(user: User) -> Assignment | None:
-    """Take one open slot for ``user`` in the study order, or None if none is left."""
+    """Take one open slot for ``user`` in the study order, or None if none is left.
+
+    One statement: pick and lock an open item, take its slot, record the assignment.
+    """
     order = _ORDER_SQL[QueueOrder(current_app.config["RA_QUEUE_ORDER"])]
-    row = db.session.execute(
-        text(f"""
-        SELECT i.classification_id, i.batch_id FROM ra_items i
-        WHERE i.open_slots > 0
-          AND NOT EXISTS (
-              SELECT 1 FROM ra_assignments a
-              WHERE a.classification_id = i.classification_id AND a.user_id = :uid
-                AND a.status IN ('assigned', 'done', 'skipped'))
-        ORDER BY {order}
-        LIMIT 1
-        FOR UPDATE OF i SKIP LOCKED
-        """),  # noqa: S608 - order is one of the fixed strings above
-        {"uid": user.id},
-    ).first()
-    if row is None:
-        db.session.rollback()
-        return None
-    db.session.execute(
-        text("UPDATE ra_items SET open_slots = open_slots - 1 WHERE classification_id = :cid"),
-        {"cid": row.classification_id},
-    )
-    assignment = Assignment(
-        classification_id=row.classification_id, user_id=user.id, batch_id=row.batch_id,
-        status=AssignmentStatus.ASSIGNED.value, source=AssignmentSource.QUEUE.value,
-        expires_at=_expiry(),
-    )  # fmt: skip
-    db.session.add(assignment)
+    claimed = db.session.execute(
+        db.select(Assignment).from_statement(
+            text(f"""
+            WITH picked AS (
+                SELECT i.classification_id FROM ra_items i
+                WHERE i.open_slots > 0
+                  AND NOT EXISTS (
+                      SELECT 1 FROM ra_assignments a
+                      WHERE a.classification_id = i.classification_id AND a.user_id = :uid
+                        AND a.status IN ('assigned', 'done', 'skipped'))
+                ORDER BY {order}
+                LIMIT 1
+                FOR UPDATE OF i SKIP LOCKED
+            ), taken AS (
+                UPDATE ra_items i SET open_slots = i.open_slots - 1
+                FROM picked WHERE i.classification_id = picked.classification_id
+                RETURNING i.classification_id, i.batch_id
+            )
+            INSERT INTO ra_assignments
+                (classification_id, user_id, batch_id, status, source, expires_at)
+            SELECT classification_id, :uid, batch_id, :status, :source, :expires FROM taken
+            RETURNING *
+            """)  # noqa: S608 - order is one of the fixed strings above
+        ),
+        {
+            "uid": user.id,
+            "status": AssignmentStatus.ASSIGNED.value,
+            "source": AssignmentSource.QUEUE.value,
+            "expires": _expiry(),
+        },
+    ).scalar_one_or_none()
     db.session.commit()
-    return assignment
+    return claimed
 
 
 def next_assignment(user: User) -> Assignment | None:
     """What "Next item" gives ``user``: the unfinished one, else a fresh claim."""
-    expire_abandoned()
+    maybe_expire_abandoned()
     current = current_assignment(user)
     if current is not None:
         touch(current)
         return current
     maybe_sync_queue()
-    return claim(user)
+    claimed = claim(user)
+    if claimed is None and expire_abandoned():
+        claimed = claim(user)
+    return claimed
 
 
 def touch(assignment: Assignment) -> None:
