@@ -193,7 +193,7 @@ def test_batch_flows_through_the_fleet(fleet: Fleet) -> None:
     while time.monotonic() < deadline:
         with psycopg.connect(pipeline_dsn) as conn:
             done = conn.execute(
-                "SELECT count(*) FROM transcripts t JOIN audio_files a USING (audio_id) "
+                "SELECT count(*) FROM transcripts t JOIN audio_files a ON a.id = t.audio_id "
                 "WHERE a.batch_id = %s",
                 (batch.batch_id,),
             ).fetchone()[0]
@@ -203,7 +203,7 @@ def test_batch_flows_through_the_fleet(fleet: Fleet) -> None:
     assert done == BATCH_FILES, _pipeline_logs(fleet)
     with psycopg.connect(pipeline_dsn) as conn:
         classified = conn.execute(
-            "SELECT count(*) FROM classifications c JOIN audio_files a USING (audio_id) "
+            "SELECT count(*) FROM classifications c JOIN audio_files a ON a.id = c.audio_id "
             "WHERE a.batch_id = %s",
             (batch.batch_id,),
         ).fetchone()[0]
