@@ -30,6 +30,10 @@ SYNC_INTERVAL = 5.0  # seconds between incremental syncs of ra_queue, per app pr
 # (each sweep is an UPDATE and a commit); a claim that finds nothing open always
 # sweeps first, so a slot freed by expiry is never reported as "nothing left".
 EXPIRE_INTERVAL = 5.0
+# A view of a queue assignment renews its hold only when the last renewal is at least
+# this old (seconds): the page shown right after a claim costs no UPDATE and commit,
+# and an RA on the item still holds it for at least the TTL minus this.
+TOUCH_MIN_AGE = 60.0
 # Classification ids are taken from a sequence, but transactions commit out of
 # order: re-read this many ids below the watermark so a late commit is not missed.
 SYNC_LOOKBACK_IDS = 1000
@@ -201,13 +205,22 @@ def next_assignment(user: User) -> Assignment | None:
 
 def touch(assignment: Assignment) -> None:
     """Keep a queue assignment alive while the RA is on it."""
-    if assignment.source == AssignmentSource.QUEUE.value:
-        assignment.expires_at = _expiry()
-        db.session.commit()
+    if assignment.source != AssignmentSource.QUEUE.value:
+        return
+    renewed = _expiry()
+    held = assignment.expires_at
+    if held is not None and (renewed - held).total_seconds() < TOUCH_MIN_AGE:
+        return
+    assignment.expires_at = renewed
+    db.session.commit()
 
 
-def skip(assignment: Assignment, user: User) -> None:
-    """Give the slot back to the pool; this RA will not be offered the item again."""
+def skip(assignment: Assignment, user: User, *, commit: bool = True) -> None:
+    """Give the slot back to the pool; this RA will not be offered the item again.
+
+    ``commit=False`` leaves the transaction open for the caller to commit, so that a
+    skip and the next claim can share one.
+    """
     if assignment.user_id != user.id:
         raise AssignmentError("not your assignment")
     if assignment.status != AssignmentStatus.ASSIGNED.value:
@@ -218,7 +231,8 @@ def skip(assignment: Assignment, user: User) -> None:
         text("UPDATE ra_items SET open_slots = open_slots + 1 WHERE classification_id = :cid"),
         {"cid": assignment.classification_id},
     )
-    db.session.commit()
+    if commit:
+        db.session.commit()
 
 
 def lock_for_label(assignment_id: int, user: User) -> Assignment:

@@ -43,9 +43,11 @@ def show(assignment_id: int) -> Any:
     editable = found.status == AssignmentStatus.ASSIGNED.value and found.user_id == current_user.id
     if editable:
         assignment.touch(found)
-    label = db.session.execute(
-        db.select(Label).where(Label.assignment_id == found.id)
-    ).scalar_one_or_none()
+    label = None
+    if found.status != AssignmentStatus.ASSIGNED.value:  # a label closes its assignment
+        label = db.session.execute(
+            db.select(Label).where(Label.assignment_id == found.id)
+        ).scalar_one_or_none()
     return render_template(
         "review.html", assignment=found, item=item, codebook=get_codebook(), editable=editable,
         answer=(label.answer if label else {}), errors={}, form=ActionForm(),
@@ -87,7 +89,7 @@ def skip(assignment_id: int) -> Any:
         flash("The form expired; try again.", "error")
         return redirect(url_for("review.show", assignment_id=assignment_id))
     try:
-        assignment.skip(found, current_user)
+        assignment.skip(found, current_user, commit=False)  # committed with the next claim
     except assignment.AssignmentError as exc:
         flash(str(exc), "error")
         return redirect(url_for("queue.index"))
@@ -96,6 +98,7 @@ def skip(assignment_id: int) -> Any:
 
 def _go_next() -> Any:
     got = assignment.next_assignment(current_user)
+    db.session.commit()  # whatever the caller left open (a skip); a no-op otherwise
     if got is None:
         flash("Saved. Nothing left to review right now. Thank you!", "info")
         return redirect(url_for("queue.index"))
