@@ -160,6 +160,8 @@ def write_inventory(
         gpu_worker_asr_model=ASR_MODEL,
         gpu_worker_classifier_backend="lexicon",
         gpu_worker_batch_size=8,
+        # the test volume is a 512 MiB loop device, far below production's 10 GiB floor
+        gpu_worker_unpack_min_free_bytes=50 * 2**20,
         gpu_worker_models_source="controller",
         gpu_worker_models_controller_dir=str(models_dir),
         gpu_worker_models=[ASR_MODEL],

@@ -110,7 +110,8 @@ def test_postgres_refuses_a_wrong_password(fleet: Fleet) -> None:
     base = f"host=127.0.0.1 port={fleet.postgres_port} dbname=audio_pipeline connect_timeout=5"
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(f"{base} user=pipeline password=wrong")
-    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+    # the superuser has no network entry in pg_hba at all: refused before any password
+    with pytest.raises(psycopg.OperationalError, match=r'no pg_hba\.conf entry .* user "postgres"'):
         psycopg.connect(f"{base} user=postgres password=wrong")
     with psycopg.connect(
         f"{base} user=pipeline password={fleet.secrets['vault_postgres_password']}"
