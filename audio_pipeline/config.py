@@ -61,15 +61,29 @@ class EnvReader:
             self.errors.append(f"{name}={value} is below the minimum {minimum}")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def float(
+        self, name: str, default: float, *, minimum: float | None = None,
+        above: float | None = None,
+    ) -> float:  # fmt: skip
+        """A number; ``minimum`` is inclusive, ``above`` exclusive (e.g. 0 for durations)."""
         raw = self.environ.get(name, "").strip()
         if not raw:
             return default
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             self.errors.append(f"{name}={raw!r} is not a number")
             return default
+        if minimum is not None and value < minimum:
+            self.errors.append(f"{name}={raw} is below the minimum {minimum}")
+        if above is not None and value <= above:
+            self.errors.append(f"{name}={raw} must be above {above}")
+        return value
+
+    def raise_if_errors(self) -> None:
+        """Stop with every problem found so far, each naming its variable."""
+        if self.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
 
     def bool(self, name: str, default: bool) -> bool:
         raw = self.environ.get(name, "").strip().lower()
@@ -167,6 +181,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         scratch_root=Path(env.str("SCRATCH_ROOT", "/tmp/scratch", required=True)),  # noqa: S108
         models_root=Path(env.str("MODELS_ROOT", "/tmp/models", required=True)),  # noqa: S108
     )
-    if env.errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
+    env.raise_if_errors()
     return settings

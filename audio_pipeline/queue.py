@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, EnvReader
 from audio_pipeline.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -112,25 +112,14 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
-        env = os.environ if environ is None else environ
-
-        def number(name: str, default: float, minimum: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a number") from None
-            if value < minimum:
-                raise ValueError(f"{name}={raw} is below the minimum {minimum}")
-            return value
-
-        return cls(
-            max_attempts=int(number("QUEUE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1)),
-            base_s=number("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, 0),
-            cap_s=number("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, 0),
+        env = EnvReader(os.environ if environ is None else environ, production=False)
+        policy = cls(
+            max_attempts=env.int("QUEUE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1),
+            base_s=env.float("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, minimum=0),
+            cap_s=env.float("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, minimum=0),
         )
+        env.raise_if_errors()
+        return policy
 
     def delay_s(self, retries_so_far: int) -> float:
         return min(self.cap_s, self.base_s * (2**retries_so_far))

@@ -30,7 +30,7 @@ from typing import Any
 import redis
 from psycopg_pool import ConnectionPool
 
-from audio_pipeline.config import ConfigError, Settings, load_settings
+from audio_pipeline.config import ConfigError, EnvReader, Settings, load_settings
 from audio_pipeline.logs import configure_logging, log_event
 from audio_pipeline.queue import Job, JobQueue, PermanentJobError, utc_now_iso
 from audio_pipeline.redis_conn import get_redis
@@ -65,16 +65,10 @@ class ShutdownForced(BaseException):
     """
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw} must be positive")
+def _env_seconds(name: str, default: float) -> float:
+    env = EnvReader(os.environ, production=False)
+    value = env.float(name, default, above=0)
+    env.raise_if_errors()
     return value
 
 
@@ -101,11 +95,11 @@ class Worker:
         self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
         self.redis: redis.Redis = get_redis(self.settings)
         self.queue = JobQueue(self.redis, self.worker_id, self.stage)
-        self.heartbeat_interval_s = _env_float(
+        self.heartbeat_interval_s = _env_seconds(
             "WORKER_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_INTERVAL_S
         )
-        self.heartbeat_ttl_s = _env_float("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S)
-        self.reaper_interval_s = _env_float("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S)
+        self.heartbeat_ttl_s = _env_seconds("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S)
+        self.reaper_interval_s = _env_seconds("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S)
         self.stopping = False
         self.exit_code = 0  # a subclass sets 1 when --once/--drain could not do its work
         self.state = WorkerState.STARTING

@@ -46,7 +46,7 @@ from audio_pipeline.classify import (
     TextSegment,
     load_classifier,
 )
-from audio_pipeline.config import QUEUE_TRANSCRIBE, ConfigError
+from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import results as records
@@ -59,16 +59,9 @@ FETCHED_DIR = "fetched"  # under SCRATCH_ROOT/{batch_id}: Opus files pulled from
 
 
 def batch_size_from_env(environ: Mapping[str, str] | None = None) -> int:
-    env = os.environ if environ is None else environ
-    raw = env.get("BATCH_SIZE", "").strip()
-    if not raw:
-        return DEFAULT_BATCH_SIZE
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"BATCH_SIZE={raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigError(f"BATCH_SIZE={value} is below the minimum 1")
+    env = EnvReader(os.environ if environ is None else environ, production=False)
+    value = env.int("BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1)
+    env.raise_if_errors()
     return value
 
 

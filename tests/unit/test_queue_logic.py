@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from audio_pipeline.config import ConfigError
 from audio_pipeline.logs import format_fields, log_event
 from audio_pipeline.queue import (
     Job,
@@ -52,9 +53,9 @@ def test_reap_destination_moves_host_queues_to_the_shared_one():
 def test_retry_policy_reads_env_and_rejects_nonsense():
     policy = RetryPolicy.from_env({"QUEUE_MAX_ATTEMPTS": "2", "QUEUE_RETRY_BASE_S": "0.5"})
     assert (policy.max_attempts, policy.base_s, policy.cap_s) == (2, 0.5, 900.0)
-    with pytest.raises(ValueError, match="QUEUE_RETRY_CAP_S='soon' is not a number"):
+    with pytest.raises(ConfigError, match="QUEUE_RETRY_CAP_S='soon' is not a number"):
         RetryPolicy.from_env({"QUEUE_RETRY_CAP_S": "soon"})
-    with pytest.raises(ValueError, match="QUEUE_MAX_ATTEMPTS=0 is below the minimum"):
+    with pytest.raises(ConfigError, match="QUEUE_MAX_ATTEMPTS=0 is below the minimum"):
         RetryPolicy.from_env({"QUEUE_MAX_ATTEMPTS": "0"})
 
 
