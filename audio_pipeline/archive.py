@@ -13,7 +13,10 @@ checked before a single byte is written:
   the batch past the total.
 
 Python's own ``tarfile`` ``data`` filter is consulted for every member as well
-(defence in depth); our policy is stricter than it (it allows links).
+(defence in depth) where the interpreter has it; our policy is stricter than it
+(it allows links) and stands alone where it is missing: PEP 706 filters arrived
+in CPython 3.11.4, and Debian 12's python3.11 (3.11.2, what the fleet's hosts
+run) does not carry them.
 
 Policy choice: one unsafe member rejects the WHOLE archive. Skipping the bad
 member and extracting the rest would hide an attack or a broken producer
@@ -56,6 +59,10 @@ MAX_MEMBER_BYTES = 2 * 1024**3  # bytes declared by one member (2 GiB)
 MAX_TOTAL_BYTES = 30 * 1024**3  # bytes declared by all members together (30 GiB)
 MAX_NAME_COMPONENT_BYTES = 255  # NAME_MAX of ext4/xfs
 COPY_CHUNK = 1024 * 1024  # bytes per read while writing a member
+# None on Python < 3.11.4 (Debian 12's system python3): see the module docstring.
+_DATA_FILTER: Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None] | None = getattr(
+    tarfile, "data_filter", None
+)
 
 AUDIO_SUFFIXES = frozenset({".mp3"})  # compared case-insensitively
 PARTIAL_SUFFIX = ".partial"
@@ -294,8 +301,10 @@ def _check_type(member: tarfile.TarInfo) -> None:
 
 
 def _check_data_filter(member: tarfile.TarInfo, dest: Path) -> None:
+    if _DATA_FILTER is None:
+        return
     try:
-        tarfile.data_filter(member, str(dest))
+        _DATA_FILTER(member, str(dest))
     except tarfile.FilterError as exc:
         raise UnsafeArchiveError(
             f"member {member.name!r} refused by tarfile's filter: {exc}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import malicious_tars as bad
 import pytest
 
+from audio_pipeline import archive
 from audio_pipeline.archive import (
     ArchiveError,
     ArchiveLimitError,
@@ -42,6 +43,17 @@ ODD_NAMES = [
 
 def snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(autouse=True, params=["stdlib-data-filter", "no-data-filter"])
+def tarfile_filters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case runs twice: with tarfile's data filter, and without it as on
+    Debian 12's python3.11 (3.11.2), which the fleet's hosts run; our own checks
+    must refuse every unsafe archive on their own."""
+    if request.param == "no-data-filter":
+        monkeypatch.setattr(archive, "_DATA_FILTER", None)
+    elif archive._DATA_FILTER is None:
+        pytest.skip("this interpreter's tarfile has no data filter (Python < 3.11.4)")
 
 
 @pytest.fixture
