@@ -231,3 +231,25 @@ def _pipeline_logs(fleet: Fleet) -> str:
                 .stdout
             )
     return "\n".join(out)
+
+
+def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
+    """A stopped worker and a dead letter each make the health check fail, by name."""
+    dead_letter = json.dumps(
+        {"job": {"batch_id": "health-probe"}, "queue": "queue:unpack", "stage": "unpack",
+         "worker": "test", "error": "probe", "attempts": 1, "failed_at": "2026-01-01T00:00:00Z"}
+    )  # fmt: skip
+    pushed = fleet.adhoc("orchestrator", "-a", f"redis-cli RPUSH queue:failed '{dead_letter}'")
+    assert pushed.returncode == 0, pushed.describe()
+    stopped = fleet.adhoc("transfer", "-a", "systemctl stop transfer-worker")
+    assert stopped.returncode == 0, stopped.describe()
+    try:
+        health = fleet.playbook("health-check.yml")
+        assert health.returncode != 0, health.describe()
+        assert "transfer-01: transfer-worker is inactive" in health.output, health.describe()
+        assert "1 failed job(s) in queue:failed" in health.output, health.describe()
+    finally:
+        fleet.adhoc("transfer", "-a", "systemctl start transfer-worker")
+        fleet.adhoc("orchestrator", "-a", "redis-cli DEL queue:failed")
+    healthy = fleet.playbook("health-check.yml")
+    assert healthy.returncode == 0, healthy.describe()
