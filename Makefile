@@ -68,6 +68,7 @@ BENCHES := bench_asr bench_pipeline bench_unpack bench_queue bench_ra
 bench: deps  ## all benchmarks at full size (minutes; run on a quiet machine): tables + .bench/*.json
 	$(BIN)/devstack up > /dev/null
 	@for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
+	$(BIN)/python bench/bench_asr.py --corpus short
 
 bench-smoke: deps  ## all benchmarks at their tiny CI size
 	$(BIN)/devstack up > /dev/null

@@ -1,9 +1,11 @@
 """ASR throughput: the gpu worker's batched Transcriber against a file-by-file loop.
 
-    .venv/bin/python bench/bench_asr.py [--smoke] [--out PATH]
+    .venv/bin/python bench/bench_asr.py [--corpus mixed|short] [--smoke] [--out PATH]
 
-Corpus: espeak-ng speech clips of 3-30 s (audio_pipeline.sample), converted to
-Opus exactly as the unpack worker does, with the spoken text as the reference.
+Corpus: espeak-ng speech clips (audio_pipeline.sample) of 3-30 s (``mixed``, the
+default) or 2-8 s (``short``, the case the issue's 2.5x target is stated for),
+converted to Opus exactly as the unpack worker does, with the spoken text as
+the reference. ``short`` writes its report as ``asr-short``.
 
 - candidate: ``load_transcriber`` with the gpu worker's settings (ASR_* from the
   environment, defaults otherwise), fed BATCH_SIZE files per ``transcribe_many``
@@ -22,6 +24,7 @@ shared 30 s windows adds on top of VAD + the batched pipeline.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -41,8 +44,11 @@ from audio_pipeline.workers.gpu_worker import batch_size_from_env
 
 FULL_CLIPS = 60  # the issue asks for at least 60
 SMOKE_CLIPS = 6
-MIN_CLIP_S, MAX_CLIP_S = 3.0, 30.0
-SMOKE_MAX_CLIP_S = 8.0
+# Two corpora: "mixed" (3-30 s, what issue 6 item 1 prescribes) and "short" (2-8 s,
+# the short-clip case its target is stated for, where file-by-file calls waste most
+# of each 30 s window). The smoke size is a few short clips.
+CORPORA = {"mixed": (3.0, 30.0), "short": (2.0, 8.0)}
+SMOKE_CLIP_S = (3.0, 8.0)
 CORPUS_SEED = 6
 TARGET_SPEEDUP = 2.5
 TARGET_WER_LOSS = 0.01  # at most one point of WER worse than the baseline
@@ -57,8 +63,10 @@ def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     return round(float(jiwer.wer(refs, hyps)), 4)
 
 
-def make_corpus(work: Path, n_clips: int, max_s: float) -> tuple[list[Path], list[str]]:
-    batch, mp3s = benchlib.speech_corpus(work, n_clips, CORPUS_SEED, MIN_CLIP_S, max_s)
+def make_corpus(
+    work: Path, n_clips: int, min_s: float, max_s: float
+) -> tuple[list[Path], list[str]]:
+    batch, mp3s = benchlib.speech_corpus(work, n_clips, CORPUS_SEED, min_s, max_s)
     jobs = [Conversion(rel, mp3, work / "opus" / f"{i:04d}.opus") for i, (rel, mp3) in
             enumerate(sorted(mp3s.items()))]  # fmt: skip
     results = {r.key: r for r in convert_many(jobs, AudioSettings())}
@@ -70,15 +78,22 @@ def make_corpus(work: Path, n_clips: int, max_s: float) -> tuple[list[Path], lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = benchlib.parse_args(__doc__.split("\n\n")[0], argv)
-    report = benchlib.Report("asr", args.smoke)
+    def corpus_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--corpus", choices=sorted(CORPORA), default="mixed",
+            help="clip lengths: mixed 3-30 s (default) or short 2-8 s",
+        )  # fmt: skip
+
+    args = benchlib.parse_args(__doc__.split("\n\n")[0], argv, corpus_option)
+    report_name = "asr" if args.corpus == "mixed" else f"asr-{args.corpus}"
+    report = benchlib.Report(report_name, args.smoke)
     n_clips = SMOKE_CLIPS if args.smoke else FULL_CLIPS
-    max_s = SMOKE_MAX_CLIP_S if args.smoke else MAX_CLIP_S
+    min_s, max_s = SMOKE_CLIP_S if args.smoke else CORPORA[args.corpus]
     settings = AsrSettings.from_env()
     batch_size = batch_size_from_env()
     with tempfile.TemporaryDirectory(prefix="bench-asr-") as tmp:
         work = Path(tmp)
-        paths, texts = make_corpus(work, n_clips, max_s)
+        paths, texts = make_corpus(work, n_clips, min_s, max_s)
         models = work / "models"
         install_whisper(models)
         transcriber = load_transcriber(models, settings)
@@ -136,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.data.update(
         {
             "corpus": {
-                "clips": len(paths), "audio_s": round(audio_s, 1),
-                "clip_s_range": [MIN_CLIP_S, max_s], "mean_clip_s": round(audio_s / len(paths), 2),
+                "name": args.corpus, "clips": len(paths), "audio_s": round(audio_s, 1),
+                "clip_s_range": [min_s, max_s],
+                "mean_clip_s": round(audio_s / len(paths), 2),
                 "source": "espeak-ng via audio_pipeline.sample, Opus 16 kHz mono",
             },
             "settings": {
