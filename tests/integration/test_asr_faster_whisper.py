@@ -13,7 +13,13 @@ from pathlib import Path
 import jiwer
 import pytest
 
-from audio_pipeline.asr import AsrDevice, AsrSettings, AudioDecodeError, load_transcriber
+from audio_pipeline.asr import (
+    AsrDevice,
+    AsrSettings,
+    AudioDecodeError,
+    decode_file,
+    load_transcriber,
+)
 from audio_pipeline.dev_models import install_whisper
 
 # Measured on this machine (tiny.en int8, beam 5, espeak-ng at 160 wpm): overall WER
@@ -136,3 +142,27 @@ def test_undecodable_files_are_named_before_any_model_work(transcriber, clips, t
 
 def test_empty_input_needs_no_model_call(transcriber) -> None:
     assert transcriber.transcribe_many([]) == []
+
+
+def test_decoder_matches_faster_whispers_and_keeps_a_cut_files_audio(clips, tmp_path) -> None:
+    """decode_file is faster-whisper's decode_audio without its per-file gc.collect:
+    the same samples (to s16 rounding), and a file cut short still gives its audio."""
+    import numpy as np
+    from faster_whisper.audio import decode_audio
+
+    clip = clips["three.opus"]
+    ours = decode_file(clip)
+    theirs = decode_audio(str(clip), sampling_rate=16_000)
+    assert ours.dtype == np.float32
+    assert len(ours) == len(theirs)
+    assert float(np.abs(ours - theirs).max()) < 1e-4
+
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.opus"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    partial = decode_file(cut)
+    assert len(theirs) // 3 < len(partial) < len(theirs)
+    # The same samples up to where the cut file ends (the resampler's flush at the
+    # end differs by its filter's length).
+    same = len(partial) - 256
+    assert float(np.abs(partial[:same] - ours[:same]).max()) < 1e-4
