@@ -4,7 +4,8 @@
 -- BENCH_MODE=ra     : the RA's loop: POST /next once, then GET /review/<id> -> POST
 --                      /review/<id>/skip (frees the slot and hands out the next item,
 --                      302 to its page, as answering does) -> GET /review/<next> ...
--- BENCH_THINK_MS=N   : wait N ms between an answer and the next request (0: flat out)
+-- BENCH_THINK_MS=N   : wait N ms on average between an answer and the next request
+--                      (0: flat out), drawn uniformly from 0.5N-1.5N per request
 --
 -- Sessions come from BENCH_SESSIONS (a file, one "cookie<TAB>csrf_token" line per
 -- thread, logged in beforehand). Every response is written to BENCH_OUT/lat-<n>.txt
@@ -28,6 +29,10 @@ local counter = 0
 function setup(thread)
   counter = counter + 1
   thread:set("tid", counter)
+end
+
+function init(args)
+  math.randomseed(tid) -- each RA its own, reproducible, think times
 end
 
 local mode = os.getenv("BENCH_MODE") or "health"
@@ -81,9 +86,12 @@ function request()
   return form("/next")
 end
 
--- Paced runs: a client waits think_ms after each answer before its next request.
+-- Paced runs: a client waits about think_ms after each answer before its next
+-- request. A fixed wait would keep all 32 clients in step from their common start,
+-- so every request would arrive in a burst of 32 (people don't click in unison).
 function delay()
-  return think_ms
+  if think_ms == 0 then return 0 end
+  return think_ms * (0.5 + math.random())
 end
 
 function response(status, headers, body)
