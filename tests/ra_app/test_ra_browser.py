@@ -136,7 +136,11 @@ def server(
 
 def _login_by_keyboard(page: Any, url: str, name: str) -> None:
     page.goto(f"{url}/login")
-    page.keyboard.type(name)  # the username box has autofocus
+    # The username box has autofocus, which Chromium applies at a rendering step
+    # that can come after the load event on a busy machine: typing before it lands
+    # sends the keys nowhere (seen in CI as a failed login).
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'username'")
+    page.keyboard.type(name)
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")
