@@ -62,7 +62,8 @@ TARGET_P95_MS = 50.0
 # clicking once a second each, several times busier than people reading transcripts,
 # but meant to stay below the saturation point so latency is the app's own and not
 # the length of a queue (the report shows whether it did: compare req/s to flat out).
-THINK_MS = 1000  # mean; ra_loop.lua draws each wait from 0.5-1.5x, so RAs don't click in step
+THINK_MS = 1000  # mean wait; each is drawn from THINK_SPREAD times it, so RAs don't click in step
+THINK_SPREAD = (0.5, 1.5)
 SMOKE_THINK_MS = 200  # a smoke run is seconds long: enough to go round the loop
 SERVER_START_TIMEOUT_S = 60
 CSRF_FIELD = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
@@ -168,7 +169,8 @@ def run_wrk(
         ["wrk", f"-t{CLIENTS}", f"-c{CLIENTS}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
          "-s", str(LUA), f"http://127.0.0.1:{port}"],
         env={**os.environ, "BENCH_MODE": mode, "BENCH_SESSIONS": str(sessions_file),
-             "BENCH_OUT": str(out), "BENCH_THINK_MS": str(think_ms)},
+             "BENCH_OUT": str(out), "BENCH_THINK_MS": str(think_ms),
+             "BENCH_THINK_SPREAD": " ".join(map(str, THINK_SPREAD))},
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     wall = time.perf_counter() - started
@@ -194,7 +196,7 @@ def run_wrk(
     }
     total = sum(k["requests"] for k in kinds.values())
     return {
-        "duration_s": duration_s, "think_ms": think_ms, "think_spread": [0.5, 1.5],
+        "duration_s": duration_s, "think_ms": think_ms, "think_spread": list(THINK_SPREAD),
         "wall_s": round(wall, 2),
         "requests": total, "rps": round(total / duration_s, 1),
         "timeouts": int(timeouts.group(1)) if timeouts else 0, "kinds": kinds,

@@ -5,7 +5,8 @@
 --                      /review/<id>/skip (frees the slot and hands out the next item,
 --                      302 to its page, as answering does) -> GET /review/<next> ...
 -- BENCH_THINK_MS=N   : wait N ms on average between an answer and the next request
---                      (0: flat out), drawn uniformly from 0.5N-1.5N per request
+--                      (0: flat out), drawn uniformly per request from LO*N to HI*N
+--                      with BENCH_THINK_SPREAD="LO HI" (bench_ra.THINK_SPREAD)
 --
 -- Sessions come from BENCH_SESSIONS (a file, one "cookie<TAB>csrf_token" line per
 -- thread, logged in beforehand). Every response is written to BENCH_OUT/lat-<n>.txt
@@ -37,6 +38,8 @@ end
 
 local mode = os.getenv("BENCH_MODE") or "health"
 local think_ms = tonumber(os.getenv("BENCH_THINK_MS") or "0")
+local spread_lo, spread_hi = (os.getenv("BENCH_THINK_SPREAD") or "1 1"):match("^(%S+) (%S+)$")
+spread_lo, spread_hi = tonumber(spread_lo), tonumber(spread_hi)
 local user_agent = "ra-bench"
 local out, cookie, csrf_body
 local state, assignment, kind, started = "next", nil, nil, 0
@@ -91,7 +94,7 @@ end
 -- so every request would arrive in a burst of 32 (people don't click in unison).
 function delay()
   if think_ms == 0 then return 0 end
-  return think_ms * (0.5 + math.random())
+  return think_ms * (spread_lo + (spread_hi - spread_lo) * math.random())
 end
 
 function response(status, headers, body)
