@@ -1,8 +1,11 @@
 """Speech recognition backends: many files in, one transcript per file out.
 
-The gpu worker hands a whole claimed batch to ``Transcriber.transcribe_many`` so
-the model sees several files per call. That matters most for short clips: Whisper
-always decodes a 30 s window, so a 3 s clip sent alone pays for 27 s of padding.
+The gpu worker hands a whole claimed batch to one Transcriber call so the model
+sees several files per call. That matters most for short clips: Whisper always
+decodes a 30 s window, so a 3 s clip sent alone pays for 27 s of padding. A call
+is two steps, ``prepare`` (decode, VAD, packing: CPU only) and
+``transcribe_prepared`` (the model), so the worker can prepare its next claim
+while the model works on this one; ``transcribe_many`` does both in turn.
 
 Backends (``ASR_BACKEND``):
 
@@ -28,12 +31,13 @@ import gc
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from audio_pipeline.config import ConfigError
 
@@ -187,18 +191,69 @@ class Transcript:
         ]
 
 
-class Transcriber(Protocol):
-    """A loaded ASR model. One instance per process; load once, call many times."""
+@dataclass(frozen=True)
+class PreparedAudio:
+    """A batch decoded and cut for the model: everything before the model call.
+
+    ``Transcriber.prepare`` builds it with CPU work only (decode, VAD, packing), so
+    the gpu worker can prepare its next claim in a side thread while the model runs
+    on this one. ``inputs`` is backend-specific.
+    """
+
+    paths: tuple[Path, ...]
+    durations: tuple[float, ...]  # seconds of audio per file
+    inputs: tuple[Any, ...]
+    prepare_seconds: float
+
+
+class Transcriber(ABC):
+    """A loaded ASR model. One instance per process; load once, call many times.
+
+    Transcription is two steps so they can overlap across batches: ``prepare``
+    (decode, no model; safe to run in another thread while ``transcribe_prepared``
+    runs) and ``transcribe_prepared`` (the model). ``transcribe_many`` does both.
+    """
 
     model_name: str
     backend: str
+
+    @abstractmethod
+    def prepare(self, paths: Sequence[Path]) -> PreparedAudio:
+        """Decode ``paths``; raises AudioDecodeError naming every file that failed."""
+
+    @abstractmethod
+    def transcribe_prepared(self, prepared: PreparedAudio) -> list[Transcript]:
+        """Transcripts in the order of ``prepared.paths``."""
 
     def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
         """Transcripts in the order of ``paths``.
 
         Raises AudioDecodeError (before any model work) when files cannot be decoded.
         """
-        ...
+        return self.transcribe_prepared(self.prepare(paths))
+
+    def _transcripts(
+        self,
+        prepared: PreparedAudio,
+        model_seconds: float,
+        results: Sequence[tuple[list[Segment], str | None, float | None]],
+    ) -> list[Transcript]:
+        """One Transcript per file; processing time is shared out by audio length."""
+        elapsed = prepared.prepare_seconds + model_seconds
+        total_audio = sum(prepared.durations) or 1.0
+        return [
+            Transcript(
+                text=" ".join(s.text for s in segs).strip(),
+                language=language,
+                language_probability=probability,
+                segments=segs,
+                audio_seconds=round(dur, 3),
+                processing_seconds=round(elapsed * dur / total_audio, 4),
+                model=self.model_name,
+                backend=self.backend,
+            )
+            for (segs, language, probability), dur in zip(results, prepared.durations, strict=True)
+        ]
 
 
 def resolve_device(device: AsrDevice | str) -> str:
@@ -350,6 +405,21 @@ def pack_speech(audios: Sequence[Any]) -> tuple[Any, list[_Piece], list[tuple[in
     return packed, pieces, windows
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """The packed speech of some files, as ``pack_speech`` lays it out."""
+
+    audio: Any
+    pieces: list[_Piece]
+    windows: list[tuple[int, int]]
+    files: int
+
+    @classmethod
+    def of(cls, audios: Sequence[Any]) -> _Packed:
+        audio, pieces, windows = pack_speech(audios)
+        return cls(audio, pieces, windows, len(audios))
+
+
 class _Unpacker:
     """Maps times in the packed array back to files and times within them."""
 
@@ -400,7 +470,7 @@ def split_segment(seg: Any, unpacker: _Unpacker) -> dict[int, Segment]:
     }
 
 
-class FasterWhisperTranscriber:
+class FasterWhisperTranscriber(Transcriber):
     """faster-whisper's BatchedInferencePipeline over the packed speech of many files."""
 
     backend = AsrBackend.FASTER_WHISPER.value
@@ -425,56 +495,55 @@ class FasterWhisperTranscriber:
             self.backend, path, device, self.compute_type,
         )  # fmt: skip
 
-    def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
-        if not paths:
-            return []
+    def prepare(self, paths: Sequence[Path]) -> PreparedAudio:
         started = time.perf_counter()
         audios = decode_many(paths)
-        if self.settings.language == LANGUAGE_AUTO and self.model.model.is_multilingual:
+        if self._language() is None:
             # The batched pipeline detects one language per call, and files may differ.
-            results = [self._transcribe_packed([a], None) for a in audios]
-            segments_per_file = [segs[0] for segs, _ in results]
-            languages = [lang for _, lang in results]
+            packs = tuple(_Packed.of([a]) for a in audios)
         else:
-            language = "en" if self.settings.language == LANGUAGE_AUTO else self.settings.language
-            segments_per_file, lang = self._transcribe_packed(audios, language)
-            languages = [lang] * len(audios)
-        elapsed = time.perf_counter() - started
-        durations = [len(a) / SAMPLE_RATE for a in audios]
-        total_audio = sum(durations) or 1.0
-        return [
-            Transcript(
-                text=" ".join(s.text for s in segs).strip(),
-                language=lang[0],
-                language_probability=lang[1],
-                segments=segs,
-                audio_seconds=round(dur, 3),
-                processing_seconds=round(elapsed * dur / total_audio, 4),
-                model=self.model_name,
-                backend=self.backend,
-            )
-            for segs, lang, dur in zip(segments_per_file, languages, durations, strict=True)
-        ]
+            packs = (_Packed.of(audios),) if audios else ()
+        return PreparedAudio(
+            paths=tuple(paths),
+            durations=tuple(len(a) / SAMPLE_RATE for a in audios),
+            inputs=packs,
+            prepare_seconds=time.perf_counter() - started,
+        )
+
+    def transcribe_prepared(self, prepared: PreparedAudio) -> list[Transcript]:
+        started = time.perf_counter()
+        language = self._language()
+        results: list[tuple[list[Segment], str | None, float | None]] = []
+        for pack in prepared.inputs:
+            segments_per_file, (lang, probability) = self._transcribe_packed(pack, language)
+            results.extend((segs, lang, probability) for segs in segments_per_file)
+        return self._transcripts(prepared, time.perf_counter() - started, results)
+
+    def _language(self) -> str | None:
+        """The language to decode in; None: detect it per file (multilingual model)."""
+        if self.settings.language != LANGUAGE_AUTO:
+            return self.settings.language
+        return None if self.model.model.is_multilingual else "en"
 
     def _transcribe_packed(
-        self, audios: Sequence[Any], language: str | None
+        self, pack: _Packed, language: str | None
     ) -> tuple[list[list[Segment]], tuple[str | None, float | None]]:
-        """One batched call over the packed speech of ``audios``, split back per file."""
-        packed, pieces, windows = pack_speech(audios)
-        per_file: list[list[Segment]] = [[] for _ in audios]
-        if not windows:  # nothing but silence: empty transcripts, no model call
+        """One batched call over the packed speech of some files, split back per file."""
+        per_file: list[list[Segment]] = [[] for _ in range(pack.files)]
+        if not pack.windows:  # nothing but silence: empty transcripts, no model call
             return per_file, (language, 1.0 if language else None)
         segments, info = self.pipeline.transcribe(
-            packed,
+            pack.audio,
             language=language,
             beam_size=self.settings.beam_size,
             batch_size=self.settings.batch_size,
             word_timestamps=True,  # needed to split a window back into its files
             clip_timestamps=[
-                {"start": start / SAMPLE_RATE, "end": end / SAMPLE_RATE} for start, end in windows
+                {"start": start / SAMPLE_RATE, "end": end / SAMPLE_RATE}
+                for start, end in pack.windows
             ],
         )
-        unpacker = _Unpacker(pieces)
+        unpacker = _Unpacker(pack.pieces)
         for seg in segments:
             for index, part in split_segment(seg, unpacker).items():
                 per_file[index].append(part)
@@ -485,7 +554,7 @@ def _clamp(t: float, duration: float) -> float:
     return round(min(max(float(t), 0.0), duration), 3)
 
 
-class WhisperXTranscriber:
+class WhisperXTranscriber(Transcriber):
     """WhisperX on a GPU host: batched Whisper, then wav2vec2 word alignment.
 
     Both models come from MODELS_ROOT (the ASR model in CTranslate2 format, the
@@ -526,36 +595,29 @@ class WhisperXTranscriber:
             language_code=language or "en", device=device, model_name=str(align_path)
         )
 
-    def transcribe_many(self, paths: Sequence[Path]) -> list[Transcript]:
+    def prepare(self, paths: Sequence[Path]) -> PreparedAudio:
         started = time.perf_counter()
         audios = decode_many(paths)
-        results = []
-        for audio in audios:
+        return PreparedAudio(
+            paths=tuple(paths),
+            durations=tuple(len(a) / SAMPLE_RATE for a in audios),
+            inputs=tuple(audios),
+            prepare_seconds=time.perf_counter() - started,
+        )
+
+    def transcribe_prepared(self, prepared: PreparedAudio) -> list[Transcript]:
+        started = time.perf_counter()
+        results: list[tuple[list[Segment], str | None, float | None]] = []
+        for audio, dur in zip(prepared.inputs, prepared.durations, strict=True):
             raw = self.model.transcribe(audio, batch_size=self.settings.batch_size)
             aligned = self.whisperx.align(
                 raw["segments"], self.align_model, self.align_metadata, audio, self.device,
                 return_char_alignments=False,
             )  # fmt: skip
-            results.append((aligned, raw.get("language")))
-        elapsed = time.perf_counter() - started
-        durations = [len(a) / SAMPLE_RATE for a in audios]
-        total_audio = sum(durations) or 1.0
-        transcripts = []
-        for (aligned, language), dur in zip(results, durations, strict=True):
             segments = [_whisperx_segment(s, dur) for s in aligned["segments"]]
-            transcripts.append(
-                Transcript(
-                    text=" ".join(s.text for s in segments).strip(),
-                    language=language,
-                    language_probability=None,  # whisperx does not report it
-                    segments=segments,
-                    audio_seconds=round(dur, 3),
-                    processing_seconds=round(elapsed * dur / total_audio, 4),
-                    model=self.model_name,
-                    backend=self.backend,
-                )
-            )
-        return transcripts
+            # whisperx does not report the language probability
+            results.append((segments, raw.get("language"), None))
+        return self._transcripts(prepared, time.perf_counter() - started, results)
 
 
 def _whisperx_segment(seg: Mapping[str, Any], duration: float) -> Segment:

@@ -1,11 +1,20 @@
 """The worker runtime every stage shares: loop, heartbeats, reaper, signals, modes.
 
 A stage subclasses Worker, sets ``stage``, lists its ``source_queues()`` and
-implements ``process(job)`` (or ``process_batch(jobs)`` with ``batch_size`` > 1).
-The loop reads as a sentence::
+implements ``process(job)`` (or ``process_batch(jobs, prepared)`` with ``batch_size``
+> 1). The loop reads as a sentence::
 
-    while not stopping: promote due retries -> ready to claim? -> claim -> process
-                        -> ack / retry / dead letter
+    while not stopping: promote due retries -> ready to claim? -> claim -> prepare
+                        -> process -> ack / retry / dead letter
+
+Look-ahead (``look_ahead = True``; the gpu worker's PREFETCH): once a claim is
+prepared, the worker claims the next one at once, without waiting, and runs
+``prepare_batch`` on it in a side thread while ``process_batch`` runs on this one, so
+the model never waits for decoding or downloads. The look-ahead jobs sit in this
+worker's processing lists like any claimed job (a crash loses nothing: the reaper
+returns them); a stop hands them back to the head of their queues, in order,
+unprocessed. ``prepare_batch`` must therefore only do work that is harmless to
+redo or drop: read, download, decode; never a result write.
 
 Shutdown is two-stage (like RQ's warm and cold stop): the first SIGTERM/SIGINT stops
 claiming and lets the job in hand finish; a second one interrupts the handler, hands
@@ -22,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from types import FrameType
 from typing import Any
@@ -58,6 +67,31 @@ class WorkerState(StrEnum):
     STOPPING = "stopping"
 
 
+class LookAhead:
+    """The next claim, prepared in a side thread while the current one is processed."""
+
+    def __init__(self, jobs: list[Job], prepare: Callable[[list[Job]], Any], name: str) -> None:
+        self.jobs = jobs
+        self.prepared: Any = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        # A daemon thread, not an executor: a forced stop must not wait for a download.
+        self._thread = threading.Thread(target=self._run, args=(prepare,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, prepare: Callable[[list[Job]], Any]) -> None:
+        try:
+            self.prepared = prepare(self.jobs)
+        except BaseException as exc:  # handed to the main thread, which settles the jobs
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once prepare_batch has returned or raised."""
+        return self._done.wait(timeout)
+
+
 class ShutdownForced(BaseException):
     """Second stop signal: raised inside the handler to abandon the job in hand.
 
@@ -77,6 +111,7 @@ class Worker:
 
     stage: str = ""
     batch_size: int = 1
+    look_ahead: bool = False  # claim and prepare the next batch while this one runs
 
     def __init__(
         self,
@@ -105,6 +140,7 @@ class Worker:
         self.state = WorkerState.STARTING
         self._db: ConnectionPool | None = None
         self._in_hand: list[Job] = []
+        self._ahead: LookAhead | None = None
         self._interruptible = False  # True only while a handler runs
         self._force = False
         self._stop_beating = threading.Event()
@@ -119,8 +155,26 @@ class Worker:
     def process(self, job: Job) -> None:
         raise NotImplementedError
 
-    def process_batch(self, jobs: list[Job]) -> dict[str, BaseException | None]:
-        """Default: one process() call per job; override to batch model calls."""
+    def prepare_batch(self, jobs: list[Job]) -> Any:
+        """Work for ``jobs`` that needs no result write (downloads, decoding).
+
+        Its return value is handed to ``process_batch``. With ``look_ahead`` it runs
+        in a side thread while the previous claim is processed, and its jobs may be
+        handed back unprocessed on a stop (then ``discard_prepared`` is called), so it
+        must be harmless to redo. An exception fails (retries) every job of the claim.
+        """
+        return None
+
+    def discard_prepared(self, jobs: list[Job], prepared: Any) -> None:
+        """Release what prepare_batch made for jobs handed back unprocessed."""
+
+    def process_batch(
+        self, jobs: list[Job], prepared: Any = None
+    ) -> dict[str, BaseException | None]:
+        """Default: one process() call per job; override to batch model calls.
+
+        Returns each job's outcome keyed by ``job.raw``: None (done) or the error.
+        """
         results: dict[str, BaseException | None] = {}
         for job in jobs:
             try:
@@ -172,6 +226,7 @@ class Worker:
                     break
                 if self.mode is RunMode.DRAIN and not did_work and self.drained():
                     break
+            self._drop_look_ahead()
         except ShutdownForced:
             self._hand_back()
         finally:
@@ -183,18 +238,27 @@ class Worker:
 
     def iterate(self) -> bool:
         """One turn of the loop; True when a job was handled (or tried)."""
-        if not self.ready_to_claim():
-            self.state = WorkerState.IDLE
-            self._sleep(BACKPRESSURE_SLEEP_S)
-            return False
-        jobs = self._claim()
-        if not jobs:
-            self.state = WorkerState.IDLE
-            return False
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            jobs = ahead.jobs
+        else:
+            if not self.ready_to_claim():
+                self.state = WorkerState.IDLE
+                self._sleep(BACKPRESSURE_SLEEP_S)
+                return False
+            jobs = self._claim()
+            if not jobs:
+                self.state = WorkerState.IDLE
+                return False
         if self.stopping:  # the stop came while we were blocked in the claim
-            self._hand_back()
+            if ahead is not None:
+                self._ahead = ahead
+                self._drop_look_ahead()
+            else:
+                self._hand_back()
             return False
-        self._handle(jobs)
+        self._in_hand = list(jobs)
+        self._handle(jobs, ahead)
         if self.stopping:
             self.state = WorkerState.STOPPING
         return True
@@ -216,7 +280,9 @@ class Worker:
         self._in_hand = list(jobs)
         return jobs
 
-    def _handle(self, jobs: list[Job]) -> None:
+    def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:
+        """Prepare ``jobs`` (unless the look-ahead did), start on the next claim,
+        process, settle."""
         self.state = WorkerState.BUSY
         for job in jobs:
             log_event(self.log, "job.started", **self._job_fields(job), attempt=job.attempts + 1)
@@ -225,7 +291,12 @@ class Worker:
         try:
             if self._force:
                 raise ShutdownForced
-            results = self._run_handler(jobs)
+            prepared, error = self._prepared(jobs, ahead)
+            self._start_look_ahead()
+            if error is not None:  # the whole claim failed: each job carries the reason
+                results: dict[str, BaseException | None] = {job.raw: error for job in jobs}
+            else:
+                results = self._run_handler(jobs, prepared)
         finally:
             self._interruptible = False
         duration = time.monotonic() - started
@@ -233,11 +304,68 @@ class Worker:
             self._settle(job, results.get(job.raw, _missing_result(job)), duration)
         self._in_hand = []
 
-    def _run_handler(self, jobs: list[Job]) -> dict[str, BaseException | None]:
+    def _prepared(self, jobs: list[Job], ahead: LookAhead | None) -> tuple[Any, Exception | None]:
+        if ahead is not None:
+            ahead.wait()  # usually long done: it ran while the previous claim was processed
+            if ahead.error is None:
+                return ahead.prepared, None
+            if isinstance(ahead.error, Exception):
+                return None, ahead.error
+            raise ahead.error  # KeyboardInterrupt and the like are not job failures
         try:
-            return self.process_batch(jobs)
+            return self.prepare_batch(jobs), None
+        except Exception as exc:
+            return None, exc
+
+    def _run_handler(self, jobs: list[Job], prepared: Any) -> dict[str, BaseException | None]:
+        try:
+            return self.process_batch(jobs, prepared)
         except Exception as exc:  # the whole batch failed: each job carries the reason
             return {job.raw: exc for job in jobs}
+
+    # -- look-ahead ------------------------------------------------------------------
+
+    def _start_look_ahead(self) -> None:
+        """Claim the next batch now, without waiting, and prepare it in a side thread."""
+        if not self.look_ahead or self.mode is RunMode.ONCE or self.stopping:
+            return
+        if not self.ready_to_claim():
+            return
+        # Not interruptible: a forced stop between the move and the bookkeeping would
+        # leave jobs in our processing list that only the reaper would give back.
+        self._interruptible = False
+        try:
+            jobs = self.queue.claim_many(self.source_queues(), self.batch_size, 0)
+        except redis.exceptions.ConnectionError as exc:
+            # Not fatal: the loop claims again after this batch, and reports trouble there.
+            log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
+            jobs = []
+        finally:
+            self._interruptible = True
+        if jobs:
+            self._ahead = LookAhead(jobs, self.prepare_batch, name=f"prepare-{self.stage}")
+            log_event(self.log, "worker.look_ahead", level=logging.DEBUG, stage=self.stage,
+                      jobs=",".join(j.short_id for j in jobs))  # fmt: skip
+        if self._force:  # a second stop came during the claim: hand back both claims
+            raise ShutdownForced
+
+    def _drop_look_ahead(self) -> None:
+        """Hand the look-ahead back unprocessed (a stop): after its preparation ends,
+        so nothing still works on jobs that someone else may claim, unless a second
+        stop signal says not to wait."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        while not ahead.wait(0.2):
+            if self._force:
+                break
+        else:
+            if ahead.error is None:
+                try:
+                    self.discard_prepared(ahead.jobs, ahead.prepared)
+                except Exception:  # the jobs still go back; leftovers are only disk space
+                    self.log.exception("discard_prepared failed")
+        self._release(ahead.jobs)
 
     def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
         fields = self._job_fields(job)
@@ -266,9 +394,16 @@ class Worker:
         return fields
 
     def _hand_back(self) -> None:
-        for job in self._in_hand:
-            self.queue.release(job)
+        """Return the jobs in hand and any look-ahead, without waiting for it."""
+        ahead, self._ahead = self._ahead, None
+        jobs = self._in_hand + (ahead.jobs if ahead is not None else [])
         self._in_hand = []
+        self._release(jobs)
+
+    def _release(self, jobs: list[Job]) -> None:
+        # Each release pushes onto the head: last claimed first keeps the queue's order.
+        for job in reversed(jobs):
+            self.queue.release(job)
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early when a stop is requested."""
@@ -313,6 +448,7 @@ class Worker:
                 "stage": self.stage, "host": self.settings.worker_host, "pid": os.getpid(),
                 "state": self.state.value, "started_at": self._started_at, "job": current,
                 "job_raw": current_raw,
+                "look_ahead": len(self._ahead.jobs) if self._ahead is not None else 0,
                 "queues": ",".join(self.source_queues()),
             },
         )  # fmt: skip

@@ -1,11 +1,18 @@
 """gpu worker: transcribe and classify claimed audio files, many per model call.
 
 Claims up to BATCH_SIZE jobs at once, its host queue first (files unpacked here),
-then the shared ``queue:transcribe``; finds each file; transcribes the whole batch
-in one call (asr.py packs short files into shared windows); classifies every
-transcript against every active policy in one batched call; writes everything in
-one transaction; then deletes the local Opus files and, once a batch has no file
-left waiting, its scratch directory.
+then the shared ``queue:transcribe``; finds each file and decodes the claim
+(``prepare_batch``); transcribes the whole claim in one call (asr.py packs short
+files into shared windows); classifies every transcript against every active
+policy in one batched call; writes everything in one transaction; then deletes the
+local Opus files and, once a batch has no file left waiting, its scratch directory.
+
+With PREFETCH (default on) the next claim is taken as soon as this one is decoded
+and is found, downloaded and decoded in a side thread while the model works on this
+one (worker.py's look-ahead), so the model does not wait for S3 or the decoder.
+Preparing writes nothing but idempotent bookkeeping (an ad hoc file's row, a
+missing file marked failed); an undecodable file is failed when its claim is
+processed, so a claim handed back on a stop is simply prepared again later.
 
 Finding a file: the job's ``opus_path`` if it exists on this host; otherwise the
 row's ``opus_s3_key`` fetched from S3 into SCRATCH_ROOT/{batch_id}/fetched/;
@@ -30,15 +37,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from audio_pipeline import s3_utils
-from audio_pipeline.asr import AsrSettings, AudioDecodeError, Transcriber, load_transcriber
+from audio_pipeline.asr import (
+    AsrSettings,
+    AudioDecodeError,
+    PreparedAudio,
+    Transcriber,
+    load_transcriber,
+)
 from audio_pipeline.classify import (
     Classifier,
     ClassifierSettings,
@@ -54,6 +68,7 @@ from audio_pipeline.records.policies import active_policies
 from audio_pipeline.worker import Worker, run_worker
 
 DEFAULT_BATCH_SIZE = 8  # files per claim (and per model call); group_vars sets production's
+DEFAULT_PREFETCH = True  # prepare the next claim while the model runs (bench/bench_pipeline.py)
 PAYLOAD_FIELDS: Mapping[str, type] = {"audio_id": int, "opus_path": str}
 FETCHED_DIR = "fetched"  # under SCRATCH_ROOT/{batch_id}: Opus files pulled from S3
 
@@ -61,6 +76,13 @@ FETCHED_DIR = "fetched"  # under SCRATCH_ROOT/{batch_id}: Opus files pulled from
 def batch_size_from_env(environ: Mapping[str, str] | None = None) -> int:
     env = EnvReader(os.environ if environ is None else environ, production=False)
     value = env.int("BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1)
+    env.raise_if_errors()
+    return value
+
+
+def prefetch_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    env = EnvReader(os.environ if environ is None else environ, production=False)
+    value = env.bool("PREFETCH", DEFAULT_PREFETCH)
     env.raise_if_errors()
     return value
 
@@ -75,6 +97,16 @@ class _Work:
     fetched: bool  # pulled from S3 by us: always ours to delete
 
 
+@dataclass
+class _Prepared:
+    """A claim made ready for the model by prepare_batch."""
+
+    outcomes: dict[str, BaseException | None] = field(default_factory=dict)  # settled already
+    work: list[_Work] = field(default_factory=list)  # decoded, in ``audio``'s order
+    audio: PreparedAudio | None = None
+    undecodable: list[tuple[_Work, str]] = field(default_factory=list)  # failed when processed
+
+
 class GpuWorker(Worker):
     """Transcribes and classifies audio files (queue:transcribe:{host}, then queue:transcribe)."""
 
@@ -83,11 +115,13 @@ class GpuWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batch_size = batch_size_from_env()
+        self.look_ahead = prefetch_from_env()
         self.asr_settings = AsrSettings.from_env()
         self.classifier_settings = ClassifierSettings.from_env()
         self.transcriber: Transcriber | None = None
         self.classifier: Classifier | None = None
         self._s3: Any = None
+        self._s3_lock = threading.Lock()  # the look-ahead thread may fetch too
 
     def source_queues(self) -> list[str]:
         return [self.settings.host_queue, QUEUE_TRANSCRIBE]
@@ -97,50 +131,75 @@ class GpuWorker(Worker):
         self.classifier = load_classifier(self.settings.models_root, self.classifier_settings)
         log_event(self.log, "gpu.models_loaded", asr=self.transcriber.model_name,
                   asr_backend=self.transcriber.backend, classifier=self.classifier.model_name,
-                  batch_size=self.batch_size)  # fmt: skip
+                  batch_size=self.batch_size, prefetch=self.look_ahead)  # fmt: skip
 
     @property
     def s3(self) -> Any:
-        if self._s3 is None:
-            self._s3 = s3_utils.get_s3_client(self.settings)
-        return self._s3
+        with self._s3_lock:
+            if self._s3 is None:
+                self._s3 = s3_utils.get_s3_client(self.settings)
+            return self._s3
 
     # -- the batch -------------------------------------------------------------------
 
-    def process_batch(self, jobs: list[Job]) -> dict[str, BaseException | None]:
-        outcomes: dict[str, BaseException | None] = {}
-        work: list[_Work] = []
+    def prepare_batch(self, jobs: list[Job]) -> _Prepared:
+        """Find every file (downloading it if need be) and decode the claim."""
+        assert self.transcriber is not None, "setup() loads the models"
+        prepared = _Prepared()
         for job in jobs:
             try:
                 item = self._resolve(job)
             except Exception as exc:  # reported for this job only
-                outcomes[job.raw] = exc
+                prepared.outcomes[job.raw] = exc
                 continue
             if item is None:  # already done: a redelivery
-                outcomes[job.raw] = None
+                prepared.outcomes[job.raw] = None
             else:
-                work.append(item)
-        if work:
-            outcomes.update(self._transcribe_and_store(work))
+                prepared.work.append(item)
+        if not prepared.work:
+            return prepared
+        try:
+            prepared.audio = self.transcriber.prepare([w.path for w in prepared.work])
+        except AudioDecodeError as exc:
+            # Set the undecodable files aside; the rest are decoded again, as one claim.
+            prepared.undecodable = [
+                (w, f"undecodable audio: {exc.failures[w.path]}")
+                for w in prepared.work
+                if w.path in exc.failures
+            ]
+            prepared.work = [w for w in prepared.work if w.path not in exc.failures]
+            if prepared.work:
+                prepared.audio = self.transcriber.prepare([w.path for w in prepared.work])
+        return prepared
+
+    def discard_prepared(self, jobs: list[Job], prepared: _Prepared) -> None:
+        """A handed-back claim: its downloads go; files unpacked here stay for the next try."""
+        for w in [*prepared.work, *(w for w, _ in prepared.undecodable)]:
+            if w.fetched:
+                w.path.unlink(missing_ok=True)
+
+    def process_batch(
+        self, jobs: list[Job], prepared: _Prepared | None = None
+    ) -> dict[str, BaseException | None]:
+        if prepared is None:
+            prepared = self.prepare_batch(jobs)
+        outcomes = dict(prepared.outcomes)
+        for w, reason in prepared.undecodable:
+            outcomes[w.job.raw] = self._fail_file(w, reason)
+        if prepared.work:
+            assert prepared.audio is not None
+            outcomes.update(self._transcribe_and_store(prepared.work, prepared.audio))
         return outcomes
 
-    def _transcribe_and_store(self, work: list[_Work]) -> dict[str, BaseException | None]:
+    def _transcribe_and_store(
+        self, work: list[_Work], audio: PreparedAudio
+    ) -> dict[str, BaseException | None]:
         assert self.transcriber is not None, "setup() loads the models"
         assert self.classifier is not None, "setup() loads the models"
         outcomes: dict[str, BaseException | None] = {}
         with self.db.connection() as conn:
             records.mark_transcribing(conn, [w.row.id for w in work], self.settings.worker_host)
-        try:
-            transcripts = self.transcriber.transcribe_many([w.path for w in work])
-        except AudioDecodeError as exc:
-            # Fail exactly the undecodable files; the rest go again in one call.
-            bad = [w for w in work if w.path in exc.failures]
-            for w in bad:
-                outcomes[w.job.raw] = self._fail_file(
-                    w, f"undecodable audio: {exc.failures[w.path]}"
-                )
-            work = [w for w in work if w.path not in exc.failures]
-            transcripts = self.transcriber.transcribe_many([w.path for w in work]) if work else []
+        transcripts = self.transcriber.transcribe_prepared(audio)
         with self.db.connection() as conn:
             policies = active_policies(conn)
         items = [

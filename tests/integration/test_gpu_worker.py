@@ -8,12 +8,13 @@ same jobs delivered again must not add a single row.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
 import jiwer
 import pytest
-from workerkit.procs import finish, start_module
+from workerkit.procs import finish, start_module, wait_for
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
@@ -185,3 +186,99 @@ def test_gpu_worker_batch_with_every_kind_of_job(
     }
     assert after == transcript_times  # acknowledged without transcribing again
     assert redis_client.llen(QUEUE_FAILED) == 2
+
+
+# -- look-ahead (PREFETCH): the next claim is found, fetched and decoded early ---------
+
+LONG_TEXT = " ".join(TEXTS.values()) * 3  # ~20 s of speech: a model call that takes a while
+
+
+def _setup_look_ahead_batch(db, settings, s3_client, tmp_path) -> dict[str, int]:
+    """Four files of one batch: local, only in S3, undecodable, local."""
+    install_whisper(settings.models_root)
+    scratch = settings.batch_scratch(BATCH)
+    db.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
+               (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    ids = {}
+    first = speak(LONG_TEXT, scratch / "first.opus")
+    ids["first"] = insert_file(db, "first.mp3", first, s3_utils.opus_key(BATCH, "first.mp3"))
+    elsewhere = speak(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
+    key_s3 = s3_utils.opus_key(BATCH, "in_s3.mp3")
+    s3_utils.upload_file(s3_client, settings.s3_bucket, elsewhere, key_s3)
+    ids["in_s3"] = insert_file(db, "in_s3.mp3", scratch / "in_s3.opus", key_s3)
+    garbage = scratch / "garbage.opus"
+    garbage.write_bytes(b"OggS" + bytes(range(256)) * 8)  # an Ogg header, then noise
+    ids["garbage"] = insert_file(db, "garbage.mp3", garbage, None)
+    last = speak(TEXTS["local.opus"], scratch / "last.opus")
+    ids["last"] = insert_file(db, "last.mp3", last, None)
+    db.commit()
+    return ids
+
+
+def _push_jobs(redis_client, settings, ids: dict[str, int]) -> None:
+    host_q = host_transcribe_queue("testhost")
+    paths = {"first": "first.opus", "in_s3": "in_s3.opus", "garbage": "garbage.opus",
+             "last": "last.opus"}  # fmt: skip
+    for name, audio_id in ids.items():
+        opus = settings.batch_scratch(BATCH) / paths[name]
+        redis_client.rpush(host_q, json.dumps({"audio_id": audio_id, "opus_path": str(opus)}))
+
+
+@pytest.mark.parametrize("prefetch", ["1", "0"])
+def test_one_file_per_claim_with_and_without_look_ahead(
+    prefetch, pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
+) -> None:
+    ids = _setup_look_ahead_batch(db_conn, settings, s3_client, tmp_path)
+    _push_jobs(redis_client, settings, ids)
+
+    output = run_drain({**pipeline_env, "BATCH_SIZE": "1", "PREFETCH": prefetch})
+
+    rows = {r["id"]: r for r in db_conn.execute("SELECT * FROM audio_files").fetchall()}
+    assert [rows[ids[n]]["status"] for n in ("first", "in_s3", "garbage", "last")] == [
+        "done", "done", "failed", "done"
+    ]  # fmt: skip
+    assert "undecodable audio" in rows[ids["garbage"]]["error"]
+    transcripts = {r["audio_id"]: r["text"] for r in db_conn.execute(
+        "SELECT audio_id, text FROM transcripts").fetchall()}  # fmt: skip
+    assert set(transcripts) == {ids["first"], ids["in_s3"], ids["last"]}
+    error = jiwer.wer(NORMALISE(TEXTS["in_s3.opus"]), NORMALISE(transcripts[ids["in_s3"]]))
+    assert error <= WER_BOUND, transcripts[ids["in_s3"]]
+    failed = [json.loads(e) for e in redis_client.lrange(QUEUE_FAILED, 0, -1)]
+    assert [json.loads(f["job"])["audio_id"] for f in failed] == [ids["garbage"]]
+    assert f"prefetch={'true' if prefetch == '1' else 'false'}" in output
+    fetched = output.index(f"event=gpu.fetched audio_id={ids['in_s3']}")
+    first_done = output.index(f"event=gpu.file_done audio_id={ids['first']}")
+    if prefetch == "1":  # the S3 file was fetched while the first file was transcribed
+        assert fetched < first_done
+    else:
+        assert fetched > first_done
+    batch = db_conn.execute("SELECT status FROM batches WHERE batch_id = %s", (BATCH,)).fetchone()
+    assert batch["status"] == "done"
+    assert not settings.batch_scratch(BATCH).exists()
+
+
+def test_sigterm_hands_back_the_look_ahead_and_deletes_its_download(
+    pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
+) -> None:
+    ids = _setup_look_ahead_batch(db_conn, settings, s3_client, tmp_path)
+    _push_jobs(redis_client, settings, ids)
+    log = tmp_path / "gpu.log"
+    proc = start_module("audio_pipeline.workers.gpu_worker", {**pipeline_env, "BATCH_SIZE": "1"},
+                        log_path=log)  # fmt: skip
+    wait_for(lambda: "event=gpu.fetched" in log.read_text(), 120, "the look-ahead's download")
+    proc.send_signal(signal.SIGTERM)
+    code, _ = finish(proc, timeout=120)
+    output = log.read_text()
+    assert code == 0, output
+
+    rows = {r["id"]: r for r in db_conn.execute("SELECT * FROM audio_files").fetchall()}
+    assert rows[ids["first"]]["status"] == "done"  # the claim in hand was finished
+    # the look-ahead went back untouched: row as it was, download gone, job at the head
+    assert rows[ids["in_s3"]]["status"] == "converted"
+    fetched_dir = settings.batch_scratch(BATCH) / "fetched"
+    assert not list(fetched_dir.glob("*.opus"))
+    queued = [json.loads(x)["audio_id"] for x in
+              redis_client.lrange(host_transcribe_queue("testhost"), 0, -1)]  # fmt: skip
+    assert queued == [ids["in_s3"], ids["garbage"], ids["last"]]
+    assert not [k for k in redis_client.scan_iter("processing:*") if redis_client.llen(k)]
+    assert redis_client.llen(QUEUE_FAILED) == 0

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from workerkit.echo_worker import BATCHES_KEY, DONE_KEY, STARTED_KEY
+from workerkit.echo_worker import (
+    BATCHES_KEY,
+    DISCARDED_KEY,
+    DONE_KEY,
+    EVENTS_KEY,
+    PREPARED_KEY,
+    STARTED_KEY,
+)
 from workerkit.procs import finish, start_module, wait_for
 
 from audio_pipeline.config import QUEUE_FAILED
@@ -209,3 +216,97 @@ def test_two_worker_processes_never_share_a_job(pipeline_env, redis_client):
         assert code == 0, out
     assert sorted(done(redis_client)) == [f"j{n:03d}" for n in range(60)]
     assert sorted(redis_client.lrange(STARTED_KEY, 0, -1)) == [f"j{n:03d}" for n in range(60)]
+
+
+# -- look-ahead: the next claim is prepared while this one is processed ----------------
+
+LOOK_AHEAD = {"ECHO_LOOK_AHEAD": "1"}
+
+
+def queued_ids(r: redis.Redis) -> list[str]:
+    return [json.loads(x)["id"] for x in r.lrange(Q, 0, -1)]
+
+
+def test_look_ahead_prepares_the_next_claim_while_this_one_runs(pipeline_env, redis_client):
+    push(redis_client, {"id": "a", "sleep": 1.0}, {"id": "b"}, {"id": "c"})
+    code, out = finish(start_module(ECHO, pipeline_env, ["--drain"], extra_env=LOOK_AHEAD))
+    assert code == 0, out
+    assert done(redis_client) == ["a", "b", "c"]
+    events = redis_client.lrange(EVENTS_KEY, 0, -1)
+    # b was prepared while a was still being processed, c while b was
+    assert events.index("prepared:b") < events.index("done:a")
+    assert events.index("prepared:c") < events.index("done:b")
+    assert redis_client.lrange(PREPARED_KEY, 0, -1) == ["a", "b", "c"]  # each once
+    assert processing_items(redis_client) == []
+
+
+def test_first_sigterm_waits_for_the_look_ahead_then_hands_it_back_in_order(
+    pipeline_env, redis_client
+):
+    push(
+        redis_client,
+        {"id": "a", "sleep": 1.0}, {"id": "b"},
+        {"id": "c", "prepare_sleep": 2.0}, {"id": "d"}, {"id": "e"},
+    )  # fmt: skip
+    proc = start_module(ECHO, pipeline_env, extra_env={**LOOK_AHEAD, "ECHO_BATCH_SIZE": "2"})
+    wait_for(lambda: redis_client.llen(STARTED_KEY) == 1, what="job start")
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 0, out
+    assert done(redis_client) == ["a", "b"]  # the claim in hand is finished
+    # the look-ahead claim was prepared to the end, discarded, and put back in order
+    assert redis_client.lrange(PREPARED_KEY, 0, -1) == ["a", "b", "c", "d"]
+    assert redis_client.lrange(DISCARDED_KEY, 0, -1) == ["c", "d"]
+    assert queued_ids(redis_client) == ["c", "d", "e"]
+    assert processing_items(redis_client) == []
+    assert out.count("event=job.released") == 2
+
+
+def test_second_sigterm_hands_back_both_claims_in_order(pipeline_env, redis_client):
+    push(redis_client, {"id": "a", "sleep": 30}, *[{"id": i} for i in "bcde"])
+    proc = start_module(ECHO, pipeline_env, extra_env={**LOOK_AHEAD, "ECHO_BATCH_SIZE": "2"})
+    wait_for(lambda: redis_client.llen(PREPARED_KEY) == 4, what="look-ahead prepared")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: redis_client.hget(_hb(redis_client), "state") == "stopping", 5, "stopping")
+    assert redis_client.hget(_hb(redis_client), "look_ahead") == "2"
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=10)
+    assert code == 0, out
+    assert done(redis_client) == []
+    assert queued_ids(redis_client) == ["a", "b", "c", "d", "e"]
+    assert processing_items(redis_client) == []
+
+
+def test_a_failed_look_ahead_preparation_is_retried_like_any_failure(pipeline_env, redis_client):
+    push(redis_client, {"id": "a", "sleep": 0.5}, {"id": "b", "prepare_fail_times": 1})
+    code, out = finish(start_module(ECHO, pipeline_env, ["--drain"], extra_env=LOOK_AHEAD))
+    assert code == 0, out
+    assert done(redis_client) == ["a", "b"]
+    assert "prepare failure 1 of job b" in out
+    assert redis_client.llen(QUEUE_FAILED) == 0
+
+
+def test_once_never_claims_ahead(pipeline_env, redis_client):
+    push(redis_client, {"id": "a"}, {"id": "b"})
+    code, out = finish(start_module(ECHO, pipeline_env, ["--once"], extra_env=LOOK_AHEAD))
+    assert code == 0, out
+    assert done(redis_client) == ["a"]
+    assert redis_client.lrange(PREPARED_KEY, 0, -1) == ["a"]
+    assert queued_ids(redis_client) == ["b"]
+
+
+def test_kill_9_with_a_look_ahead_loses_nothing(pipeline_env, redis_client, tmp_path: Path):
+    push(redis_client, {"id": "a", "sleep": 2.0}, {"id": "b"}, {"id": "c"})
+    first = start_module(ECHO, pipeline_env, extra_env=LOOK_AHEAD, log_path=tmp_path / "first.log")
+    wait_for(lambda: redis_client.llen(PREPARED_KEY) == 2, what="look-ahead prepared")
+    [worker_id] = redis_client.smembers(WORKERS_KEY)
+    first.kill()
+    first.wait(timeout=10)
+    # the claim in hand and the look-ahead both wait in the dead worker's processing list
+    held = [json.loads(x)["id"] for x in redis_client.lrange(processing_key(worker_id, Q), 0, -1)]
+    assert held == ["a", "b"]
+    wait_for(lambda: not redis_client.exists(heartbeat_key(worker_id)), 5, "heartbeat expiry")
+    code, out = finish(start_module(ECHO, pipeline_env, ["--drain"], extra_env=LOOK_AHEAD))
+    assert code == 0, out
+    assert sorted(done(redis_client)) == ["a", "b", "c"]  # nothing lost, none twice
+    assert processing_items(redis_client) == []

@@ -5,6 +5,10 @@ Each job is ``{"id": str, "sleep": seconds, "fail": "transient"|"permanent",
 when it begins and commits it to ``echo:done`` when it finishes (its "result
 write"), so tests can prove nothing was lost or done twice. Queues come from
 ECHO_QUEUES (comma-separated, default queue:echo), batch size from ECHO_BATCH_SIZE.
+
+With ECHO_LOOK_AHEAD=1 the worker claims ahead: ``prepare_batch`` records each id
+in ``echo:prepared`` (after ``prepare_sleep`` seconds, if a job asks for it) and
+``discard_prepared`` records the ids it is handed back in ``echo:discarded``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.worker import Worker, run_worker
@@ -19,6 +24,9 @@ from audio_pipeline.worker import Worker, run_worker
 STARTED_KEY = "echo:started"
 DONE_KEY = "echo:done"
 BATCHES_KEY = "echo:batches"
+PREPARED_KEY = "echo:prepared"
+DISCARDED_KEY = "echo:discarded"
+EVENTS_KEY = "echo:events"  # "prepared:{id}" and "done:{id}" in the order they happened
 
 
 class EchoWorker(Worker):
@@ -26,13 +34,31 @@ class EchoWorker(Worker):
 
     stage = "echo"
     batch_size = int(os.environ.get("ECHO_BATCH_SIZE", "1"))
+    look_ahead = os.environ.get("ECHO_LOOK_AHEAD") == "1"
 
     def source_queues(self) -> list[str]:
         return os.environ.get("ECHO_QUEUES", "queue:echo").split(",")
 
-    def process_batch(self, jobs: list[Job]) -> dict[str, BaseException | None]:
+    def prepare_batch(self, jobs: list[Job]) -> list[str] | None:
+        if not self.look_ahead:
+            return None
+        ids = [str(j.payload.get("id")) for j in jobs]
+        time.sleep(max(float(j.payload.get("prepare_sleep", 0)) for j in jobs))
+        for job in jobs:
+            if job.attempts < int(job.payload.get("prepare_fail_times", 0)):
+                raise RuntimeError(f"prepare failure {job.attempts + 1} of job {job.payload['id']}")
+        self.redis.rpush(PREPARED_KEY, *ids)
+        self.redis.rpush(EVENTS_KEY, *[f"prepared:{i}" for i in ids])
+        return ids
+
+    def discard_prepared(self, jobs: list[Job], prepared: Any) -> None:
+        self.redis.rpush(DISCARDED_KEY, *prepared)
+
+    def process_batch(
+        self, jobs: list[Job], prepared: Any = None
+    ) -> dict[str, BaseException | None]:
         self.redis.rpush(BATCHES_KEY, len(jobs))
-        return super().process_batch(jobs)
+        return super().process_batch(jobs, prepared)
 
     def process(self, job: Job) -> None:
         require_fields(job.payload, {"id": str})
@@ -46,6 +72,7 @@ class EchoWorker(Worker):
         if fail == "transient" and job.attempts < int(job.payload.get("fail_times", 1)):
             raise RuntimeError(f"transient failure {job.attempts + 1} of job {job.payload['id']}")
         self.redis.rpush(DONE_KEY, job.payload["id"])
+        self.redis.rpush(EVENTS_KEY, f"done:{job.payload['id']}")
 
 
 def main() -> int:
