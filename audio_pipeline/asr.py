@@ -216,6 +216,7 @@ class Transcriber(ABC):
 
     model_name: str
     backend: str
+    device: str  # "cuda" or "cpu", as resolved from ASR_DEVICE
 
     @abstractmethod
     def prepare(self, paths: Sequence[Path]) -> PreparedAudio:

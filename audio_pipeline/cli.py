@@ -160,6 +160,8 @@ def collect_status(r: redis.Redis, settings: Settings) -> dict[str, Any]:
                 "state": info.get("state") if info else "dead (awaiting reaper)",
                 "heartbeat_age_s": None if beat_at is None else round(now - beat_at, 1),
                 "job": info.get("job_raw") or None,
+                # jobs claimed ahead and being prepared (gpu worker, PREFETCH)
+                "look_ahead": int(info.get("look_ahead") or 0),
             }
         )
 
@@ -225,10 +227,11 @@ def print_status(status: dict[str, Any]) -> None:
     print("\nWORKERS")
     if status["workers"]:
         rows = [
-            (w["worker"], w["state"], _age(w["heartbeat_age_s"]), _clip(w["job"] or "-", 60))
+            (w["worker"], w["state"], _age(w["heartbeat_age_s"]), _clip(w["job"] or "-", 60),
+             w["look_ahead"] or "-")
             for w in status["workers"]
-        ]
-        print(render_table(["worker", "state", "heartbeat", "current job"], rows))
+        ]  # fmt: skip
+        print(render_table(["worker", "state", "heartbeat", "current job", "ahead"], rows))
     else:
         print("(none)")
     print("\nBATCHES")

@@ -84,6 +84,7 @@ def test_status_shows_queues_workers_processing_retries_and_batches(
     assert worker["state"] == "busy"
     assert worker["heartbeat_age_s"] < 30
     assert worker["job"] == '{"batch_id": "b1"}'
+    assert worker["look_ahead"] == 0  # an unpack worker never claims ahead
     assert data["batches"]["by_status"] == {"unpacking": 1, "done": 1}
     assert [b["batch_id"] for b in data["batches"]["in_flight"]] == ["b1"]
 

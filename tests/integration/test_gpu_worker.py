@@ -224,9 +224,12 @@ def _push_jobs(redis_client, settings, ids: dict[str, int]) -> None:
         redis_client.rpush(host_q, json.dumps({"audio_id": audio_id, "opus_path": str(opus)}))
 
 
-@pytest.mark.parametrize("prefetch", ["1", "0"])
+@pytest.mark.parametrize(
+    ("prefetch", "looks_ahead"),
+    [("1", True), ("0", False), ("auto", False)],  # auto: on only when ASR runs on CUDA
+)
 def test_one_file_per_claim_with_and_without_look_ahead(
-    prefetch, pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
+    prefetch, looks_ahead, pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
 ) -> None:
     ids = _setup_look_ahead_batch(db_conn, settings, s3_client, tmp_path)
     _push_jobs(redis_client, settings, ids)
@@ -245,10 +248,10 @@ def test_one_file_per_claim_with_and_without_look_ahead(
     assert error <= WER_BOUND, transcripts[ids["in_s3"]]
     failed = [json.loads(e) for e in redis_client.lrange(QUEUE_FAILED, 0, -1)]
     assert [json.loads(f["job"])["audio_id"] for f in failed] == [ids["garbage"]]
-    assert f"prefetch={'true' if prefetch == '1' else 'false'}" in output
+    assert f"prefetch={'true' if looks_ahead else 'false'}" in output
     fetched = output.index(f"event=gpu.fetched audio_id={ids['in_s3']}")
     first_done = output.index(f"event=gpu.file_done audio_id={ids['first']}")
-    if prefetch == "1":  # the S3 file was fetched while the first file was transcribed
+    if looks_ahead:  # the S3 file was fetched while the first file was transcribed
         assert fetched < first_done
     else:
         assert fetched > first_done
@@ -263,8 +266,8 @@ def test_sigterm_hands_back_the_look_ahead_and_deletes_its_download(
     ids = _setup_look_ahead_batch(db_conn, settings, s3_client, tmp_path)
     _push_jobs(redis_client, settings, ids)
     log = tmp_path / "gpu.log"
-    proc = start_module("audio_pipeline.workers.gpu_worker", {**pipeline_env, "BATCH_SIZE": "1"},
-                        log_path=log)  # fmt: skip
+    env = {**pipeline_env, "BATCH_SIZE": "1", "PREFETCH": "1"}
+    proc = start_module("audio_pipeline.workers.gpu_worker", env, log_path=log)
     wait_for(lambda: "event=gpu.fetched" in log.read_text(), 120, "the look-ahead's download")
     proc.send_signal(signal.SIGTERM)
     code, _ = finish(proc, timeout=120)

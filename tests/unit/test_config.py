@@ -55,3 +55,21 @@ def test_host_queue_is_derived_from_worker_host():
     s = load_settings({"WORKER_HOST": "gpu-01"})
     assert s.host_queue == host_transcribe_queue("gpu-01") == "queue:transcribe:gpu-01"
     assert s.batch_scratch("b1") == Path("/tmp/scratch/b1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, None), ("", None), ("auto", None), (" AUTO ", None), ("1", True), ("true", True),
+     ("0", False), ("off", False)],
+)  # fmt: skip
+def test_prefetch_is_on_off_or_auto(raw, expected) -> None:
+    from audio_pipeline.workers.gpu_worker import prefetch_from_env
+
+    assert prefetch_from_env({} if raw is None else {"PREFETCH": raw}) is expected
+
+
+def test_a_bad_prefetch_value_names_the_variable() -> None:
+    from audio_pipeline.workers.gpu_worker import prefetch_from_env
+
+    with pytest.raises(ConfigError, match="PREFETCH='sometimes' is not a boolean"):
+        prefetch_from_env({"PREFETCH": "sometimes"})
