@@ -48,6 +48,10 @@ def test_asr_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
     assert r["speedup"] > 0
     assert r["speedup_one_file_per_call"] > 0
     assert r["wer_delta"] == pytest.approx(r["candidate"]["wer"] - r["baseline"]["wer"], abs=1e-3)
+    # The look-ahead pass transcribes the same claims: its words are the candidate's
+    # (a claim transcribed with another claim's audio would be near 100 % WER).
+    assert r["look_ahead"]["gain"] > 0
+    assert r["look_ahead"]["wer"] == pytest.approx(r["candidate"]["wer"], abs=0.011)
 
 
 def test_unpack_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
