@@ -139,6 +139,7 @@ class Worker:
         self.exit_code = 0  # a subclass sets 1 when --once/--drain could not do its work
         self.state = WorkerState.STARTING
         self._db: ConnectionPool | None = None
+        self._db_lock = threading.Lock()  # a look-ahead thread may be the first to ask
         self._in_hand: list[Job] = []
         self._ahead: LookAhead | None = None
         self._interruptible = False  # True only while a handler runs
@@ -202,11 +203,12 @@ class Worker:
     @property
     def db(self) -> ConnectionPool:
         """The Postgres pool (dict rows), opened on first use."""
-        if self._db is None:
-            from audio_pipeline.db import pool
+        with self._db_lock:
+            if self._db is None:
+                from audio_pipeline.db import pool
 
-            self._db = pool(self.settings)
-        return self._db
+                self._db = pool(self.settings)
+            return self._db
 
     # -- the loop ------------------------------------------------------------------
 
