@@ -240,7 +240,7 @@ class Worker:
 
     def iterate(self) -> bool:
         """One turn of the loop; True when a job was handled (or tried)."""
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is not None:
             jobs = ahead.jobs
         else:
@@ -254,11 +254,11 @@ class Worker:
                 return False
         if self.stopping:  # the stop came while we were blocked in the claim
             if ahead is not None:
-                self._ahead = ahead
                 self._drop_look_ahead()
             else:
-                self._hand_back()
+                self._release(jobs)
             return False
+        self._ahead = None
         self._in_hand = list(jobs)
         self._handle(jobs, ahead)
         if self.stopping:
@@ -279,7 +279,6 @@ class Worker:
             log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
             self._sleep(ERROR_BACKOFF_S)
             return []
-        self._in_hand = list(jobs)
         return jobs
 
     def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:

@@ -190,13 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         look_ahead: dict[str, Any] | None = None
         if args.smoke or args.corpus == "short":
             groups = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-            seq_wall = ahead_wall = 0.0
+            pass_walls = {sequential_pass: 0.0, look_ahead_pass: 0.0}
+            pass_texts: dict[Any, list[str]] = {}
             for runner in (sequential_pass, look_ahead_pass, look_ahead_pass, sequential_pass):
-                wall, texts_out = runner(transcriber, groups)
-                if runner is sequential_pass:
-                    seq_wall += wall
-                else:
-                    ahead_wall, ahead_texts = ahead_wall + wall, texts_out
+                wall, pass_texts[runner] = runner(transcriber, groups)
+                pass_walls[runner] += wall
+            seq_wall, ahead_wall = pass_walls[sequential_pass], pass_walls[look_ahead_pass]
+            ahead_texts = pass_texts[look_ahead_pass]
             look_ahead = {
                 "sequential_wall_s": round(seq_wall, 2),
                 "look_ahead_wall_s": round(ahead_wall, 2),

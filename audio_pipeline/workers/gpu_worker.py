@@ -191,8 +191,7 @@ class GpuWorker(Worker):
     def process_batch(
         self, jobs: list[Job], prepared: _Prepared | None = None
     ) -> dict[str, BaseException | None]:
-        if prepared is None:
-            prepared = self.prepare_batch(jobs)
+        assert prepared is not None, "the worker loop runs prepare_batch first"
         outcomes = dict(prepared.outcomes)
         for w, reason in prepared.undecodable:
             outcomes[w.job.raw] = self._fail_file(w, reason)
