@@ -11,7 +11,7 @@ With PREFETCH the next claim is taken as soon as this one is decoded and is
 found, downloaded and decoded in a side thread while the model works on this one
 (worker.py's look-ahead), so the GPU does not wait for S3 or the decoder. The
 default, ``auto``, turns it on when the model runs on CUDA: on CPU the model already
-keeps every core busy and the overlap measured 0.98-1.03x (docs/PERFORMANCE.md).
+keeps every core busy and the overlap measured 0.98-1.09x (docs/PERFORMANCE.md).
 Preparing writes nothing but idempotent bookkeeping (an ad hoc file's row, a
 missing file marked failed); an undecodable file is failed when its claim is
 processed, so a claim handed back on a stop is simply prepared again later.
