@@ -5,7 +5,9 @@
     audio-pipeline requeue (--all | --index N | --stage S)
     audio-pipeline purge-failed [--yes]
     audio-pipeline init-db                      apply schema.sql (idempotent)
+    audio-pipeline check-connections [--json]   reach Redis, PostgreSQL and S3 (exit 1 if not)
     audio-pipeline policy add NAME --version N --file F [--lexicon 'a,b']
+    audio-pipeline policy apply PATH... [--json] policy files (policies/*.yml), idempotent
     audio-pipeline policy list [--json]
     audio-pipeline policy deactivate NAME VERSION
 
@@ -26,6 +28,7 @@ from typing import Any
 import psycopg
 import redis
 
+from audio_pipeline import policy_files
 from audio_pipeline.config import (
     QUEUE_FAILED,
     QUEUE_TRANSCRIBE,
@@ -42,6 +45,7 @@ from audio_pipeline.queue import (
     heartbeat_key,
     parse_processing_key,
 )
+from audio_pipeline.records import policies as policy_records
 
 ALWAYS_SHOWN_QUEUES = (QUEUE_UNPACK, QUEUE_TRANSCRIBE, QUEUE_FAILED)
 IN_FLIGHT_BATCH_LIMIT = 20  # batches listed by `status` (counts cover all of them)
@@ -322,36 +326,17 @@ def requeue(
 def add_policy(
     conn: psycopg.Connection, name: str, version: int, text: str, lexicon: list[str]
 ) -> str:
-    existing = conn.execute(
-        "SELECT text, lexicon FROM policies WHERE name = %s AND version = %s", (name, version)
-    ).fetchone()
+    existing = policy_records.get_version(conn, name, version)
     if existing is not None:
-        if existing[0] == text and list(existing[1]) == lexicon:
+        if existing.same_wording(text, tuple(lexicon)):
             return "unchanged"
         raise CommandError(
             f"policy {name!r} version {version} already exists with a different text or "
             "lexicon; policies are never edited: add version "
-            f"{_next_version(conn, name)} instead"
+            f"{policy_records.next_version(conn, name)} instead"
         )
-    conn.execute(
-        "INSERT INTO policies (name, version, text, lexicon) VALUES (%s, %s, %s, %s)",
-        (name, version, text, lexicon),
-    )
+    policy_records.insert_version(conn, name, version, text, lexicon)
     return "added"
-
-
-def _next_version(conn: psycopg.Connection, name: str) -> int:
-    row = conn.execute("SELECT max(version) FROM policies WHERE name = %s", (name,)).fetchone()
-    return int(row[0] or 0) + 1
-
-
-def list_policies(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT id, name, version, active, lexicon, text, created_at "
-        "FROM policies ORDER BY name, version"
-    ).fetchall()
-    keys = ["id", "name", "version", "active", "lexicon", "text", "created_at"]
-    return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
 # -- commands -------------------------------------------------------------------------
@@ -436,15 +421,48 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings, r: redis.Redis | N
     return 0
 
 
+def cmd_check_connections(
+    args: argparse.Namespace, settings: Settings, r: redis.Redis | None
+) -> int:
+    from audio_pipeline.connectivity import check_connections, report
+
+    results = check_connections(settings)
+    if args.json:
+        _print_json(report(settings, results))
+    else:
+        rows = [(c.service, "ok" if c.ok else "FAILED", c.target, c.detail) for c in results]
+        print(render_table(["service", "result", "target", "detail"], rows))
+    return 0 if all(c.ok for c in results) else 1
+
+
 def cmd_policy(args: argparse.Namespace, settings: Settings, r: redis.Redis | None) -> int:
+    if args.policy_command == "apply":
+        # Every file is checked before the database is touched.
+        try:
+            loaded = policy_files.load_policy_files(args.paths)
+        except policy_files.PolicyFileError as exc:
+            raise CommandError(str(exc)) from None
     with psycopg.connect(settings.database_url) as conn:
-        if args.policy_command == "add":
+        if args.policy_command == "apply":
+            try:
+                summary = policy_files.apply(conn, loaded)
+            except policy_files.PolicyFileError as exc:
+                raise CommandError(str(exc)) from None
+            if args.json:
+                _print_json(summary)
+            else:
+                for p in summary["policies"]:
+                    off = p["deactivated"]
+                    note = f" (switched off: v{', v'.join(map(str, off))})" if off else ""
+                    version = f" v{p['version']}" if p["version"] is not None else ""
+                    print(f"policy {p['name']}{version}: {p['result']}{note}  [{p['file']}]")
+        elif args.policy_command == "add":
             text = _read_policy_text(args.file)
             lexicon = [t.strip() for t in (args.lexicon or "").split(",") if t.strip()]
             result = add_policy(conn, args.name, args.version, text, lexicon)
             print(f"policy {args.name} v{args.version}: {result}")
         elif args.policy_command == "list":
-            policies = list_policies(conn)
+            policies = policy_records.all_versions(conn)
             if args.json:
                 _print_json(policies)
             elif not policies:
@@ -457,11 +475,7 @@ def cmd_policy(args: argparse.Namespace, settings: Settings, r: redis.Redis | No
                 ]  # fmt: skip
                 print(render_table(["id", "name", "version", "active", "lexicon", "text"], rows))
         else:
-            updated = conn.execute(
-                "UPDATE policies SET active = false WHERE name = %s AND version = %s",
-                (args.name, args.version),
-            ).rowcount
-            if not updated:
+            if not policy_records.set_active(conn, args.name, args.version, False):
                 raise CommandError(f"no policy {args.name!r} version {args.version}")
             print(f"policy {args.name} v{args.version}: deactivated")
     return 0
@@ -507,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-db", help="apply schema.sql (idempotent)")
     p.set_defaults(func=cmd_init_db, needs_redis=False)
 
+    p = sub.add_parser(
+        "check-connections",
+        help="reach Redis, PostgreSQL and S3 with this environment's credentials",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check_connections, needs_redis=False)
+
     p = sub.add_parser("policy", help="moderation policies (versioned)")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     add = psub.add_parser("add", help="add a policy version from a text file")
@@ -514,6 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--version", type=int, required=True)
     add.add_argument("--file", type=Path, required=True, help="the policy text")
     add.add_argument("--lexicon", help="comma-separated terms for the lexicon classifier")
+    apply = psub.add_parser(
+        "apply", help="make the policies in YAML files current (new version if reworded)"
+    )
+    apply.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="policy files or directories of them"
+    )
+    apply.add_argument("--json", action="store_true", help="a summary for scripts (changed: ...)")
     lst = psub.add_parser("list", help="every policy version")
     lst.add_argument("--json", action="store_true")
     deact = psub.add_parser("deactivate", help="stop classifying against a version")

@@ -15,7 +15,10 @@ from psycopg_pool import ConnectionPool
 
 from audio_pipeline.config import Settings, load_settings
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+# Package data, so `audio-pipeline init-db` works from an installed wheel; the
+# repository's top-level schema.sql (what operators and the orchestrator role read)
+# is a symlink to this file.
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
 POOL_MIN = 1
 POOL_MAX = 4  # a worker runs one job at a time; a few spare for heartbeats/tools
 POOL_TIMEOUT = 30.0  # seconds to wait for a free connection

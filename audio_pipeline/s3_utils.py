@@ -51,7 +51,9 @@ def opus_key(batch_id: str, rel_path: str) -> str:
     return f"audio/{batch_id}/{Path(rel_path).with_suffix('.opus').as_posix()}"
 
 
-def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any:
+def _client(
+    endpoint: str, access_key: str, secret_key: str, region: str, *, max_attempts: int = 5
+) -> Any:
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -61,7 +63,7 @@ def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=10,
             read_timeout=120,
             # Only send/verify checksums the operation requires: S3-compatible
@@ -72,10 +74,16 @@ def _client(endpoint: str, access_key: str, secret_key: str, region: str) -> Any
     )
 
 
-def get_s3_client(settings: Settings | None = None) -> Any:
-    """S3 client for the configured endpoint (OpenStack Swift, SeaweedFS, MinIO)."""
+def get_s3_client(settings: Settings | None = None, *, max_attempts: int = 5) -> Any:
+    """S3 client for the configured endpoint (OpenStack Swift, SeaweedFS, MinIO).
+
+    ``max_attempts`` 1 suits a health check, which should report an outage, not
+    ride it out.
+    """
     s = settings or load_settings()
-    return _client(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_region)
+    return _client(
+        s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_region, max_attempts=max_attempts
+    )
 
 
 def client_from_env(env: Mapping[str, str]) -> Any:

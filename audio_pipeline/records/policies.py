@@ -1,17 +1,60 @@
-"""policies rows: what the gpu stage reads (the RA app and operators write them)."""
+"""policies rows: what the gpu stage reads and what operators write.
+
+A policy is versioned: a new wording is a new row, never an edit, so every
+classification names the exact text it was judged against. Operators only ever add
+versions and switch ``active`` on or off (``audio-pipeline policy ...``).
+
+The functions take a connection with any row factory: the workers' pools return
+dicts, the CLI's connections tuples.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import psycopg
+from psycopg.rows import dict_row, tuple_row
 
 from audio_pipeline.classify import Policy
 
 
+@dataclass(frozen=True)
+class PolicyVersion:
+    """One row of policies, as the operator tools see it."""
+
+    id: int
+    name: str
+    version: int
+    text: str
+    lexicon: tuple[str, ...]
+    active: bool
+
+    def same_wording(self, text: str, lexicon: tuple[str, ...]) -> bool:
+        return self.text == text and self.lexicon == lexicon
+
+
+_COLUMNS = "id, name, version, text, lexicon, active"
+
+
+def _version(row: dict[str, Any]) -> PolicyVersion:
+    return PolicyVersion(
+        id=int(row["id"]),
+        name=row["name"],
+        version=int(row["version"]),
+        text=row["text"],
+        lexicon=tuple(row["lexicon"] or ()),
+        active=bool(row["active"]),
+    )
+
+
 def active_policies(conn: psycopg.Connection) -> list[Policy]:
     """Every active policy version, in a stable order (name, version)."""
-    rows = conn.execute(
-        "SELECT id, name, version, text, lexicon FROM policies WHERE active ORDER BY name, version"
-    ).fetchall()
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT id, name, version, text, lexicon FROM policies WHERE active "
+            "ORDER BY name, version"
+        ).fetchall()
     return [
         Policy(
             id=int(r["id"]),
@@ -22,3 +65,71 @@ def active_policies(conn: psycopg.Connection) -> list[Policy]:
         )
         for r in rows
     ]
+
+
+def lock_name(conn: psycopg.Connection, name: str) -> None:
+    """Serialise writers of one policy name until the transaction ends.
+
+    Two operators applying at once would otherwise both read version N and both
+    try to insert N + 1; one would fail on the unique key.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('policies:' || %s))", (name,))
+
+
+def get_version(conn: psycopg.Connection, name: str, version: int) -> PolicyVersion | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_COLUMNS} FROM policies WHERE name = %s AND version = %s",  # noqa: S608
+            (name, version),
+        ).fetchone()
+    return None if row is None else _version(row)
+
+
+def versions(conn: psycopg.Connection, name: str) -> list[PolicyVersion]:
+    """Every version of one policy, oldest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_COLUMNS} FROM policies WHERE name = %s ORDER BY version",  # noqa: S608
+            (name,),
+        ).fetchall()
+    return [_version(r) for r in rows]
+
+
+def next_version(conn: psycopg.Connection, name: str) -> int:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT max(version) FROM policies WHERE name = %s", (name,)).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    return int(row[0] or 0) + 1
+
+
+def insert_version(
+    conn: psycopg.Connection, name: str, version: int, text: str, lexicon: list[str]
+) -> int:
+    """Add a version (active, the column's default); returns its id."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "INSERT INTO policies (name, version, text, lexicon) VALUES (%s, %s, %s, %s) "
+            "RETURNING id",
+            (name, version, text, lexicon),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def set_active(conn: psycopg.Connection, name: str, version: int, active: bool) -> bool:
+    """Switch one version on or off; False when there is no such version."""
+    return bool(
+        conn.execute(
+            "UPDATE policies SET active = %s WHERE name = %s AND version = %s",
+            (active, name, version),
+        ).rowcount
+    )
+
+
+def all_versions(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every version of every policy, for listings."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, name, version, active, lexicon, text, created_at "
+            "FROM policies ORDER BY name, version"
+        ).fetchall()

@@ -1,0 +1,124 @@
+"""The package as the fleet installs it: a wheel, not this checkout.
+
+Hosts pip-install a release directory (a non-editable install), so anything the
+code reads at run time must be package data. ``init-db`` reads schema.sql; the
+top-level schema.sql is only a symlink to the packaged copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from audio_pipeline import devstack
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+# What the wheel is built from: the same files `git archive` ships to a host.
+SOURCES = ("pyproject.toml", "README.md", "audio_pipeline", "ra_app")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the sources, so the checkout gets no build/."""
+    src = tmp_path_factory.mktemp("src")
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [str(VENV_BIN / "pip"), "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "--disable-pip-version-check", "-w", str(out), str(src)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    [built] = out.glob("*.whl")
+    return built
+
+
+def test_schema_is_one_file_shipped_in_the_wheel(wheel: Path):
+    top = REPO / "schema.sql"
+    assert top.is_symlink()
+    assert top.resolve() == (REPO / "audio_pipeline" / "schema.sql").resolve()
+    role_copy = REPO / "roles" / "orchestrator" / "files" / "schema.sql"
+    assert role_copy.resolve() == top.resolve()
+    with zipfile.ZipFile(wheel) as zf:
+        packaged = zf.read("audio_pipeline/schema.sql").decode()
+    assert packaged == top.read_text()
+    assert "CREATE TABLE IF NOT EXISTS policies" in packaged
+
+
+@pytest.fixture
+def empty_database(stack: devstack.Stack) -> Iterator[str]:
+    """A database owned by the pipeline role with nothing in it (a fresh fleet)."""
+    name = f"pkg_{uuid.uuid4().hex[:12]}"
+    with devstack.admin_connect(stack) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER pipeline").format(sql.Identifier(name)))
+    with devstack.admin_connect(stack, name) as conn:
+        devstack.grant_ownership_model(conn)
+    yield name
+    with devstack.admin_connect(stack) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def test_init_db_from_a_non_editable_install(
+    wheel: Path, stack, stack_env, empty_database, tmp_path
+):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(VENV_BIN / "pip"), "--python", str(python), "install", "--no-deps", "-q",
+         "--disable-pip-version-check", str(wheel)],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    # The dependencies come from the test virtualenv (installing them again would only
+    # cost time); the package itself must come from the wheel, never this checkout.
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    deps = subprocess.run(
+        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "test-deps.pth").write_text(deps + "\n")
+
+    env = {"PATH": "/usr/bin:/bin", **stack_env, "POSTGRES_DB": empty_database}
+    where = subprocess.run(
+        [str(python), "-c", "import audio_pipeline.db as d; print(d.SCHEMA_PATH)"],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(venv), where
+    for _ in range(2):  # idempotent, like every deploy
+        result = subprocess.run(
+            [str(venv / "bin" / "audio-pipeline"), "init-db"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"schema applied to {empty_database}" in result.stdout
+    with devstack.admin_connect(stack, empty_database) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables").fetchall()}
+    assert {"batches", "audio_files", "transcripts", "policies", "classifications"} <= tables
