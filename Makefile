@@ -19,7 +19,7 @@ APT_PACKAGES := python3-venv git make ca-certificates \
 	redis-server postgresql ffmpeg espeak-ng sox \
 	openssh-server openssh-client rsync \
 	chromium chromium-driver \
-	systemd-container debootstrap iproute2 wrk
+	systemd-container debootstrap iproute2 tinyproxy wrk
 PYTHON_EXTRAS := asr,classifier,ra,stack,dev
 
 .PHONY: help deps test test-unit test-fast lint format demo bench bench-smoke stack-up stack-down stack-env clean

@@ -95,6 +95,9 @@ class Ports:
 class Stack:
     root: Path
     ports: Ports
+    # The address every service binds and clients use. Loopback for the local stack;
+    # the fleet test's S3 and collection host bind its bridge address instead.
+    host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls) -> Stack:
@@ -154,13 +157,13 @@ class Stack:
             "POSTGRES_ADMIN_URL": (
                 f"postgresql://postgres:{DEV_PG_SUPERUSER_PASSWORD}@127.0.0.1:{p.postgres}/postgres"
             ),
-            "S3_ENDPOINT": f"http://127.0.0.1:{p.s3}",
+            "S3_ENDPOINT": f"http://{self.host}:{p.s3}",
             "S3_ACCESS_KEY": DEV_S3_ACCESS_KEY,
             "S3_SECRET_KEY": DEV_S3_SECRET_KEY,
             "S3_BUCKET": DEV_S3_BUCKET,
             "SCRATCH_ROOT": str(self.root / "scratch"),
             "MODELS_ROOT": str(self.root / "models"),
-            "COLLECTION_SSH_HOST": "127.0.0.1",
+            "COLLECTION_SSH_HOST": self.host,
             "COLLECTION_SSH_PORT": str(p.ssh),
             "COLLECTION_SSH_USER": "root",
             "COLLECTION_SSH_KEY": str(self.ssh_dir / "client_key"),
@@ -173,10 +176,10 @@ class Stack:
 # small process helpers
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def _wait_for(what: str, check, timeout: float = START_TIMEOUT, log: Path | None = None) -> None:
@@ -365,7 +368,7 @@ def grant_ownership_model(conn: psycopg.Connection) -> None:
 
 def start_seaweedfs(stack: Stack) -> None:
     port = stack.ports.s3
-    if _port_open(port):
+    if _port_open(port, stack.host):
         return
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(weed).exists():
@@ -393,7 +396,7 @@ def start_seaweedfs(stack: Stack) -> None:
     )
     args = [
         weed, f"-logdir={stack.log_dir}", "mini", f"-dir={data}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
+        f"-ip={stack.host}", f"-ip.bind={stack.host}", f"-s3.port={port}",
         f"-s3.config={config}", "-master.telemetry=false", "-webdav=false",
         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.localSocket={stack.s3_dir / 's3.sock'}",
@@ -412,7 +415,7 @@ def start_seaweedfs(stack: Stack) -> None:
 
 
 def _s3_ready(stack: Stack) -> bool:
-    if not _port_open(stack.ports.s3):
+    if not _port_open(stack.ports.s3, stack.host):
         return False
     from audio_pipeline import s3_utils
 
@@ -426,7 +429,7 @@ def _s3_ready(stack: Stack) -> bool:
 def start_sshd(stack: Stack) -> None:
     """A real sshd on loopback standing in for the remote collection host."""
     port = stack.ports.ssh
-    if _port_open(port):
+    if _port_open(port, stack.host):
         return
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd).exists():
@@ -442,7 +445,7 @@ def start_sshd(stack: Stack) -> None:
             )
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
     (d / "known_hosts").write_text(
-        f"[127.0.0.1]:{port} "
+        f"[{stack.host}]:{port} "
         + (d / "host_ed25519.pub").read_text().split(" ", 2)[0]
         + " "
         + (d / "host_ed25519.pub").read_text().split(" ", 2)[1]
@@ -454,7 +457,7 @@ def start_sshd(stack: Stack) -> None:
         "\n".join(
             [
                 f"Port {port}",
-                "ListenAddress 127.0.0.1",
+                f"ListenAddress {stack.host}",
                 f"HostKey {host_key}",
                 f"PidFile {d / 'sshd.pid'}",
                 f"AuthorizedKeysFile {d / 'authorized_keys'}",
@@ -469,7 +472,7 @@ def start_sshd(stack: Stack) -> None:
         )
     )
     subprocess.run([sshd, "-f", str(config), "-E", str(stack.log_dir / "sshd.log")], check=True)
-    _wait_for("sshd", lambda: _port_open(port), log=stack.log_dir / "sshd.log")
+    _wait_for("sshd", lambda: _port_open(port, stack.host), log=stack.log_dir / "sshd.log")
 
 
 # --------------------------------------------------------------------------
@@ -515,8 +518,8 @@ def status(stack: Stack) -> dict[str, bool]:
     return {
         "redis": _port_open(p.redis),
         "postgres": _port_open(p.postgres),
-        "s3": _port_open(p.s3),
-        "sshd": _port_open(p.ssh),
+        "s3": _port_open(p.s3, stack.host),
+        "sshd": _port_open(p.ssh, stack.host),
     }
 
 

@@ -59,6 +59,7 @@ class RASettings:
     assignment_ttl: int
     ratelimit_storage_uri: str
     session_cookie_secure: bool
+    proxy_hops: int
 
     @property
     def production(self) -> bool:
@@ -103,12 +104,18 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def _redis_uri(environ: Mapping[str, str]) -> str:
-    password = environ.get("REDIS_PASSWORD", "")
-    auth = f":{quote(password, safe='')}@" if password else ""
-    host = environ.get("REDIS_HOST", "127.0.0.1")
-    port = environ.get("REDIS_PORT", "6379")
-    return f"redis://{auth}{host}:{port}/{environ.get('REDIS_DB', '0')}"
+def _redis_uri(env: EnvReader) -> str:
+    """The limiter's Redis URL. On the fleet the RA app logs in as its own ACL user
+    (REDIS_USERNAME), which may touch only the limiter's keys, never the queues."""
+    username = env.str("REDIS_USERNAME", "")
+    password = env.str("REDIS_PASSWORD", "", required=True)
+    host = env.str("REDIS_HOST", "127.0.0.1", required=True)
+    port = env.int("REDIS_PORT", 6379, minimum=1)
+    db_number = env.int("REDIS_DB", 0, minimum=0)
+    auth = ""
+    if password:
+        auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
+    return f"redis://{auth}{host}:{port}/{db_number}"
 
 
 def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
@@ -133,7 +140,9 @@ def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
         env.errors.append(f"CODEBOOK_PATH={str(codebook)!r} is not a readable file")
     # Production shares the limiter's counters between gunicorn workers via Redis;
     # memory:// counts per process, which is fine for one developer.
-    default_limiter = _redis_uri(environ) if production else "memory://"
+    limiter_uri = env.str("RATELIMIT_STORAGE_URI", "")
+    if not limiter_uri:
+        limiter_uri = _redis_uri(env) if production else "memory://"
     settings = RASettings(
         app_env=app_env,
         database_url=env.str("DATABASE_URL", DEV_DATABASE_URL, required=True),
@@ -148,8 +157,11 @@ def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
         queue_seed=env.str("RA_QUEUE_SEED", "study"),
         double_coded_share=share,
         assignment_ttl=env.int("RA_ASSIGNMENT_TTL", ASSIGNMENT_TTL, minimum=60),
-        ratelimit_storage_uri=env.str("RATELIMIT_STORAGE_URI", default_limiter),
+        ratelimit_storage_uri=limiter_uri,
         session_cookie_secure=env.bool("RA_COOKIE_SECURE", production),
+        # In production nginx is the one proxy in front: the client address and
+        # scheme come from its X-Forwarded-* headers, never from further hops.
+        proxy_hops=env.int("RA_PROXY_HOPS", 1 if production else 0, minimum=0),
     )
     if production and settings.secret_key == DEV_SECRET_KEY:
         env.errors.append("SECRET_KEY is the development key; set a real one")

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Flask, jsonify, render_template, request
 from sqlalchemy import text
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ra_app.config import load_ra_settings
 from ra_app.extensions import csrf, db, limiter, login_manager, migrate
@@ -27,8 +28,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     test_config = dict(test_config or {})
     environ = test_config.pop("ENVIRON", None)
     app = Flask(__name__)
-    app.config.update(load_ra_settings(environ).flask_config())
+    settings = load_ra_settings(environ)
+    app.config.update(settings.flask_config())
     app.config.update(test_config)
+    if settings.proxy_hops:
+        # Exactly the configured number of proxies is trusted, so the login limit
+        # and the logs see the client's address, and a client cannot forge it by
+        # sending its own X-Forwarded-For.
+        hops = settings.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS_DIR))

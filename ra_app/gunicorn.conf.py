@@ -1,6 +1,8 @@
 """gunicorn settings: gunicorn -c ra_app/gunicorn.conf.py "ra_app:create_app()".
 
-Every value can be overridden from the environment (the Ansible unit sets them).
+The one gunicorn configuration: the orchestrator role's unit runs this file from the
+deployed release, with its values in /etc/ra-app/ra-app.env, and bench/bench_ra.py
+measures the same file. Every value can be overridden from the environment.
 """
 
 import multiprocessing
@@ -12,14 +14,48 @@ bind = os.environ.get("RA_BIND", "127.0.0.1:8000")  # nginx terminates TLS in fr
 workers = int(os.environ.get("RA_WORKERS", min(4, multiprocessing.cpu_count() * 2 + 1)))
 worker_class = "gthread"
 threads = int(os.environ.get("RA_THREADS", "4"))
-timeout = int(os.environ.get("RA_TIMEOUT", "60"))  # seconds; a long export streams
-graceful_timeout = 30  # seconds to finish requests on SIGTERM
+# Seconds per request (a long export streams); RA_TIMEOUT is the older name.
+timeout = int(os.environ.get("RA_TIMEOUT_S", os.environ.get("RA_TIMEOUT", "60")))
+# Seconds to finish in-flight requests on SIGTERM.
+graceful_timeout = int(os.environ.get("RA_GRACEFUL_TIMEOUT_S", "30"))
 keepalive = 5
 max_requests = 2000  # recycle workers to bound any slow leak
 max_requests_jitter = 200
 accesslog = os.environ.get("RA_ACCESS_LOG", "-")
 errorlog = os.environ.get("RA_ERROR_LOG", "-")
 loglevel = os.environ.get("RA_LOG_LEVEL", "info")
+# Only the local proxy (nginx) may say the request came over HTTPS.
 forwarded_allow_ips = os.environ.get("RA_FORWARDED_ALLOW_IPS", "127.0.0.1")
 # Build the app once in the master, so a bad config or codebook fails the start.
 preload_app = True
+
+# On the fleet errors go to the journal and to a rotated file as well, where the
+# guide's troubleshooting (`tail -50 /opt/ra-app/logs/error.log`) looks.
+_error_file = os.environ.get("RA_ERROR_LOG_FILE", "")
+if _error_file:
+    _stderr = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"},
+        },
+        "handlers": {
+            "journal": _stderr,
+            "error_file": {
+                "class": "logging.handlers.RotatingFileHandler",
+                "formatter": "plain",
+                "filename": _error_file,
+                "maxBytes": 10 * 1024 * 1024,
+                "backupCount": 5,
+            },
+        },
+        "loggers": {
+            "gunicorn.error": {
+                "level": loglevel.upper(),
+                "handlers": ["journal", "error_file"],
+                "propagate": False,
+            },
+        },
+        "root": {"level": "INFO", "handlers": ["journal", "error_file"]},
+    }

@@ -1,30 +1,34 @@
 """systemd-nspawn machines that stand in for fleet VMs (real systemd, no Docker).
 
 A Debian bookworm rootfs is built once with debootstrap and cached as a tar; each
-machine boots from its own copy. Machines share the host's network namespace, so
-their services listen on the host's ports and Ansible reaches them with the
-community.docker.nsenter connection (the machine's PID 1 as ansible_nsenter_pid).
+machine boots from its own copy. Each machine has its own network namespace with
+one address on a private bridge (network.py), so bind addresses, pg_hba and the
+firewall are real; Ansible reaches it with the community.docker.nsenter connection
+(the machine's PID 1 as ansible_nsenter_pid). The machines have no route out:
+apt and pip go through the host's proxy on the bridge, like a proxied data centre.
 See ../shared/notes/testing-recipes.md ("Ansible, converged for real ...").
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUITE = "bookworm"
 # The packages a bare cloud image has and Ansible needs; everything else is the
 # roles' job.
-ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-apt,sudo,iproute2,ca-certificates"
+ROOTFS_PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-apt,sudo,iproute2,ca-certificates,openssh-server"
+)
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
-ROOTFS_TAR_NAME = f"rootfs-{SUITE}.tar"
+# Named by its content: a cache built with other packages is never reused.
+ROOTFS_TAR_NAME = f"rootfs-{SUITE}-{hashlib.sha256(ROOTFS_PACKAGES.encode()).hexdigest()[:8]}.tar"
 BOOT_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
 DATA_VOLUME_BYTES = 512 * 1024 * 1024
@@ -70,9 +74,12 @@ def build_rootfs_tar(cache_dir: Path) -> Path:
     for crt in HOST_CA_DIR.glob("*.crt"):
         shutil.copy2(crt, target_ca / crt.name)
     _run(["chroot", str(build), "update-ca-certificates"])
-    # The machines share the host's network: an sshd inside would fight the host's.
-    _run(["chroot", str(build), "systemctl", "mask", "ssh.service", "systemd-networkd.service",
+    # Addresses are set from the host (Machine.boot); the host owns the clock.
+    _run(["chroot", str(build), "systemctl", "mask", "systemd-networkd.service",
           "systemd-resolved.service", "systemd-timesyncd.service"])  # fmt: skip
+    # Host keys are made per machine (unpack_machine), never shared through the tar.
+    for key in (build / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
     # systemd generates a fresh machine-id per machine at first boot.
     (build / "etc/machine-id").write_text("")
     partial = tar.with_suffix(".partial")
@@ -86,6 +93,9 @@ def build_rootfs_tar(cache_dir: Path) -> Path:
 class Machine:
     name: str
     root: Path
+    address: str
+    bridge: str
+    prefix_len: int
     binds: list[str] = field(default_factory=list)
     nspawn: subprocess.Popen[bytes] | None = None
     pid1: int | None = None
@@ -94,6 +104,7 @@ class Machine:
         args = [
             "systemd-nspawn", "--boot", f"--directory={self.root}", f"--machine={self.name}",
             "--register=no", "--keep-unit", "--console=read-only",
+            f"--network-bridge={self.bridge}",
             *(f"--bind={b}" for b in self.binds),
         ]  # fmt: skip
         log = (log_dir / f"{self.name}.console.log").open("wb")
@@ -108,13 +119,37 @@ class Machine:
             children = subprocess.run(
                 ["pgrep", "-P", str(self.nspawn.pid)], capture_output=True, text=True
             ).stdout.split()
-            if children:
+            if children and self.pid1 is None:
                 self.pid1 = int(children[0])
+                self._set_address()
+            if self.pid1 is not None:
                 state = self.exec(["systemctl", "is-system-running"], check=False).stdout.strip()
                 if state in {"running", "degraded"}:
                     return
             time.sleep(0.5)
         raise MachineError(f"{self.name}: not booted within {BOOT_TIMEOUT_S} s")
+
+    def _set_address(self) -> None:
+        # From the host, at once: networkd inside would take seconds to apply it.
+        net = ["nsenter", "-t", str(self.pid1), "-n", "--"]
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while subprocess.run([*net, "ip", "link", "show", "host0"], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise MachineError(f"{self.name}: no host0 interface")
+            time.sleep(0.2)
+        _run([*net, "ip", "link", "set", "lo", "up"])
+        _run([*net, "ip", "link", "set", "host0", "up"])
+        _run([*net, "ip", "addr", "add", f"{self.address}/{self.prefix_len}", "dev", "host0"])
+
+    def net_exec(self, args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """Run a host program inside this machine's network namespace only: the
+        host's files and tools, the machine's addresses and firewall."""
+        if self.pid1 is None:
+            raise MachineError(f"{self.name} is not running")
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            ["nsenter", "-t", str(self.pid1), "-n", "--", *args],
+            text=True, capture_output=True, **kwargs,
+        )  # fmt: skip
 
     def exec(
         self, args: list[str], *, check: bool = True, env: dict[str, str] | None = None
@@ -140,24 +175,38 @@ class Machine:
             self.nspawn.wait(timeout=STOP_TIMEOUT_S)
 
 
-@contextlib.contextmanager
-def loop_device(image: Path, size_bytes: int = DATA_VOLUME_BYTES) -> Iterator[str]:
+def attach_loop_device(image: Path, size_bytes: int = DATA_VOLUME_BYTES) -> str:
     """A sparse file attached as a loop device: an empty data volume."""
     with image.open("wb") as f:
         f.truncate(size_bytes)
-    device = _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
-        image.unlink(missing_ok=True)
+    return _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
 
 
-def unpack_machine(tar: Path, root: Path, hostname: str) -> None:
+def detach_loop_device(device: str) -> None:
+    image = subprocess.run(
+        ["losetup", "--noheadings", "--output", "BACK-FILE", device], capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run(["losetup", "-d", device], check=False)
+    if image:
+        Path(image).unlink(missing_ok=True)
+
+
+def unpack_machine(
+    tar: Path, root: Path, hostname: str, proxy_url: str, hosts: dict[str, str]
+) -> None:
+    """A machine's root from the cached tar, set up as its cloud image would be on a
+    proxied network: host name, /etc/hosts, apt's and pip's proxy, own SSH host keys."""
     root.mkdir(parents=True)
     _run(["tar", "-C", str(root), "--numeric-owner", "-xf", str(tar)])
     root.chmod(0o755)
     (root / "etc/hostname").write_text(hostname + "\n")
+    lines = ["127.0.0.1 localhost", *(f"{addr} {name}" for name, addr in hosts.items())]
+    (root / "etc/hosts").write_text("\n".join(lines) + "\n")
+    (root / "etc/apt/apt.conf.d/80fleet-proxy").write_text(
+        f'Acquire::http::Proxy "{proxy_url}";\nAcquire::https::Proxy "{proxy_url}";\n'
+    )
+    (root / "etc/pip.conf").write_text(f"[global]\nproxy = {proxy_url}\n")
+    _run(["ssh-keygen", "-A", "-f", str(root)])
 
 
 def nspawn_available() -> str | None:
