@@ -32,6 +32,11 @@ operator's own) are never deleted.
 
 Redelivery is harmless: a file already done (transcript stored) is acknowledged
 without work, and every write is an upsert on its natural key.
+
+No active policy: files are still transcribed and stored, with no verdict. The
+worker logs ``event=gpu.no_active_policy`` (level warning) at start and with the
+first claim stored that way, then at most every NO_POLICY_WARN_INTERVAL_S with the
+number of files since, and ``event=gpu.policies_active`` once a policy is back.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +79,14 @@ DEFAULT_BATCH_SIZE = 8  # files per claim (and per model call); group_vars sets 
 PREFETCH_AUTO = "auto"  # PREFETCH's default: look ahead when the ASR model is on CUDA
 PAYLOAD_FIELDS: Mapping[str, type] = {"audio_id": int, "opus_path": str}
 FETCHED_DIR = "fetched"  # under SCRATCH_ROOT/{batch_id}: Opus files pulled from S3
+# With no active policy every file ends "done" with a transcript and no verdict. The
+# worker says so at start and on the first claim stored that way, then at most this
+# often, so the journal shows it without one line per claim.
+NO_POLICY_WARN_INTERVAL_S = 300.0
+NO_POLICY_HINT = (
+    "no active policy: files are stored with a transcript but no verdict; apply one "
+    "with `audio-pipeline policy apply` (playbooks/apply-policies.yml)"
+)
 
 
 def batch_size_from_env(environ: Mapping[str, str] | None = None) -> int:
@@ -128,6 +142,9 @@ class GpuWorker(Worker):
         self.classifier: Classifier | None = None
         self._s3: Any = None
         self._s3_lock = threading.Lock()  # the look-ahead thread may fetch too
+        self._policy_missing = False  # warned that no policy is active, not yet resolved
+        self._no_policy_warned_at: float | None = None  # monotonic time of a claim's warning
+        self._files_without_verdict = 0  # stored with no policy since that warning
 
     def source_queues(self) -> list[str]:
         return [self.settings.host_queue, QUEUE_TRANSCRIBE]
@@ -142,6 +159,7 @@ class GpuWorker(Worker):
         log_event(self.log, "gpu.models_loaded", asr=self.transcriber.model_name,
                   asr_backend=self.transcriber.backend, classifier=self.classifier.model_name,
                   batch_size=self.batch_size, prefetch=self.look_ahead)  # fmt: skip
+        self._check_policies_at_start()
 
     @property
     def s3(self) -> Any:
@@ -211,6 +229,7 @@ class GpuWorker(Worker):
         transcripts = self.transcriber.transcribe_prepared(audio)
         with self.db.connection() as conn:
             policies = active_policies(conn)
+        self._note_policies(len(policies), len(work))
         items = [
             ClassifyItem(
                 key=w.row.id,
@@ -238,6 +257,44 @@ class GpuWorker(Worker):
             self._delete_local(w)
         self._clean_finished(finished)
         return outcomes
+
+    # -- no active policy ------------------------------------------------------------
+
+    def _check_policies_at_start(self) -> None:
+        try:
+            with self.db.connection() as conn:
+                count = len(active_policies(conn))
+        except Exception as exc:  # the claims will meet the same outage and retry
+            log_event(self.log, "gpu.policy_check_failed", level=logging.WARNING,
+                      error=str(exc))  # fmt: skip
+            return
+        if count == 0:
+            self._policy_missing = True
+            log_event(self.log, "gpu.no_active_policy", level=logging.WARNING, phase="start",
+                      detail=NO_POLICY_HINT)  # fmt: skip
+        else:
+            log_event(self.log, "gpu.policies_active", policies=count)
+
+    def _note_policies(self, count: int, files: int) -> None:
+        """Warn while claims are stored without a verdict (rate-limited); say when it ends."""
+        if count:
+            if self._policy_missing:
+                log_event(self.log, "gpu.policies_active", policies=count,
+                          files_without_verdict=self._files_without_verdict)  # fmt: skip
+                self._policy_missing = False
+                self._no_policy_warned_at = None
+                self._files_without_verdict = 0
+            return
+        self._policy_missing = True
+        self._files_without_verdict += files
+        now = time.monotonic()
+        last = self._no_policy_warned_at
+        if last is None or now - last >= NO_POLICY_WARN_INTERVAL_S:
+            log_event(self.log, "gpu.no_active_policy", level=logging.WARNING, phase="claim",
+                      files_without_verdict=self._files_without_verdict,
+                      detail=NO_POLICY_HINT)  # fmt: skip
+            self._no_policy_warned_at = now
+            self._files_without_verdict = 0
 
     # -- finding the file ------------------------------------------------------------
 

@@ -285,3 +285,45 @@ def test_sigterm_hands_back_the_look_ahead_and_deletes_its_download(
     assert queued == [ids["in_s3"], ids["garbage"], ids["last"]]
     assert not [k for k in redis_client.scan_iter("processing:*") if redis_client.llen(k)]
     assert redis_client.llen(QUEUE_FAILED) == 0
+
+
+# -- no active policy: every file would end "done" with no verdict -------------------
+
+
+def test_no_active_policy_is_logged_loudly_until_one_is_applied(
+    pipeline_env, settings, db_conn, redis_client
+) -> None:
+    install_whisper(settings.models_root)
+    scratch = settings.batch_scratch(BATCH)
+    db_conn.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
+                    (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    jobs = [
+        {"audio_id": insert_file(db_conn, name, speak(text, scratch / name), None),
+         "opus_path": str(scratch / name)}
+        for name, text in TEXTS.items()
+    ]  # fmt: skip
+    db_conn.commit()
+    host_q = host_transcribe_queue("testhost")
+    for job in jobs[:2]:
+        redis_client.rpush(host_q, json.dumps(job))
+
+    output = run_drain({**pipeline_env, "BATCH_SIZE": "1"})  # two claims
+
+    warnings = [line for line in output.splitlines() if "event=gpu.no_active_policy" in line]
+    # At start, then with the first claim; the second claim falls within the rate limit.
+    assert len(warnings) == 2, output
+    start, claim = warnings
+    assert start.startswith("level=warning")
+    assert "phase=start" in start
+    assert "no active policy" in start
+    assert "phase=claim files_without_verdict=1" in claim
+    assert db_conn.execute("SELECT count(*) AS n FROM classifications").fetchone()["n"] == 0
+
+    db_conn.execute("INSERT INTO policies (name, version, text, lexicon) VALUES "
+                    "('boats', 1, 'Boats.', ARRAY['canoe'])")  # fmt: skip
+    db_conn.commit()
+    redis_client.rpush(host_q, json.dumps(jobs[2]))
+    output = run_drain(pipeline_env)
+    assert "event=gpu.no_active_policy" not in output
+    assert "event=gpu.policies_active policies=1" in output
+    assert db_conn.execute("SELECT count(*) AS n FROM classifications").fetchone()["n"] == 1
