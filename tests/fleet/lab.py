@@ -40,8 +40,8 @@ STAGING_DIR = REPO / ".stack" / "fleet"
 ASR_MODEL = "whisper/tiny.en"
 PLAYBOOK_TIMEOUT_S = 1500
 # The S3 store and the collection host's sshd, on the host's bridge address; ports
-# off the local stack's so both can run at once.
-HOST_SERVICES_PORT_BASE = 20000
+# (and their internal ones, base + 19333 at most) clear of the local stack's.
+HOST_SERVICES_PORT_BASE = 30000
 HOSTS = ("orch", "gpu-01", "transfer-01")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RECAP = re.compile(
