@@ -578,6 +578,7 @@ class WhisperXTranscriber(Transcriber):
         self.whisperx = whisperx
         path = model_dir(models_root, settings.model)
         align_path = model_dir(models_root, settings.align_model)
+        check_punkt_tab(settings.language)
         device = resolve_device(settings.device)
         self.settings = settings
         self.device = device
@@ -619,6 +620,28 @@ class WhisperXTranscriber(Transcriber):
             # whisperx does not report the language probability
             results.append((segments, raw.get("language"), None))
         return self._transcripts(prepared, time.perf_counter() - started, results)
+
+
+def check_punkt_tab(language: str) -> None:
+    """Fail at start-up when nltk's punkt_tab data is missing.
+
+    whisperx's aligner splits sentences with nltk's punkt_tab, found through
+    NLTK_DATA (the role points it at the synced ``nltk`` model), and when it is
+    missing it tries to download it in the middle of the first batch.
+    """
+    import nltk
+
+    lang = "english" if language in {LANGUAGE_AUTO, "en"} else None
+    if lang is None:
+        return  # whisperx picks its own punkt language; English is what the fleet runs
+    try:
+        nltk.data.find(f"tokenizers/punkt_tab/{lang}/")
+    except LookupError:
+        raise ConfigError(
+            f"nltk punkt_tab data for {lang} not found (NLTK_DATA="
+            f"{os.environ.get('NLTK_DATA', '')!r}); whisperx's alignment needs it: sync it "
+            "as a model (role variable gpu_worker_nltk_data) or set NLTK_DATA"
+        ) from None
 
 
 def _whisperx_segment(seg: Mapping[str, Any], duration: float) -> Segment:

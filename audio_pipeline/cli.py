@@ -10,6 +10,7 @@
     audio-pipeline policy apply PATH... [--json] policy files (policies/*.yml), idempotent
     audio-pipeline policy list [--json]
     audio-pipeline policy deactivate NAME VERSION
+    audio-pipeline models publish|sync|merge-cope-a ...  the S3 model store (model_cli.py)
 
 Exit codes: 0 ok, 1 the command could not do what was asked (named on stderr),
 2 bad usage or configuration.
@@ -548,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     deact.add_argument("name")
     deact.add_argument("version", type=int)
     p.set_defaults(func=cmd_policy, needs_redis=False)
+
+    from audio_pipeline import model_cli
+
+    model_cli.add_parser(sub)
     return parser
 
 
