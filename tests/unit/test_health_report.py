@@ -1,0 +1,131 @@
+"""health-check.yml's report templates, rendered by Ansible from made-up host results.
+
+The fleet test runs the playbook on real machines; this checks, in seconds, that
+each problem the templates know of becomes one line naming the host and the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+TEMPLATES = REPO / "playbooks" / "templates"
+
+
+def connections(host: str, failing: dict[str, str] | None = None) -> dict[str, Any]:
+    """What `audio-pipeline check-connections --json` prints, as a registered result."""
+    failing = failing or {}
+    checks = [
+        {"service": s, "target": f"{s}-target", "ok": s not in failing,
+         "detail": failing.get(s, "fine"), "elapsed_s": 0.01}
+        for s in ("redis", "postgres", "s3")
+    ]  # fmt: skip
+    report = {"host": host, "ok": not failing, "checks": checks}
+    return {"rc": 1 if failing else 0, "stdout": json.dumps(report), "stderr": ""}
+
+
+def healthy() -> dict[str, dict[str, Any]]:
+    return {
+        "orch-01": {
+            "health_services": {"stdout_lines": ["active", "active"]},
+            "health_pg": {"stdout_lines": ["15 main 5432 online postgres /d /l"]},
+            "health_ra_app": {"status": 200},
+            "health_flagged": {"rc": 0, "stdout": "3"},
+            "health_policies": {"rc": 0, "stdout": "1", "stderr": ""},
+            "health_connections": connections("orch-01"),
+            "health_queues": {"stdout_lines": ["queue:failed 0"]},
+            "health_failed_jobs": {"stdout_lines": []},
+        },
+        "gpu-01": {
+            "health_services": {"stdout_lines": ["active", "active"]},
+            "health_df": {"stdout_lines": ["Use% Avail", " 10% 50G"]},
+            "health_du": {"stdout": "1G /data/scratch"},
+            "health_connections": connections("gpu-01"),
+        },
+        "transfer-01": {
+            "health_services": {"stdout_lines": ["active"]},
+            "health_df": {"stdout_lines": ["Use% Avail", " 10% 50G"]},
+            "health_du": {"stdout": "1G /data/scratch"},
+            "health_connections": connections("transfer-01"),
+        },
+    }
+
+
+def render(tmp_path: Path, results: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(problem lines, report lines) as health-check.yml's summary builds them."""
+    # Registered results are plain host variables to the templates: the inventory
+    # carries them.
+    hosts = {h: {"ansible_connection": "local", **r} for h, r in results.items()}
+    inventory = {"all": {"children": {
+        "orchestrator": {"hosts": {"orch-01": hosts["orch-01"]}},
+        "gpu_workers": {"hosts": {"gpu-01": hosts["gpu-01"]}},
+        "transfer": {"hosts": {"transfer-01": hosts["transfer-01"]}},
+    }}}  # fmt: skip
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    out = tmp_path / "out.json"
+    problems_j2, report_j2 = TEMPLATES / "health-problems.j2", TEMPLATES / "health-report.j2"
+    play = [
+        {"name": "Summary", "hosts": "all", "gather_facts": False,
+         "vars": {
+             "health_max_failed_jobs": 0, "health_max_disk_percent": 90,
+             "health_orchestrator": "orch-01",
+             "health_queue_depths": {"queue:failed": 0},
+         },
+         "tasks": [{"name": "Render", "run_once": True, "delegate_to": "localhost",
+                    "ansible.builtin.copy": {"dest": str(out), "mode": "0644", "content":
+                        f"{{{{ {{'problems': lookup('ansible.builtin.template', '{problems_j2}'), "
+                        f"'report': lookup('ansible.builtin.template', '{report_j2}')}} "
+                        "| to_json }}"}}]},
+    ]  # fmt: skip
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "-i", "inventory.yml", "play.yml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+             "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+             "ANSIBLE_PYTHON_INTERPRETER": sys.executable},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rendered = json.loads(out.read_text())
+    problems = [x.strip() for x in (rendered["problems"] or "").splitlines() if x.strip()]
+    return problems, rendered["report"].splitlines()
+
+
+def test_a_healthy_fleet_has_no_problem_and_reports_connections(tmp_path):
+    problems, report = render(tmp_path, healthy())
+    assert problems == []
+    assert any(x.startswith("gpu-01") and "redis=ok  postgres=ok  s3=ok" in x for x in report)
+    assert any(x.startswith("active policies") and x.endswith(" 1") for x in report)
+
+
+def test_no_policy_and_unreachable_services_are_named(tmp_path):
+    results = healthy()
+    results["orch-01"]["health_policies"]["stdout"] = "0"
+    results["gpu-01"]["health_connections"] = connections(
+        "gpu-01", {"redis": "AuthenticationError: invalid username-password pair"}
+    )
+    results["transfer-01"]["health_connections"] = connections(
+        "transfer-01", {"s3": "ClientError: An error occurred (403) ... Forbidden"}
+    )
+    results["orch-01"]["health_connections"] = {
+        "rc": 1, "stdout": "", "stderr": "audio-pipeline: cannot read /etc/fleet-operators/..."
+    }  # fmt: skip
+    problems, report = render(tmp_path, results)
+    assert problems == [
+        "orch-01: no active policy: files are transcribed but get no verdict "
+        "(ansible-playbook playbooks/apply-policies.yml)",
+        "orch-01: could not check its connections: audio-pipeline: cannot read "
+        "/etc/fleet-operators/...",
+        "gpu-01: cannot reach redis at redis-target (AuthenticationError: invalid "
+        "username-password pair)",
+        "transfer-01: cannot reach s3 at s3-target (ClientError: An error occurred (403) "
+        "... Forbidden)",
+    ]
+    assert any(x.startswith("gpu-01") and "redis=FAILED" in x for x in report)
