@@ -44,7 +44,9 @@ def _settings(args: argparse.Namespace, settings: Settings) -> Settings:
 def cmd_models(args: argparse.Namespace, settings: Settings, r: Any = None) -> int:
     from audio_pipeline import model_store
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # progress lines on stderr (stdout is the JSON line Ansible reads); not the libraries'
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("audio_pipeline").setLevel(logging.INFO)
     try:
         if args.models_command == "publish":
             manifest = model_store.publish(args.dir, args.name, _settings(args, settings))
