@@ -34,7 +34,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]:
         yield built
     finally:
         if os.environ.get("FLEET_KEEP"):
-            # Debugging: leave the machines running (stop them with kill -TERM).
-            print({n: (m.nspawn.pid if m.nspawn else None) for n, m in built.machines.items()})
+            # Debugging: leave the machines running; `lab.py down --dir WORK` removes them.
+            lab.save_state(built)
+            print(f"fleet kept: python tests/fleet/lab.py down --dir {built.work}")
         else:
             lab.stop(built)

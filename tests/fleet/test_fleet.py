@@ -304,14 +304,12 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
 
     lab.create_ra_user(fleet, "ann", RA_PASSWORD, "ra")
     lab.create_ra_user(fleet, "boss", ADMIN_PASSWORD, "admin")
-    # An operator's policy: terms the test speech contains, so the lexicon
-    # classifier flags something.
-    _sql(
-        fleet,
-        "INSERT INTO policies (name, version, text, lexicon) VALUES "
-        "('fleet-test', 1, 'Mentions of rain or weather.', ARRAY['raining', 'rain']) "
-        "ON CONFLICT DO NOTHING",
-    )
+    # The operator's policy arrives by the playbook: terms the test speech
+    # contains, so the lexicon classifier flags something.
+    applied = lab.apply_policy(fleet, "fleet-weather", "Mentions of rain.", ["raining", "rain"])
+    assert "changed=1" in applied.output, applied.describe()
+    active = _sql(fleet, "SELECT version FROM policies WHERE name = 'fleet-weather' AND active")
+    assert active == [["1"]]
     batch = sample.make_speech_batch(
         fleet.work / "outgoing", "fleet-batch-001", n_files=BATCH_FILES, seed=5,
         min_seconds=2.0, max_seconds=6.0,
