@@ -22,7 +22,7 @@ APT_PACKAGES := python3-venv git make ca-certificates \
 	systemd-container debootstrap iproute2 tinyproxy wrk
 PYTHON_EXTRAS := asr,classifier,ra,stack,dev
 
-.PHONY: help deps test test-unit test-fast lint format demo bench bench-smoke stack-up stack-down stack-env clean
+.PHONY: help deps test test-unit test-fast lint format demo bench bench-smoke stack-up stack-down stack-env fleet-up fleet-down clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -87,5 +87,11 @@ DEMO_FILES ?= 12
 demo: deps  ## run the pipeline end to end on a generated batch, then serve the RA app
 	$(BIN)/python -m audio_pipeline.demo --files $(DEMO_FILES)
 
-clean: stack-down  ## stop the stack and delete its data and the virtualenv
+fleet-up: deps  ## a staging fleet on this machine (root): nspawn machines on a private bridge, site.yml, a demo batch; prints .stack/fleet/fleet.env
+	$(BIN)/python tests/fleet/lab.py up
+
+fleet-down:  ## remove the fleet-up fleet: machines, bridge, loop devices, its files
+	@if [ -x $(BIN)/python ]; then $(BIN)/python tests/fleet/lab.py down; fi
+
+clean: fleet-down stack-down  ## stop the stack and delete its data and the virtualenv
 	rm -rf $(STACK_DIR) $(VENV) .make .pytest_cache .ruff_cache

@@ -24,7 +24,8 @@ import machines
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]:
+def fleet_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]:
+    """The machines and both site.yml runs, whether or not they succeeded."""
     reason = machines.nspawn_available()
     if reason:
         pytest.skip(f"fleet test: {reason}")
@@ -35,7 +36,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]:
     finally:
         if os.environ.get("FLEET_KEEP"):
             # Debugging: leave the machines running; `lab.py down --dir WORK` removes them.
-            lab.save_state(built)
             print(f"fleet kept: python tests/fleet/lab.py down --dir {built.work}")
         else:
             lab.stop(built)
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_build: lab.Fleet) -> lab.Fleet:
+    """The converged fleet. When site.yml failed, every test that needs a working
+    fleet fails at once (test_site_converges shows why) instead of timing out."""
+    run = fleet_build.first_run
+    if run is None or run.returncode != 0:
+        pytest.fail("site.yml did not converge (see test_site_converges)")
+    return fleet_build

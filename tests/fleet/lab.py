@@ -172,6 +172,36 @@ class Fleet:
             raise AssertionError(f"probe {name} in {host} failed:\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout)
 
+    def sql(self, query: str) -> list[list[str]]:
+        """A query as the database superuser over the orchestrator's local socket."""
+        out = self.machines["orch"].exec(
+            ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "audio_pipeline", "-AtF",
+             "\t", "-v", "ON_ERROR_STOP=1", "-c", query]
+        ).stdout  # fmt: skip
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    def wait_for_batch(self, batch_id: str, files: int, timeout_s: float) -> None:
+        """Until every file of the batch has its transcript; on time-out the
+        workers' journals say why."""
+        deadline = time.monotonic() + timeout_s
+        done = 0
+        while time.monotonic() < deadline:
+            done = int(
+                self.sql(
+                    "SELECT count(*) FROM transcripts t JOIN audio_files a ON a.id = t.audio_id "
+                    f"WHERE a.batch_id = '{batch_id}'"
+                )[0][0]
+            )
+            if done >= files:
+                return
+            time.sleep(5)
+        logs = [
+            f"--- {host} {unit}\n{self.journal(host, unit, 30)}"
+            for host, unit in (("transfer-01", "transfer-worker"), ("gpu-01", "unpack-worker"),
+                               ("gpu-01", "gpu-worker"))
+        ]  # fmt: skip
+        raise TimeoutError(f"{batch_id}: {done}/{files} transcribed\n" + "\n".join(logs))
+
     def journal(self, host: str, unit: str, lines: int = 40) -> str:
         return (
             self.machines[host]
@@ -206,6 +236,9 @@ def start(work: Path, hosts: tuple[str, ...] = HOSTS) -> Fleet:
         publish_models(fleet)
         for name in hosts:
             boot_machine(fleet, tar, name)
+            # Written as soon as there is something to remove: a run killed from
+            # outside still leaves what `lab.py down --dir WORK` needs.
+            save_state(fleet)
         write_vault(fleet)
         write_inventory(fleet)
     except BaseException:
@@ -363,6 +396,8 @@ STATE_FILE = "state.json"
 FLEET_ENV = "fleet.env"
 DEMO_ADMIN = "admin"
 DEMO_RA = "ra1"
+DEMO_FILES = 6
+DEMO_TIMEOUT_S = 600
 
 
 def save_state(fleet: Fleet) -> None:
@@ -382,7 +417,6 @@ def up(work: Path) -> int:
         print(f"a fleet is already up (see {work / FLEET_ENV}); `make fleet-down` first")
         return 1
     fleet = start(work)
-    save_state(fleet)
     fleet.converge()
     if fleet.first_run is None or fleet.first_run.returncode != 0:
         print(fleet.first_run.describe() if fleet.first_run else "site.yml did not run")
@@ -433,10 +467,12 @@ def seed_demo(fleet: Fleet) -> dict[str, str]:
         ["garbage", "trash", "useless", "dirty hands", "kick you"],
     )  # fmt: skip
     batch = sample.make_speech_batch(
-        fleet.work / "outgoing", "demo-batch-001", n_files=6, seed=3,
+        fleet.work / "outgoing", "demo-batch-001", n_files=DEMO_FILES, seed=3,
         min_seconds=2.0, max_seconds=6.0,
     )  # fmt: skip
     drop_on_collection_host(fleet, batch.tar_path)
+    print(f"# waiting for {batch.batch_id} to flow through the fleet ...", flush=True)
+    fleet.wait_for_batch(batch.batch_id, DEMO_FILES, DEMO_TIMEOUT_S)
     return creds
 
 

@@ -19,7 +19,6 @@ import re
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -70,16 +69,16 @@ ADMIN_PASSWORD = "admin-fleet-password-1"
 LOGIN_ATTEMPTS = 20
 
 
-def test_site_converges(fleet: Fleet) -> None:
-    run = fleet.first_run
+def test_site_converges(fleet_build: Fleet) -> None:
+    run = fleet_build.first_run
     assert run is not None
     assert run.returncode == 0, run.describe()
     assert set(run.recap) == set(SERVICES), run.recap
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in run.recap.values())
 
 
-def test_second_run_changes_nothing(fleet: Fleet) -> None:
-    run = fleet.second_run
+def test_second_run_changes_nothing(fleet_build: Fleet) -> None:
+    run = fleet_build.second_run
     assert run is not None, "the first run failed"
     assert run.returncode == 0, run.describe()
     changed = {host: r["changed"] for host, r in run.recap.items()}
@@ -240,38 +239,26 @@ def test_guides_operator_commands(fleet: Fleet) -> None:
     assert errors.returncode == 0, errors.describe()
 
 
+def test_operator_tools_on_the_orchestrator(fleet: Fleet) -> None:
+    """audio-pipeline runs on the orchestrator with the pipeline's own settings,
+    for root and fleet-operators only; init-db works from the deployed wheel; the
+    repository's policies arrived with site.yml."""
+    status = fleet.adhoc("orchestrator", "-a", "audio-pipeline status --json")
+    assert status.returncode == 0, status.describe()
+    assert "queue:unpack" in status.output, status.describe()
+    init = fleet.adhoc("orchestrator", "-a", "audio-pipeline init-db")
+    assert init.returncode == 0, init.describe()
+    policies = fleet.adhoc("orchestrator", "-a", "audio-pipeline policy list --json")
+    assert policies.returncode == 0, policies.describe()
+    assert "harassment-threats" in policies.output, policies.describe()
+    stranger = fleet.machines["orch"].exec(
+        ["runuser", "-u", "nobody", "--", "/usr/local/bin/audio-pipeline", "status"], check=False
+    )
+    assert stranger.returncode != 0
+    assert "cannot read" in stranger.stderr + stranger.stdout
+
+
 # The human journey -------------------------------------------------------------
-def _sql(fleet: Fleet, query: str) -> list[list[str]]:
-    """A query as the database superuser over the orchestrator's local socket."""
-    out = fleet.machines["orch"].exec(
-        ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "audio_pipeline", "-AtF", "\t",
-         "-v", "ON_ERROR_STOP=1", "-c", query]
-    ).stdout  # fmt: skip
-    return [line.split("\t") for line in out.splitlines() if line]
-
-
-def _wait_for_batch(fleet: Fleet, batch_id: str, files: int) -> None:
-    deadline = time.monotonic() + BATCH_TIMEOUT_S
-    done = 0
-    while time.monotonic() < deadline:
-        done = int(
-            _sql(
-                fleet,
-                "SELECT count(*) FROM transcripts t JOIN audio_files a ON a.id = t.audio_id "
-                f"WHERE a.batch_id = '{batch_id}'",
-            )[0][0]
-        )
-        if done >= files:
-            return
-        time.sleep(5)
-    logs = [
-        f"--- {host} {unit}\n{fleet.journal(host, unit, 30)}"
-        for host, unit in (("transfer-01", "transfer-worker"), ("gpu-01", "unpack-worker"),
-                           ("gpu-01", "gpu-worker"))
-    ]  # fmt: skip
-    raise AssertionError(f"{done}/{files} transcribed\n" + "\n".join(logs))
-
-
 def _spki_pin(cert: Path) -> str:
     """The base64 SHA-256 of the certificate's public key, as Chromium pins it."""
     der = subprocess.run(
@@ -308,15 +295,15 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
     # contains, so the lexicon classifier flags something.
     applied = lab.apply_policy(fleet, "fleet-weather", "Mentions of rain.", ["raining", "rain"])
     assert "changed=1" in applied.output, applied.describe()
-    active = _sql(fleet, "SELECT version FROM policies WHERE name = 'fleet-weather' AND active")
+    active = fleet.sql("SELECT version FROM policies WHERE name = 'fleet-weather' AND active")
     assert active == [["1"]]
     batch = sample.make_speech_batch(
         fleet.work / "outgoing", "fleet-batch-001", n_files=BATCH_FILES, seed=5,
         min_seconds=2.0, max_seconds=6.0,
     )  # fmt: skip
     lab.drop_on_collection_host(fleet, batch.tar_path)
-    _wait_for_batch(fleet, batch.batch_id, BATCH_FILES)
-    flagged = int(_sql(fleet, "SELECT count(*) FROM ra_queue")[0][0])
+    fleet.wait_for_batch(batch.batch_id, BATCH_FILES, BATCH_TIMEOUT_S)
+    flagged = int(fleet.sql("SELECT count(*) FROM ra_queue")[0][0])
     assert flagged >= 1, "the lexicon policy flagged nothing"
 
     from playwright.sync_api import sync_playwright
@@ -360,8 +347,7 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
         browser.close()
 
     assert 206 in ranges, f"audio responses seen: {ranges}"
-    labels = _sql(
-        fleet,
+    labels = fleet.sql(
         "SELECT u.username, l.answer->>'violates' FROM ra_labels l "
         "JOIN ra_assignments a ON a.id = l.assignment_id JOIN ra_users u ON u.id = a.user_id",
     )
