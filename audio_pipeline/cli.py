@@ -11,6 +11,8 @@
     audio-pipeline policy list [--json]
     audio-pipeline policy deactivate NAME VERSION
     audio-pipeline models publish|sync|merge-cope-a ...  the S3 model store (model_cli.py)
+    audio-pipeline s3 ls [PREFIX] [--count]     the bucket as this host sees it (s3_cli.py)
+    audio-pipeline s3 get KEY DEST              a verified, timed download
 
 Exit codes: 0 ok, 1 the command could not do what was asked (named on stderr),
 2 bad usage or configuration.
@@ -550,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     deact.add_argument("version", type=int)
     p.set_defaults(func=cmd_policy, needs_redis=False)
 
-    from audio_pipeline import model_cli
+    from audio_pipeline import model_cli, s3_cli
 
     model_cli.add_parser(sub)
+    s3_cli.add_parser(sub)
     return parser
 
 
