@@ -29,6 +29,10 @@ def fleet_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]
     reason = machines.nspawn_available()
     if reason:
         pytest.skip(f"fleet test: {reason}")
+    if os.environ.get("FLEET_REUSE"):
+        # Iterating on tests: a fleet kept by FLEET_KEEP=1 (or make fleet-up), as it is.
+        yield lab.attach(Path(os.environ["FLEET_REUSE"]))
+        return
     built = lab.start(tmp_path_factory.mktemp("fleet"))
     try:
         built.converge()
@@ -46,6 +50,8 @@ def fleet(fleet_build: lab.Fleet) -> lab.Fleet:
     """The converged fleet. When site.yml failed, every test that needs a working
     fleet fails at once (test_site_converges shows why) instead of timing out."""
     run = fleet_build.first_run
+    if os.environ.get("FLEET_REUSE"):
+        return fleet_build
     if run is None or run.returncode != 0:
         pytest.fail("site.yml did not converge (see test_site_converges)")
     return fleet_build

@@ -221,10 +221,7 @@ def start(work: Path, hosts: tuple[str, ...] = HOSTS) -> Fleet:
     work.mkdir(parents=True, exist_ok=True)
     (work / "home").mkdir(exist_ok=True)
     net = network.FleetNetwork(work)
-    host_services = devstack.Stack(
-        root=work / "host", ports=devstack.Ports(HOST_SERVICES_PORT_BASE),
-        host=network.HOST_ADDRESS,
-    )  # fmt: skip
+    host_services = _host_services(work)
     fleet = Fleet(work, net, host_services)
     try:
         net.up()
@@ -397,6 +394,13 @@ FLEET_ENV = "fleet.env"
 DEMO_ADMIN = "admin"
 DEMO_RA = "ra1"
 DEMO_FILES = 6
+# Terms that the sample speech's flagged sentences carry (audio_pipeline.sample), so
+# the lexicon classifier (no GPU here) flags part of a batch.
+DEMO_POLICY = (
+    "demo-insults",
+    "Insults and degrading words aimed at a person.",
+    ["garbage", "trash", "useless", "dirty hands", "kick you"],
+)
 DEMO_TIMEOUT_S = 600
 
 
@@ -410,6 +414,37 @@ def save_state(fleet: Fleet) -> None:
         "bucket": fleet.bucket,
     }
     (fleet.work / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def attach(work: Path) -> Fleet:
+    """A fleet left running (FLEET_KEEP, make fleet-up), for more tests against it."""
+    state = json.loads((work / STATE_FILE).read_text())
+    fleet = Fleet(work, network.FleetNetwork(work), _host_services(work))
+    for name, nspawn_pid in state["nspawn_pids"].items():
+        machine = machines.Machine(
+            name, work / "machines" / name, network.ADDRESSES[name], network.BRIDGE,
+            network.PREFIX_LEN,
+        )  # fmt: skip
+        children = subprocess.run(
+            ["pgrep", "-P", str(nspawn_pid)], capture_output=True, text=True
+        ).stdout.split()
+        if not children:
+            raise machines.MachineError(f"{name} (nspawn {nspawn_pid}) is not running")
+        machine.pid1 = int(children[0])
+        fleet.machines[name] = machine
+    fleet.loop_devices = state["loop_devices"]
+    fleet.inventory = work / "inventory" / "hosts.yml"
+    fleet.vault_file = work / "vault.yml"
+    fleet.secrets = yaml.safe_load(fleet.vault_file.read_text())
+    fleet.bucket = state["bucket"]
+    return fleet
+
+
+def _host_services(work: Path) -> devstack.Stack:
+    return devstack.Stack(
+        root=work / "host", ports=devstack.Ports(HOST_SERVICES_PORT_BASE),
+        host=network.HOST_ADDRESS,
+    )  # fmt: skip
 
 
 def up(work: Path) -> int:
@@ -460,12 +495,7 @@ def seed_demo(fleet: Fleet) -> dict[str, str]:
     }
     create_ra_user(fleet, creds["ADMIN_USER"], creds["ADMIN_PASSWORD"], "admin")
     create_ra_user(fleet, creds["RA_USER"], creds["RA_PASSWORD"], "ra")
-    # Terms the sample speech's flagged sentences carry, so the lexicon classifier
-    # (no GPU here) flags part of the demo batch.
-    apply_policy(
-        fleet, "demo-insults", "Insults and degrading words aimed at a person.",
-        ["garbage", "trash", "useless", "dirty hands", "kick you"],
-    )  # fmt: skip
+    apply_policy(fleet, *DEMO_POLICY)
     batch = sample.make_speech_batch(
         fleet.work / "outgoing", "demo-batch-001", n_files=DEMO_FILES, seed=3,
         min_seconds=2.0, max_seconds=6.0,
@@ -522,9 +552,7 @@ def down(work: Path) -> int:
         machines.detach_loop_device(device)
     if state.get("proxy_pid"):
         _terminate(state["proxy_pid"])
-    devstack.down(
-        devstack.Stack(work / "host", devstack.Ports(HOST_SERVICES_PORT_BASE), network.HOST_ADDRESS)
-    )
+    devstack.down(_host_services(work))
     network.FleetNetwork(work).down()
     shutil.rmtree(work, ignore_errors=True)
     print("fleet removed")

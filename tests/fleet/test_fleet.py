@@ -52,6 +52,7 @@ SERVICES = {
 OPEN_FROM_OUTSIDE = {"orch": {22, 80, 443}, "gpu-01": {22}, "transfer-01": {22}}
 PROBED_PORTS = {22, 80, 443, 5432, 6379, 8000}
 CONNECT_TIMEOUT_S = 3
+BATCH_ID = "fleet-batch-001"
 BATCH_FILES = 4
 BATCH_TIMEOUT_S = 420
 CHROMIUM = "/usr/bin/chromium"
@@ -291,14 +292,14 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
 
     lab.create_ra_user(fleet, "ann", RA_PASSWORD, "ra")
     lab.create_ra_user(fleet, "boss", ADMIN_PASSWORD, "admin")
-    # The operator's policy arrives by the playbook: terms the test speech
-    # contains, so the lexicon classifier flags something.
-    applied = lab.apply_policy(fleet, "fleet-weather", "Mentions of rain.", ["raining", "rain"])
-    assert "changed=1" in applied.output, applied.describe()
-    active = fleet.sql("SELECT version FROM policies WHERE name = 'fleet-weather' AND active")
+    # The operator's policy arrives by the playbook.
+    applied = lab.apply_policy(fleet, *lab.DEMO_POLICY)
+    assert "result: added" in applied.output, applied.describe()
+    name = lab.DEMO_POLICY[0]
+    active = fleet.sql(f"SELECT version FROM policies WHERE name = '{name}' AND active")
     assert active == [["1"]]
     batch = sample.make_speech_batch(
-        fleet.work / "outgoing", "fleet-batch-001", n_files=BATCH_FILES, seed=5,
+        fleet.work / "outgoing", BATCH_ID, n_files=BATCH_FILES, seed=5,
         min_seconds=2.0, max_seconds=6.0,
     )  # fmt: skip
     lab.drop_on_collection_host(fleet, batch.tar_path)
@@ -398,6 +399,9 @@ def test_login_limit_holds_across_gunicorn_workers(fleet: Fleet) -> None:
         urllib.request.HTTPSHandler(context=_tls_context(fleet)),
         urllib.request.HTTPCookieProcessor(jar),
     )
+    # Over HTTPS Flask-WTF also checks that the form was posted from this site, as
+    # a browser says in its Referer header.
+    opener.addheaders = [("Referer", f"{fleet.ra_app_url}/login")]
     statuses = []
     for _ in range(LOGIN_ATTEMPTS):
         with opener.open(f"{fleet.ra_app_url}/login", timeout=10) as r:
