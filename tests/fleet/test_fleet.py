@@ -368,7 +368,8 @@ def test_health_check_passes_on_the_working_fleet(fleet: Fleet) -> None:
 
 
 def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
-    """A stopped worker and a dead letter each make the health check fail, by name."""
+    """A stopped worker, a dead letter and a worker host whose Redis password is
+    wrong each make the health check fail, naming host and cause."""
     dead_letter = json.dumps(
         {"job": {"batch_id": "health-probe"}, "queue": "queue:unpack", "stage": "unpack",
          "worker": "test", "error": "probe", "attempts": 1, "failed_at": "2026-01-01T00:00:00Z"}
@@ -377,12 +378,22 @@ def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
     assert pushed.returncode == 0, pushed.describe()
     stopped = fleet.adhoc("transfer", "-a", "systemctl stop transfer-worker")
     assert stopped.returncode == 0, stopped.describe()
+    # The running workers keep the settings they started with; only what reads the
+    # file from now on (health-check's check-connections) sees the wrong password.
+    env_file = fleet.machines["gpu-01"].root / "etc/audio-pipeline/pipeline.env"
+    good_env = env_file.read_text()
+    env_file.write_text(
+        re.sub(r"^REDIS_PASSWORD=.*$", 'REDIS_PASSWORD="wrong"', good_env, flags=re.MULTILINE)
+    )
     try:
         health = fleet.playbook("health-check.yml")
         assert health.returncode != 0, health.describe()
         assert "transfer-01: transfer-worker is inactive" in health.output, health.describe()
         assert "1 failed job(s) in queue:failed" in health.output, health.describe()
+        assert "gpu-01: cannot reach redis" in health.output, health.describe()
+        assert "AuthenticationError" in health.output, health.describe()
     finally:
+        env_file.write_text(good_env)
         fleet.adhoc("transfer", "-a", "systemctl start transfer-worker")
         fleet.adhoc("orchestrator", "-a", "redis-cli DEL queue:failed")
     healthy = fleet.playbook("health-check.yml")
