@@ -49,8 +49,8 @@ class FleetNetwork:
     def up(self) -> None:
         if shutil.which("tinyproxy") is None:
             raise NetworkError("tinyproxy is not installed (Makefile APT_PACKAGES)")
-        # A bridge left by a killed run would hold the address: start clean.
-        _ip("link", "del", BRIDGE, check=False)
+        # A bridge or veth left by a killed run would hold the address: start clean.
+        _remove_links()
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{HOST_ADDRESS}/{PREFIX_LEN}", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
@@ -97,7 +97,15 @@ class FleetNetwork:
                 self.proxy.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proxy.kill()
-        _ip("link", "del", BRIDGE, check=False)
+        _remove_links()
+
+
+def _remove_links() -> None:
+    # systemd-nspawn removes its host-side veth (vb-<machine>) when it exits cleanly;
+    # after a kill the link can stay behind.
+    for machine in ADDRESSES:
+        _ip("link", "del", f"vb-{machine}"[:15], check=False)
+    _ip("link", "del", BRIDGE, check=False)
 
 
 def _listening(host: str, port: int) -> bool:
