@@ -183,3 +183,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
     env.raise_if_errors()
     return settings
+
+
+def settings_with_env_file(env_file: Path | None, current: Settings) -> Settings:
+    """``current``, or the settings a host's units run with when an operator command
+    names their environment file (``--env-file``): the file's values win over the
+    process environment, as they do for the unit."""
+    if env_file is None:
+        return current
+    from audio_pipeline.envfile import read_env_file
+
+    try:
+        values = read_env_file(env_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read environment file {env_file}: {exc}") from None
+    return load_settings({**os.environ, **values})

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from audio_pipeline.config import ConfigError, Settings, load_settings
-from audio_pipeline.envfile import EnvFileError, read_env_file
+from audio_pipeline.config import ConfigError, Settings, settings_with_env_file
+from audio_pipeline.envfile import EnvFileError
 
 
 class ModelCommandError(Exception):
@@ -32,13 +31,7 @@ class ModelCommandError(Exception):
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> Settings:
-    if args.env_file is None:
-        return settings
-    try:
-        values = read_env_file(args.env_file)
-    except OSError as exc:
-        raise ConfigError(f"cannot read environment file {args.env_file}: {exc}") from None
-    return load_settings({**os.environ, **values})
+    return settings_with_env_file(args.env_file, settings)
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings, r: Any = None) -> int:

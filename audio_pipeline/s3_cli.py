@@ -24,7 +24,6 @@ stderr), 2 bad settings.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from audio_pipeline.config import ConfigError, Settings, load_settings
-from audio_pipeline.envfile import EnvFileError, read_env_file
+from audio_pipeline.config import ConfigError, Settings, settings_with_env_file
+from audio_pipeline.envfile import EnvFileError
 
 S3_SCHEME = "s3://"
 LIST_PAGE_SIZE = 1000
@@ -54,15 +53,7 @@ def split_location(location: str, default_bucket: str) -> tuple[str, str]:
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> Settings:
-    # As in `models`: the env file's values win over the process environment, so an
-    # operator gets exactly the settings the host's units run with.
-    if args.env_file is None:
-        return settings
-    try:
-        values = read_env_file(args.env_file)
-    except OSError as exc:
-        raise ConfigError(f"cannot read environment file {args.env_file}: {exc}") from None
-    return load_settings({**os.environ, **values})
+    return settings_with_env_file(args.env_file, settings)
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import network
 import pytest
+from browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
 
 from audio_pipeline import sample
 
@@ -55,16 +56,6 @@ CONNECT_TIMEOUT_S = 3
 BATCH_ID = "fleet-batch-001"
 BATCH_FILES = 4
 BATCH_TIMEOUT_S = 420
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 RA_PASSWORD = "ra-fleet-password-1"
 ADMIN_PASSWORD = "admin-fleet-password-1"
 LOGIN_ATTEMPTS = 20
@@ -273,16 +264,6 @@ def _spki_pin(cert: Path) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-def _login(page: Any, url: str, name: str, password: str) -> None:
-    page.goto(f"{url}/login")
-    page.wait_for_function("document.activeElement && document.activeElement.id === 'username'")
-    page.keyboard.type(name)
-    page.keyboard.press("Tab")
-    page.keyboard.type(password)
-    page.keyboard.press("Enter")
-    page.wait_for_url(f"{url}/")
-
-
 def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
     """An admin creates an RA; the operator's policy is in place; a batch dropped
     on the collection host flows through; the RA reviews every flagged item by
@@ -319,7 +300,7 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
             "response",
             lambda r: ranges.append(r.status) if "/audio/" in r.url else None,
         )
-        _login(page, url, "ann", RA_PASSWORD)
+        login_by_keyboard(page, url, "ann", RA_PASSWORD)
         page.wait_for_function("document.activeElement.id === 'next-item'")
         page.keyboard.press("Enter")
         page.wait_for_url("**/review/*")
@@ -339,7 +320,7 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
             assert reviewed <= flagged, "the queue handed out more items than were flagged"
         assert reviewed >= 1
         page.click("text=Log out")
-        _login(page, url, "boss", ADMIN_PASSWORD)
+        login_by_keyboard(page, url, "boss", ADMIN_PASSWORD)
         page.goto(f"{url}/admin/")
         with page.expect_download() as info:
             page.click("#export-csv")

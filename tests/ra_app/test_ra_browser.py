@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
 from conftest import PASSWORD, seed_items
 from psycopg.rows import dict_row
 
@@ -24,16 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SERVER_START_TIMEOUT = 30.0  # seconds
 SCREENSHOT = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp")) / "ra_review_page.png"
 
@@ -134,19 +125,6 @@ def server(
         log.close()
 
 
-def _login_by_keyboard(page: Any, url: str, name: str) -> None:
-    page.goto(f"{url}/login")
-    # The username box has autofocus, which Chromium applies at a rendering step
-    # that can come after the load event on a busy machine: typing before it lands
-    # sends the keys nowhere (seen in CI as a failed login).
-    page.wait_for_function("document.activeElement && document.activeElement.id === 'username'")
-    page.keyboard.type(name)
-    page.keyboard.press("Tab")
-    page.keyboard.type(PASSWORD)
-    page.keyboard.press("Enter")
-    page.wait_for_url(f"{url}/")
-
-
 def test_review_three_items_by_keyboard_and_export(
     server: str, pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -155,7 +133,7 @@ def test_review_three_items_by_keyboard_and_export(
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-        _login_by_keyboard(page, server, "ann")
+        login_by_keyboard(page, server, "ann", PASSWORD)
         page.wait_for_function("document.activeElement.id === 'next-item'")
         page.keyboard.press("Enter")  # "Next item" has the focus
         page.wait_for_url("**/review/*")
@@ -202,7 +180,7 @@ def test_review_three_items_by_keyboard_and_export(
         assert all(r["time_on_task_ms"] > 0 for r in labels)
 
         page.click("text=Log out")
-        _login_by_keyboard(page, server, "boss")
+        login_by_keyboard(page, server, "boss", PASSWORD)
         page.goto(f"{server}/admin/")
         with page.expect_download() as info:
             page.click("#export-csv")
