@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from flask import current_app
@@ -215,19 +216,54 @@ def touch(assignment: Assignment) -> None:
     db.session.commit()
 
 
-def skip(assignment: Assignment, user: User) -> None:
-    """Give the slot back to the pool; this RA will not be offered the item again."""
+class SkipResult(StrEnum):
+    SKIPPED = "skipped"  # this call skipped it and gave its slot back
+    ALREADY_SKIPPED = "already_skipped"  # an earlier call (a double click) skipped it
+
+
+_SKIP_SQL = """
+WITH skipped AS (
+    UPDATE ra_assignments SET status = 'skipped', completed_at = now()
+    WHERE id = :aid AND user_id = :uid AND status = 'assigned'
+    RETURNING classification_id
+)
+UPDATE ra_items i SET open_slots = i.open_slots + 1
+FROM skipped WHERE i.classification_id = skipped.classification_id
+RETURNING i.classification_id
+"""
+# An expired assignment's slot is already back in the pool: marking it skipped only
+# records that this RA passed on it, so "Next item" never offers it to them again.
+_SKIP_EXPIRED_SQL = """
+UPDATE ra_assignments SET status = 'skipped', completed_at = now()
+WHERE id = :aid AND user_id = :uid AND status = 'expired'
+RETURNING id
+"""
+
+
+def skip(assignment: Assignment, user: User) -> SkipResult:
+    """Give the slot back to the pool; this RA will not be offered the item again.
+
+    Every step is conditional on the row's status at the moment it is written, not
+    on what this request read earlier: a second Skip (double click), a label or the
+    expiry sweep may have changed it since. Under READ COMMITTED a waiting UPDATE
+    re-checks its WHERE against the committed row, so of two racers only one frees
+    the slot, and a skip never lands on a labelled assignment.
+    Raises AssignmentError when it is not the user's or was labelled first.
+    """
     if assignment.user_id != user.id:
         raise AssignmentError("not your assignment")
-    if assignment.status != AssignmentStatus.ASSIGNED.value:
-        raise AssignmentError(f"assignment is {assignment.status}, not assigned")
-    assignment.status = AssignmentStatus.SKIPPED.value
-    assignment.completed_at = datetime.now(UTC)
-    db.session.execute(
-        text("UPDATE ra_items SET open_slots = open_slots + 1 WHERE classification_id = :cid"),
-        {"cid": assignment.classification_id},
-    )
+    params = {"aid": assignment.id, "uid": user.id}
+    freed = db.session.execute(text(_SKIP_SQL), params).first() is not None
+    marked = not freed and db.session.execute(text(_SKIP_EXPIRED_SQL), params).first() is not None
     db.session.commit()
+    # The ORM copy predates both statements (sessions keep objects on commit).
+    db.session.refresh(assignment)
+    if freed or marked:
+        return SkipResult.SKIPPED
+    status = assignment.status
+    if status == AssignmentStatus.SKIPPED.value:
+        return SkipResult.ALREADY_SKIPPED
+    raise AssignmentError(f"assignment is already {status}; nothing was skipped")
 
 
 def lock_for_label(assignment_id: int, user: User) -> Assignment:

@@ -78,10 +78,11 @@ def skip(assignment_id: int) -> Any:
     if found is None:
         return jsonify(error="no such assignment of yours"), 404
     try:
-        assignment.skip(found, g.api_user)
+        outcome = assignment.skip(found, g.api_user)
     except assignment.AssignmentError as exc:
         return jsonify(error=str(exc)), 409
-    return jsonify(status=found.status)
+    # A retried skip is a success: the client wanted the item skipped, and it is.
+    return jsonify(status=found.status, already=outcome is assignment.SkipResult.ALREADY_SKIPPED)
 
 
 @bp.get("/export")
