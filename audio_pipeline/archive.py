@@ -10,7 +10,19 @@ checked before a single byte is written:
 * limits: at most ``max_members`` members, none declaring more than
   ``max_member_bytes``, all together declaring at most ``max_total_bytes``;
   bytes are counted again while writing, so a header that lies cannot push
-  the batch past the total.
+  the batch past the total;
+* headers: a pax extended header or GNU long-name/long-link header is refused
+  above ``max_header_bytes`` BEFORE tarfile reads it (tarfile reads each one
+  whole into memory, so its declared size is what an attacker controls), as
+  are long chains of them, global pax headers above a small total, and GNU
+  sparse headers (whose maps tarfile also collects without a bound); full
+  member paths are capped at PATH_MAX. Members are validated one at a time
+  and not kept by tarfile, so memory stays small whatever the member count.
+
+Only an uncompressed tar is read, which is the transfer contract
+(``archives/{batch_id}.tar``): a compressed one is refused with a clear error.
+Decompression would let a small archive declare huge headers and data, and
+nothing in the pipeline produces one.
 
 Python's own ``tarfile`` ``data`` filter is consulted for every member as well
 (defence in depth) where the interpreter has it; our policy is stricter than it
@@ -33,16 +45,13 @@ skipped): nothing else in an archive is used, and it need not fill scratch.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import lzma
 import os
+import re
 import shutil
 import stat
 import tarfile
 import unicodedata
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -58,6 +67,16 @@ MAX_MEMBERS = 20_000  # entries (files + directories) per archive
 MAX_MEMBER_BYTES = 2 * 1024**3  # bytes declared by one member (2 GiB)
 MAX_TOTAL_BYTES = 30 * 1024**3  # bytes declared by all members together (30 GiB)
 MAX_NAME_COMPONENT_BYTES = 255  # NAME_MAX of ext4/xfs
+MAX_NAME_BYTES = 4096  # PATH_MAX of Linux, for a member's whole path
+# A pax or GNU long-name header holds a path, a few times and some xattrs;
+# far below this in any archive a real tar writes.
+MAX_HEADER_BYTES = 64 * 1024
+# Global pax headers apply to (and are copied into) every later member, so
+# they get a small budget for the whole archive (git archive writes ~50 bytes).
+MAX_GLOBAL_HEADER_BYTES = 4096
+# Extended headers in a row before one member (tarfile reads them recursively,
+# holding each one); real archives use at most a global, a pax and L/K.
+MAX_HEADER_CHAIN = 8
 COPY_CHUNK = 1024 * 1024  # bytes per read while writing a member
 # None on Python < 3.11.4 (Debian 12's system python3): see the module docstring.
 _DATA_FILTER: Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None] | None = getattr(
@@ -86,6 +105,10 @@ class CorruptArchiveError(ArchiveError):
     """Not a tar archive, or a truncated or damaged one."""
 
 
+class UnsupportedArchiveError(ArchiveError):
+    """A format the transfer contract does not allow (a compressed tar)."""
+
+
 class EmptyArchiveError(ArchiveError):
     """The archive holds nothing to process."""
 
@@ -99,15 +122,20 @@ class ArchiveLimits:
     max_members: int = MAX_MEMBERS
     max_member_bytes: int = MAX_MEMBER_BYTES
     max_total_bytes: int = MAX_TOTAL_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
-        """UNPACK_MAX_MEMBERS, UNPACK_MAX_MEMBER_BYTES, UNPACK_MAX_TOTAL_BYTES."""
+        """UNPACK_MAX_MEMBERS, UNPACK_MAX_MEMBER_BYTES, UNPACK_MAX_TOTAL_BYTES,
+        UNPACK_MAX_HEADER_BYTES."""
         env = EnvReader(os.environ if environ is None else environ, production=False)
         limits = cls(
             max_members=env.int("UNPACK_MAX_MEMBERS", MAX_MEMBERS, minimum=1),
             max_member_bytes=env.int("UNPACK_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES, minimum=1),
             max_total_bytes=env.int("UNPACK_MAX_TOTAL_BYTES", MAX_TOTAL_BYTES, minimum=1),
+            max_header_bytes=env.int(
+                "UNPACK_MAX_HEADER_BYTES", MAX_HEADER_BYTES, minimum=tarfile.BLOCKSIZE
+            ),
         )
         if env.errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
@@ -166,7 +194,7 @@ def extract_archive(
     partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        with _open(tar_path) as tf:
+        with _open(tar_path, limits) as tf:
             plan = _validate(tf, partial, limits, archive_bytes=size)
             partial.mkdir(mode=DIR_MODE, parents=True)
             files = _write(tf, plan, partial, limits)
@@ -191,17 +219,108 @@ class _Plan:
     member_count: int = 0
 
 
-def _open(tar_path: Path) -> tarfile.TarFile:
+# Everything tarfile raises for bytes that are not a well-formed tar.
+_READ_ERRORS = (tarfile.TarError, EOFError)
+
+_PAX_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
+_HEADER_KINDS = {
+    tarfile.XHDTYPE: "pax extended",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended",
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+}
+# A GNU.sparse.* record turns the next member into a sparse file, whose map
+# tarfile reads from the data blocks without a bound.
+_SPARSE_RECORD = re.compile(rb"(?:\A|\n)\d+ GNU\.sparse\.")
+_COMPRESSION_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x1f\x9d": "compress (.Z)",
+    b"LZIP": "lzip",
+}
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    # tarfile documents _proc_member as the hook subclasses override; it runs
+    # after the 512-byte header is parsed and before any block it announces is read.
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if not isinstance(archive, _BoundedTarFile):
+            raise TypeError("_BoundedTarInfo is only read by _BoundedTarFile")
+        archive.check_header(self)
+        return super()._proc_member(archive)
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    """A plain tar read with every header's size checked before tarfile reads it."""
+
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+        # Set before super().__init__, which already reads the first header.
+        self.limits = limits
+        self.chain = 0  # extended headers seen since the last member header
+        self.global_bytes = 0
+        super().__init__(name=str(path), mode="r", tarinfo=_BoundedTarInfo)
+
+    def check_header(self, info: tarfile.TarInfo) -> None:
+        if info.size < 0:
+            raise CorruptArchiveError(f"header at byte {info.offset} declares a negative size")
+        kind = _HEADER_KINDS.get(info.type)
+        if kind is None:
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise UnsafeArchiveError(f"member {info.name!r} is a sparse file")
+            self.chain = 0
+            return
+        self.chain += 1
+        if self.chain > MAX_HEADER_CHAIN:
+            raise UnsafeArchiveError(
+                f"more than {MAX_HEADER_CHAIN} extended headers in a row at byte {info.offset}"
+            )
+        if info.size > self.limits.max_header_bytes:
+            raise ArchiveLimitError(
+                f"{kind} header at byte {info.offset} declares {info.size} bytes, over the "
+                f"limit of {self.limits.max_header_bytes} (UNPACK_MAX_HEADER_BYTES)"
+            )
+        if info.type == tarfile.XGLTYPE:
+            self.global_bytes += info.size
+            if self.global_bytes > MAX_GLOBAL_HEADER_BYTES:
+                raise ArchiveLimitError(
+                    f"pax global headers hold more than {MAX_GLOBAL_HEADER_BYTES} bytes "
+                    f"(at byte {info.offset})"
+                )
+        if info.type in _PAX_TYPES:
+            assert self.fileobj is not None
+            start = self.fileobj.tell()
+            records = self.fileobj.read(info.size)
+            self.fileobj.seek(start)
+            if _SPARSE_RECORD.search(records):
+                raise UnsafeArchiveError(
+                    f"{kind} header at byte {info.offset} makes a sparse file (GNU.sparse)"
+                )
+
+
+def _open(tar_path: Path, limits: ArchiveLimits) -> _BoundedTarFile:
     try:
-        # "r:*" also reads gzip/bzip2/xz tars; decompressed bytes are counted
-        # against the limits like any others, so a compression bomb stops there.
-        return tarfile.open(tar_path, mode="r:*")
+        return _BoundedTarFile(tar_path, limits)
     except tarfile.ReadError:
-        raise CorruptArchiveError(
-            "not a readable tar archive: no valid tar header (nor gzip, bzip2 or xz data)"
-        ) from None
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+        compression = _compression(tar_path)
+        if compression:
+            raise UnsupportedArchiveError(
+                f"archive is {compression}-compressed: only an uncompressed .tar is accepted "
+                "(archives/{batch_id}.tar); send the tar without compressing it"
+            ) from None
+        raise CorruptArchiveError("not a readable tar archive: no valid tar header") from None
+    except _READ_ERRORS as exc:
         raise CorruptArchiveError(f"not a readable tar archive: {exc}") from None
+
+
+def _compression(tar_path: Path) -> str | None:
+    with tar_path.open("rb") as f:
+        head = f.read(8)
+    return next(
+        (name for magic, name in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None
+    )
 
 
 def _validate(tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits, archive_bytes: int) -> _Plan:
@@ -209,10 +328,11 @@ def _validate(tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits, archive_by
     plan = _Plan()
     seen: dict[str, bool] = {}  # normalised path -> is a directory
     total = 0
-    # Only a plain tar is read straight from the file, where offsets are file offsets.
-    plain = isinstance(tf.fileobj, io.BufferedReader)
     try:
-        for member in tf:
+        while (member := tf.next()) is not None:
+            # tarfile keeps every member it reads, each with its pax records;
+            # only the audio members the plan needs are kept, in slim form.
+            tf.members.clear()
             plan.member_count += 1
             if plan.member_count > limits.max_members:
                 raise ArchiveLimitError(
@@ -231,7 +351,7 @@ def _validate(tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits, archive_by
                     f"members declare more than {limits.max_total_bytes} bytes in total "
                     f"(UNPACK_MAX_TOTAL_BYTES)"
                 )
-            if plain and member.offset_data + member.size > archive_bytes:
+            if member.offset_data + member.size > archive_bytes:
                 missing = member.offset_data + member.size - archive_bytes
                 raise CorruptArchiveError(
                     f"archive is truncated: member {member.name!r} declares {member.size} "
@@ -244,11 +364,11 @@ def _validate(tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits, archive_by
             if member.isdir():
                 plan.directories.append(rel)
             elif is_audio_name(rel):
-                plan.audio.append((rel, member))
+                plan.audio.append((rel, _slim(member, rel)))
             else:
                 plan.skipped.append(rel)
         _check_end_marker(tf)
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+    except _READ_ERRORS as exc:
         raise CorruptArchiveError(
             f"archive is damaged after member {plan.member_count}: {exc}"
         ) from None
@@ -262,12 +382,24 @@ def _validate(tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits, archive_by
     return plan
 
 
+def _slim(member: tarfile.TarInfo, rel: str) -> tarfile.TarInfo:
+    """What extractfile needs of a regular member, without its pax records."""
+    slim = tarfile.TarInfo(rel)
+    slim.size = member.size
+    slim.offset_data = member.offset_data
+    return slim
+
+
 def _check_name(name: str) -> str | None:
     """The member's path relative to the batch root, or None for the root itself."""
     try:
-        name.encode("utf-8")
+        encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise UnsafeArchiveError(f"member name {name!r} is not valid UTF-8") from None
+        raise UnsafeArchiveError(f"member name {name[:100]!r} is not valid UTF-8") from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise UnsafeArchiveError(
+            f"member name {name[:100]!r}... is {len(encoded)} bytes, over {MAX_NAME_BYTES}"
+        )
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise UnsafeArchiveError(f"member name {name!r} contains control characters")
     if name.startswith("/") or PurePosixPath(name).is_absolute():
@@ -374,7 +506,7 @@ def _read_side(rel: str, func: Callable[[_A], _R], arg: _A) -> _R:
     """Call a tarfile read, turning every decoding failure into CorruptArchiveError."""
     try:
         return func(arg)
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+    except _READ_ERRORS as exc:
         raise CorruptArchiveError(f"archive is damaged in member {rel!r}: {exc}") from None
 
 

@@ -7,6 +7,7 @@ send; sizes and link targets are set by hand where a real tool would refuse.
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -161,3 +162,110 @@ def file_then_dir_tar(path: Path) -> Path:
 def _padded(data: bytes) -> bytes:
     remainder = len(data) % tarfile.BLOCKSIZE
     return data + b"\0" * (tarfile.BLOCKSIZE - remainder if remainder else 0)
+
+
+# --- headers that make tarfile read (or collect) unbounded data -------------------
+
+MB = 1024 * 1024
+
+
+def _block(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _pax_record_start(keyword: str, length: int) -> bytes:
+    """The start of one pax record ``"<length> <keyword>=<value>\\n"`` that is
+    ``length`` bytes long in all; the value and newline follow."""
+    return f"{length} {keyword}=".encode()
+
+
+def _extended_header(kind: bytes, size: int) -> bytes:
+    info = tarfile.TarInfo(
+        "././@PaxHeader" if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE) else "././@LongLink"
+    )
+    info.type = kind
+    info.size = size
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def oversized_header_tar(
+    path: Path, kind: bytes = tarfile.XHDTYPE, declared: int = 400 * MB
+) -> Path:
+    """An extended header (pax ``x``/``g`` or GNU ``L``/``K``) announcing ``declared``
+    bytes, then a good member: what tarfile reads whole into memory before any
+    member check runs. The file is sparse, so it costs no disk."""
+    ok_info, ok_data = _file("ok.mp3")
+    with path.open("wb") as f:
+        f.write(_extended_header(kind, declared))
+        if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            f.write(_pax_record_start("comment", declared))
+            f.seek(512 + declared - 1)
+            f.write(b"\n")
+        else:
+            f.seek(512 + declared - 1)
+            f.write(b"\0")
+        f.seek(512 + _block(declared))
+        f.write(ok_info.tobuf(format=tarfile.GNU_FORMAT) + _padded(ok_data) + b"\0" * 1024)
+    return path
+
+
+def gzip_pax_bomb_tar(path: Path, declared: int = 400 * MB) -> Path:
+    """The review's reproduction: a gzip tar of a few hundred KB whose pax header
+    holds ``declared`` bytes of one repeated byte, then a good member."""
+    ok_info, ok_data = _file("ok.mp3")
+    start = _pax_record_start("comment", declared)
+    value = declared - len(start) - 1
+    with gzip.open(path, "wb", compresslevel=6) as gz:
+        gz.write(_extended_header(tarfile.XHDTYPE, declared) + start)
+        chunk = b"a" * MB
+        for _ in range(value // MB):
+            gz.write(chunk)
+        gz.write(b"a" * (value % MB) + b"\n" + b"\0" * (_block(declared) - declared))
+        gz.write(ok_info.tobuf(format=tarfile.GNU_FORMAT) + _padded(ok_data) + b"\0" * 1024)
+    return path
+
+
+def header_chain_tar(path: Path, count: int) -> Path:
+    """``count`` small pax extended headers in a row before one member."""
+    ok_info, ok_data = _file("ok.mp3")
+    record = b"13 comment=x\n"
+    with path.open("wb") as f:
+        for _ in range(count):
+            f.write(_extended_header(tarfile.XHDTYPE, len(record)) + _padded(record))
+        f.write(ok_info.tobuf(format=tarfile.GNU_FORMAT) + _padded(ok_data) + b"\0" * 1024)
+    return path
+
+
+def pax_sparse_tar(path: Path) -> Path:
+    """A GNU sparse 1.0 member announced by pax records: tarfile then reads the
+    sparse map from the data blocks for as many entries as the map claims."""
+    entries = 10**9
+    records = b"".join(
+        f"{len(line) + len(str(len(line))) + 1} {line}".encode()
+        for line in ("GNU.sparse.major=1\n", "GNU.sparse.minor=0\n", "GNU.sparse.realsize=1\n")
+    )
+    info = tarfile.TarInfo("sparse.mp3")
+    info.size = 512
+    with path.open("wb") as f:
+        f.write(_extended_header(tarfile.XHDTYPE, len(records)) + _padded(records))
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT) + _padded(f"{entries}\n".encode()))
+        f.write(b"\0" * 1024)
+    return path
+
+
+def gnu_sparse_tar(path: Path) -> Path:
+    """An old-style GNU sparse member (type ``S``)."""
+    return write_tar(path, [_file("ok.mp3"), _special("holes.mp3", tarfile.GNUTYPE_SPARSE)])
+
+
+def negative_size_tar(path: Path) -> Path:
+    """A member whose base-256 size field is -1 (tarfile accepts it)."""
+    info, _ = _file("neg.mp3", b"")
+    raw = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    raw[124:136] = b"\xff" * 12
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(raw)
+    ok_info, ok_data = _file("ok.mp3")
+    first = ok_info.tobuf(format=tarfile.GNU_FORMAT) + _padded(ok_data)
+    path.write_bytes(first + bytes(raw) + b"\0" * 1024)
+    return path

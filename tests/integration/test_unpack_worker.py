@@ -183,6 +183,10 @@ def _bad_archives(tars: Path, outside: Path) -> dict[str, tuple[Path, str]]:
                                             bad._file("sub/b.MP3", TEXT_MP3)]),
             "none of the 2 audio files could be converted",
         ),
+        "bad-gzip": (bad.gzip_pax_bomb_tar(tars / "15.tar", declared=64 * bad.MB),
+                     "unusable archive: archive is gzip-compressed"),
+        "bad-pax-header": (bad.oversized_header_tar(tars / "16.tar", declared=bad.MB),
+                           "unsafe archive: pax extended header at byte 0 declares 1048576"),
     }  # fmt: skip
 
 

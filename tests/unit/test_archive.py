@@ -26,6 +26,7 @@ from audio_pipeline.archive import (
     EmptyArchiveError,
     NoAudioFilesError,
     UnsafeArchiveError,
+    UnsupportedArchiveError,
     extract_archive,
     is_audio_name,
 )
@@ -113,13 +114,37 @@ def test_tar_made_by_gnu_tar_with_dot_prefix_and_directories(sandbox, tmp_path):
     assert (sandbox["dest"] / "two.MP3").read_bytes() == b"22"
 
 
-def test_gzip_compressed_tar_is_read(sandbox, tmp_path):
-    tar = tmp_path / "in.tar.gz"
-    with tarfile.open(tar, "w:gz") as tf:
+def test_long_names_in_pax_and_gnu_headers_are_read(sandbox, tmp_path):
+    long_name = "/".join(["d" * 200] * 3) + "/clip.mp3"  # over ustar's 255, under PATH_MAX
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        tar = tmp_path / f"long-{fmt}.tar"
+        with tarfile.open(tar, "w", format=fmt) as tf:
+            info = tarfile.TarInfo(long_name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+        assert extract_archive(tar, sandbox["dest"]).audio_files == [long_name]
+
+
+def test_small_global_pax_header_as_git_archive_writes_is_read(sandbox, tmp_path):
+    tar = tmp_path / "git.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "a" * 40}) as tf:
+        info = tarfile.TarInfo("a.mp3")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    assert extract_archive(tar, sandbox["dest"]).audio_files == ["a.mp3"]
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_compressed_tar_is_refused_with_the_reason(sandbox, tmp_path, mode):
+    """The transfer contract is an uncompressed .tar; decompressing would let a
+    small archive declare huge headers (see test_archive_memory.py)."""
+    tar = tmp_path / "in.tar.x"
+    with tarfile.open(tar, mode) as tf:
         info = tarfile.TarInfo("a/b.mp3")
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
-    assert extract_archive(tar, sandbox["dest"]).audio_files == ["a/b.mp3"]
+    kind = {"w:gz": "gzip", "w:bz2": "bzip2", "w:xz": "xz"}[mode]
+    assert_refused(sandbox, tar, UnsupportedArchiveError, rf"{kind}-compressed.*uncompressed")
 
 
 def test_extracting_again_replaces_the_previous_result(sandbox, tmp_path):
@@ -223,15 +248,68 @@ def test_corrupt_and_empty_archives_give_typed_errors(sandbox, tmp_path, case):
     assert_refused(sandbox, build(tmp_path / f"{case}.tar"), error, match)
 
 
-def test_truncated_gzip_tar_is_corrupt(sandbox, tmp_path):
-    tar = tmp_path / "cut.tar.gz"
-    with tarfile.open(tar, "w:gz") as tf:
+# --- headers: bounded before tarfile reads what they announce -----------------------
+
+HEADER_KINDS = {
+    "pax": (tarfile.XHDTYPE, "pax extended"),
+    "pax-global": (tarfile.XGLTYPE, "pax global"),
+    "gnu-longname": (tarfile.GNUTYPE_LONGNAME, "GNU long-name"),
+    "gnu-longlink": (tarfile.GNUTYPE_LONGLINK, "GNU long-link"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_KINDS))
+def test_oversized_extended_header_is_refused(sandbox, tmp_path, case):
+    kind, label = HEADER_KINDS[case]
+    tar = bad.oversized_header_tar(tmp_path / f"{case}.tar", kind, declared=400 * bad.MB)
+    assert_refused(
+        sandbox, tar, ArchiveLimitError,
+        rf"{label} header at byte 0 declares 419430400 bytes.*UNPACK_MAX_HEADER_BYTES",
+    )  # fmt: skip
+
+
+def test_header_limit_is_configurable(sandbox, tmp_path):
+    tar = bad.oversized_header_tar(tmp_path / "pax.tar", declared=100_000)
+    assert_refused(sandbox, tar, ArchiveLimitError, r"declares 100000 bytes")
+    assert extract_archive(tar, sandbox["dest"], ArchiveLimits(max_header_bytes=100_000))
+
+
+def test_global_pax_headers_have_a_small_budget(sandbox, tmp_path):
+    tar = tmp_path / "globals.tar"
+    with tarfile.open(
+        tar, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "g" * 5000}
+    ) as tf:
         info = tarfile.TarInfo("a.mp3")
-        data = os.urandom(200_000)
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    tar.write_bytes(tar.read_bytes()[:50_000])
-    assert_refused(sandbox, tar, CorruptArchiveError, r"damaged|not a readable")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    assert_refused(sandbox, tar, ArchiveLimitError, r"pax global headers hold more than 4096")
+
+
+def test_long_chain_of_extended_headers_is_refused(sandbox, tmp_path):
+    assert extract_archive(bad.header_chain_tar(tmp_path / "ok.tar", 3), sandbox["dest"])
+    tar = bad.header_chain_tar(tmp_path / "chain.tar", archive.MAX_HEADER_CHAIN + 1)
+    assert_refused(sandbox, tar, UnsafeArchiveError, r"extended headers in a row")
+
+
+def test_sparse_members_are_refused_before_their_map_is_read(sandbox, tmp_path):
+    assert_refused(sandbox, bad.gnu_sparse_tar(tmp_path / "s.tar"), UnsafeArchiveError, r"sparse")
+    tar = bad.pax_sparse_tar(tmp_path / "pax-sparse.tar")
+    assert_refused(sandbox, tar, UnsafeArchiveError, r"sparse file \(GNU.sparse\)")
+
+
+def test_negative_size_is_corrupt(sandbox, tmp_path):
+    tar = bad.negative_size_tar(tmp_path / "neg.tar")
+    assert_refused(sandbox, tar, CorruptArchiveError, r"negative size")
+
+
+def test_name_over_path_max_is_refused(sandbox, tmp_path):
+    name = "/".join(["d" * 250] * 20) + ".mp3"  # every component is fine, the path is not
+    tar = tmp_path / "deep.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    assert_refused(sandbox, tar, UnsafeArchiveError, r"over 4096")
 
 
 def test_missing_archive_is_an_archive_error(sandbox, tmp_path):
@@ -239,7 +317,13 @@ def test_missing_archive_is_an_archive_error(sandbox, tmp_path):
 
 
 def test_limits_from_env():
-    limits = ArchiveLimits.from_env({"UNPACK_MAX_MEMBERS": "7", "UNPACK_MAX_TOTAL_BYTES": "99"})
-    assert limits == ArchiveLimits(max_members=7, max_total_bytes=99)
+    limits = ArchiveLimits.from_env(
+        {
+            "UNPACK_MAX_MEMBERS": "7",
+            "UNPACK_MAX_TOTAL_BYTES": "99",
+            "UNPACK_MAX_HEADER_BYTES": "4096",
+        }
+    )
+    assert limits == ArchiveLimits(max_members=7, max_total_bytes=99, max_header_bytes=4096)
     with pytest.raises(ConfigError, match="UNPACK_MAX_MEMBER_BYTES"):
         ArchiveLimits.from_env({"UNPACK_MAX_MEMBER_BYTES": "lots"})
