@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -38,14 +37,13 @@ from typing import Any
 import botocore.exceptions
 
 from audio_pipeline import s3_utils
+from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, Settings
 from audio_pipeline.logs import log_event
 from audio_pipeline.records import batches
 from audio_pipeline.ssh_source import CONNECTION_ERRORS, CollectionHost, RemoteFile, SshSettings
 from audio_pipeline.worker import RunMode, Worker, run_worker
 
-# The schema's CHECK on batches.batch_id; names failing it are never copied.
-BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ARCHIVE_SUFFIX = ".tar"
 DONE_MARKER_SUFFIX = ".done"  # marker mode: b1.tar is complete once b1.tar.done exists
 TRANSFERRED_SUFFIX = ".transferred"  # mark mode: b1.tar.transferred says "copied"
@@ -226,7 +224,7 @@ class TransferWorker(Worker):
             if name + TRANSFERRED_SUFFIX in files:
                 continue  # mark mode: already copied
             batch_id = name[: -len(ARCHIVE_SUFFIX)]
-            if not BATCH_ID_RE.match(batch_id):
+            if not is_valid_batch_id(batch_id):
                 self._report_bad_name(name)
                 continue
             failure = self._failures.get(name)
@@ -262,8 +260,8 @@ class TransferWorker(Worker):
         self._reported_bad.add(name)
         log_event(
             self.log, "transfer.bad_name", level=logging.ERROR, host=self.host.label, file=name,
-            error="archive name is not a valid batch_id (letters, digits, '.', '_', '-'; "
-            "first a letter or digit; at most 128): skipped, never transferred",
+            error=f"archive name is not a valid batch_id ({BATCH_ID_RULE}): "
+            "skipped, never transferred",
         )  # fmt: skip
 
     # -- one archive --------------------------------------------------------------

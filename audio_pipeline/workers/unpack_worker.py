@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -59,6 +58,7 @@ from audio_pipeline.audio import (
     convert_many,
     remove_stale_partials,
 )
+from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, Settings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
@@ -68,8 +68,6 @@ from audio_pipeline.worker import RunMode, Worker, run_worker
 
 UNPACK_MAX_HOST_QUEUE = 200  # transcribe jobs waiting on this host; at or above: stop claiming
 UNPACK_MIN_FREE_BYTES = 10 * 1024**3  # bytes free under SCRATCH_ROOT to claim (10 GiB)
-# The rule schema.sql enforces on batches.batch_id; checked before the id names a directory.
-BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPUS_CONTENT_TYPE = "audio/ogg"
 ARCHIVE_NAME = "archive.tar"
 FILES_DIR = "files"
@@ -112,11 +110,9 @@ class UnpackRequest:
     def from_payload(cls, payload: Mapping[str, Any]) -> UnpackRequest:
         require_fields(payload, {"batch_id": str, "s3_key": str})
         batch_id, s3_key = payload["batch_id"], payload["s3_key"]
-        if not BATCH_ID_PATTERN.fullmatch(batch_id):
-            raise PermanentJobError(
-                f"invalid batch_id {batch_id!r}: use 1-128 of A-Z a-z 0-9 . _ -, "
-                "starting with a letter or digit"
-            )
+        # checked before the id names a scratch directory
+        if not is_valid_batch_id(batch_id):
+            raise PermanentJobError(f"invalid batch_id {batch_id!r}: use {BATCH_ID_RULE}")
         if not s3_key.strip():
             raise PermanentJobError("invalid job payload: key 's3_key' is empty")
         count = payload.get("file_count")
@@ -332,7 +328,7 @@ class UnpackWorker(Worker):
         if isinstance(error, PermanentJobError):
             return
         batch_id = job.payload.get("batch_id")
-        if isinstance(batch_id, str) and BATCH_ID_PATTERN.fullmatch(batch_id):
+        if is_valid_batch_id(batch_id):
             self._fail_batch(batch_id, f"gave up after {job.attempts + 1} attempts: {error}")
 
     def _fail_batch(self, batch_id: str, reason: str) -> None:

@@ -110,10 +110,11 @@ def test_drain_transfers_complete_archives_once(env, collection, redis_client, d
 def test_bad_names_are_skipped_with_a_clear_error(env, collection, redis_client, db_conn):
     make_tar(collection / "bad name!.tar", {"a.mp3": b"1"})
     make_tar(collection / "-dash-first.tar", {"a.mp3": b"1"})
+    make_tar(collection / "newline\n.tar", {"a.mp3": b"1"})  # "$" in re.match let it pass
     make_tar(collection / "good.tar", {"a.mp3": b"1"})
     code, out = run(env)
     assert code == 0, out
-    assert out.count("event=transfer.bad_name") == 2
+    assert out.count("event=transfer.bad_name") == 3
     assert 'file="bad name!.tar"' in out
     assert "not a valid batch_id" in out
     assert [j["batch_id"] for j in unpack_jobs(redis_client)] == ["good"]
