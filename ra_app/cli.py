@@ -54,6 +54,48 @@ def deactivate_user(username: str) -> None:
     click.echo(f"deactivated {user.username!r}")
 
 
+@click.command("reset-password")
+@with_appcontext
+@click.argument("username")
+@click.option("--password", envvar="RA_NEW_PASSWORD", prompt="New password", hide_input=True,
+              confirmation_prompt=True, help="prompted for if not given")  # fmt: skip
+def reset_password(username: str, password: str) -> None:
+    """Set a new password for USERNAME and log them out everywhere (API tokens stay)."""
+    user = _user(username)
+    try:
+        users.reset_password(user, password)
+    except users.UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    db.session.commit()
+    click.echo(f"password of {user.username!r} reset; their open sessions are ended")
+
+
+@click.command("list-tokens")
+@with_appcontext
+@click.argument("username")
+def list_tokens(username: str) -> None:
+    """List USERNAME's working API tokens (id, name, expiry, last use)."""
+    for token in users.live_tokens(_user(username)):
+        expires = token.expires_at.isoformat(timespec="seconds")
+        used = token.last_used_at.isoformat(timespec="seconds") if token.last_used_at else "never"
+        click.echo(f"{token.id}\t{token.name}\texpires {expires}\tlast used {used}")
+
+
+@click.command("revoke-token")
+@with_appcontext
+@click.argument("username")
+@click.option("--id", "token_id", type=int, help="only this token (see list-tokens)")
+@click.option("--name", help="only the tokens with this name")
+def revoke_token(username: str, token_id: int | None, name: str | None) -> None:
+    """Revoke USERNAME's API tokens (all of them unless --id or --name); at once."""
+    user = _user(username)
+    n = users.revoke_tokens(user, token_id, name)
+    db.session.commit()
+    if not n:
+        raise click.ClickException(f"no unrevoked token of {user.username!r} matched")
+    click.echo(f"revoked {n} token{'s' if n != 1 else ''} of {user.username!r}")
+
+
 @click.command("create-token")
 @with_appcontext
 @click.argument("username")
@@ -93,6 +135,6 @@ def assign_batch(batch_id: str, username: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    for command in (create_user, deactivate_user, create_token, sync_queue,
-                    expire_assignments, assign_batch):  # fmt: skip
+    for command in (create_user, deactivate_user, reset_password, create_token, list_tokens,
+                    revoke_token, sync_queue, expire_assignments, assign_batch):  # fmt: skip
         app.cli.add_command(command)

@@ -50,10 +50,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from ra_app.views import admin, api, auth, queue, review
 
     @login_manager.user_loader
-    def load_user(user_id: str) -> models.User | None:
-        # A deactivated user's open sessions stop working on their next request.
+    def load_user(session_id: str) -> models.User | None:
+        # A deactivated user's open sessions, and every session from before a password
+        # reset (older session_version), stop working on their next request. A bare
+        # id (a session from before versions existed) is refused too: one more login.
+        user_id, _, version = session_id.partition(":")
+        if not (user_id.isdigit() and version.isdigit()):
+            return None
         user = db.session.get(models.User, int(user_id))
-        return user if user is not None and user.active else None
+        if user is None or not user.active or user.session_version != int(version):
+            return None
+        return user
 
     codebook_support.init_app(app)
     for module in (auth, queue, review, admin, api):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask_wtf import FlaskForm
 from wtforms import IntegerField, PasswordField, SelectField, StringField
-from wtforms.validators import DataRequired, Length, NumberRange
+from wtforms.validators import DataRequired, EqualTo, Length, NumberRange
 
 from ra_app.models import Role
 from ra_app.security import MIN_PASSWORD_LENGTH
@@ -21,6 +21,22 @@ class NewUserForm(FlaskForm):
         "Initial password", validators=[DataRequired(), Length(min=MIN_PASSWORD_LENGTH, max=1024)]
     )
     role = SelectField("Role", choices=[r.value for r in Role], default=Role.RA.value)
+
+
+class ResetPasswordForm(FlaskForm):
+    password = PasswordField(
+        "New password",
+        validators=[
+            DataRequired(),
+            Length(
+                min=MIN_PASSWORD_LENGTH, max=1024,
+                message=f"The password must be {MIN_PASSWORD_LENGTH} to 1024 characters long.",
+            ),
+        ],
+    )  # fmt: skip
+    confirm = PasswordField(
+        "Repeat it", validators=[DataRequired(), EqualTo("password", "The passwords differ.")]
+    )
 
 
 class AssignBatchForm(FlaskForm):

@@ -75,10 +75,20 @@ class User(UserMixin, db.Model):
         DateTime(timezone=True), nullable=False, server_default=_utcnow()
     )
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by a password reset. A login session stores it with the user id (see
+    # get_id) and the user loader refuses a session whose number is old, so a reset
+    # ends every existing session of the user on its next request, wherever it is,
+    # without a server-side session store.
+    session_version: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=1, server_default=text("1")
+    )
 
     @property
     def is_active(self) -> bool:  # Flask-Login refuses inactive users
         return self.active
+
+    def get_id(self) -> str:
+        return f"{self.id}:{self.session_version}"
 
     @property
     def is_admin(self) -> bool:

@@ -16,14 +16,14 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from flask_login import current_user
+from flask_login import current_user, login_user
 
 from ra_app import assignment, pipeline, reports, users
 from ra_app.codebook_support import get_codebook
 from ra_app.export import MIME, ExportFormat, export_lines
 from ra_app.extensions import db
-from ra_app.forms import ActionForm, AssignBatchForm, NewUserForm, TokenForm
-from ra_app.models import User
+from ra_app.forms import ActionForm, AssignBatchForm, NewUserForm, ResetPasswordForm, TokenForm
+from ra_app.models import ApiToken, User
 from ra_app.security import admin_required, issue_token
 from ra_app.views.queue import page_arg
 
@@ -134,6 +134,23 @@ def _target(user_id: int) -> User:
     return user
 
 
+@bp.get("/users/<int:user_id>")
+@admin_required
+def user_detail(user_id: int) -> Any:
+    user = _target(user_id)
+    return render_template(
+        "admin/user.html", user=user, tokens=users.live_tokens(user),
+        password_form=ResetPasswordForm(), token_form=TokenForm(), form=ActionForm(),
+    )  # fmt: skip
+
+
+def _back(user: User) -> Any:
+    """Back to the page the action was sent from: the user's own page or the list."""
+    if request.form.get("back") == "user":
+        return redirect(url_for("admin.user_detail", user_id=user.id))
+    return redirect(url_for("admin.user_list"))
+
+
 @bp.post("/users/<int:user_id>/active")
 @admin_required
 def user_set_active(user_id: int) -> Any:
@@ -146,7 +163,59 @@ def user_set_active(user_id: int) -> Any:
             user.active = activate
             db.session.commit()
             flash(f"{user.username} is now {'active' if activate else 'deactivated'}.", "info")
-    return redirect(url_for("admin.user_list"))
+    return _back(user)
+
+
+@bp.post("/users/<int:user_id>/password")
+@admin_required
+def user_reset_password(user_id: int) -> Any:
+    user = _target(user_id)
+    form = ResetPasswordForm()
+    if not form.validate_on_submit():
+        for errors in form.errors.values():
+            flash("; ".join(errors), "error")
+        return redirect(url_for("admin.user_detail", user_id=user.id))
+    try:
+        users.reset_password(user, form.password.data)
+        db.session.commit()
+    except users.UserError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.user_detail", user_id=user.id))
+    if user.id == current_user.id:
+        # Every session of the admin ended, this one too; this one re-logs in with
+        # the new number, since the admin just proved who they are.
+        login_user(user)
+    flash(f"New password set for {user.username}; their open sessions are ended. "
+          "API tokens are unchanged: revoke them below if they may be known.", "info")  # fmt: skip
+    return redirect(url_for("admin.user_detail", user_id=user.id))
+
+
+@bp.post("/users/<int:user_id>/tokens/<int:token_id>/revoke")
+@admin_required
+def user_revoke_token(user_id: int, token_id: int) -> Any:
+    user = _target(user_id)
+    token = db.session.get(ApiToken, token_id)
+    if token is None or token.user_id != user.id:
+        abort(404)
+    if ActionForm().validate_on_submit():
+        if users.revoke_tokens(user, token_id=token.id):
+            flash(f"Token {token.name!r} of {user.username} revoked.", "info")
+        else:
+            flash(f"Token {token.name!r} was already revoked.", "info")
+        db.session.commit()
+    return redirect(url_for("admin.user_detail", user_id=user.id))
+
+
+@bp.post("/users/<int:user_id>/tokens/revoke")
+@admin_required
+def user_revoke_tokens(user_id: int) -> Any:
+    user = _target(user_id)
+    if ActionForm().validate_on_submit():
+        n = users.revoke_tokens(user)
+        db.session.commit()
+        flash(f"Revoked {n} token{'' if n == 1 else 's'} of {user.username}.", "info")
+    return redirect(url_for("admin.user_detail", user_id=user.id))
 
 
 @bp.post("/users/<int:user_id>/tokens")

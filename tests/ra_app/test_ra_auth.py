@@ -23,6 +23,7 @@ GET_ROUTES = [
     "/admin/disagreements",
     "/admin/items/1",
     "/admin/users",
+    "/admin/users/1",
     "/admin/export.csv",
     "/admin/export.jsonl",
 ]
@@ -36,6 +37,9 @@ POST_ROUTES = [
     "/admin/users",
     "/admin/users/1/active",
     "/admin/users/1/tokens",
+    "/admin/users/1/password",
+    "/admin/users/1/tokens/1/revoke",
+    "/admin/users/1/tokens/revoke",
 ]
 ADMIN_GET = [r for r in GET_ROUTES if r.startswith("/admin")]
 ADMIN_POST = [r for r in POST_ROUTES if r.startswith("/admin")]
