@@ -2,6 +2,16 @@
 
 One query with a server-side cursor: memory stays flat however many labels
 there are, and the pipeline tables are joined by primary key.
+
+Formula injection: file names, transcripts and notes come from outside the
+study, and a spreadsheet runs a cell that starts with = + - @ (tab and CR too)
+as a formula (=HYPERLINK(...) can leak data). Following OWASP, every string value
+that starts with one of those gets a leading single quote, and every CSV cell is
+quoted. JSONL gets the same treatment: it is meant for programs, but it is also
+pasted into or converted for spreadsheets, and the issue asks for both. To keep
+the values recoverable, a string that already starts with a quote is prefixed
+too, so a program gets the raw value back by removing exactly one leading "'"
+from any string that starts with one (see ``unneutralise``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from ra_app.extensions import db
 
 FETCH_ROWS = 1000  # rows per round trip of the server-side cursor
 MULTI_SEPARATOR = ";"  # joins a multi-choice answer in one CSV cell
+FORMULA_ESCAPE = "'"
+# The escape itself is in the list so that the escaping can be undone exactly.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", FORMULA_ESCAPE)
 
 
 class ExportFormat(StrEnum):
@@ -63,6 +76,22 @@ def _rows() -> Iterator[dict[str, Any]]:
         yield dict(row)
 
 
+def neutralise(value: Any) -> Any:
+    """``value`` with any string in it made inert for a spreadsheet (see above)."""
+    if isinstance(value, str):
+        return FORMULA_ESCAPE + value if value.startswith(FORMULA_STARTS) else value
+    if isinstance(value, dict):
+        return {k: neutralise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [neutralise(v) for v in value]
+    return value
+
+
+def unneutralise(value: str) -> str:
+    """The raw string an exported string value stands for."""
+    return value[1:] if value.startswith(FORMULA_ESCAPE) else value
+
+
 def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
@@ -71,14 +100,16 @@ def jsonl(codebook: Codebook) -> Iterator[str]:
     for row in _rows():
         record = {k: _plain(row[k]) for k in BASE_COLUMNS}
         record["answer"] = row["answer"]
-        yield json.dumps(record, ensure_ascii=False) + "\n"
+        yield json.dumps(neutralise(record), ensure_ascii=False) + "\n"
 
 
 def csv_lines(codebook: Codebook) -> Iterator[str]:
     """CSV with one column per codebook field after the metadata columns."""
     fields = list(codebook.fields)
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    # Quoting every cell (OWASP's second half) keeps a value whole in spreadsheets
+    # that split unquoted cells on ';' (locales with a decimal comma).
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL)
 
     def flush() -> str:
         out = buffer.getvalue()
@@ -96,7 +127,7 @@ def csv_lines(codebook: Codebook) -> Iterator[str]:
             if f.type is FieldType.MULTI and isinstance(value, list):
                 value = MULTI_SEPARATOR.join(value)
             cells.append("" if value is None else value)
-        writer.writerow(cells)
+        writer.writerow([neutralise(c) for c in cells])
         yield flush()
 
 
