@@ -273,7 +273,7 @@ def stop(fleet: Fleet) -> None:
         machines.detach_loop_device(device)
     devstack.down(fleet.host_services)
     fleet.net.down()
-    shutil.rmtree(fleet.work / "machines", ignore_errors=True)
+    _remove_tree(fleet.work / "machines")
 
 
 def write_vault(fleet: Fleet) -> None:
@@ -554,9 +554,19 @@ def down(work: Path) -> int:
         _terminate(state["proxy_pid"])
     devstack.down(_host_services(work))
     network.FleetNetwork(work).down()
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_tree(work)
     print("fleet removed")
     return 0
+
+
+def _remove_tree(path: Path, attempts: int = 10) -> None:
+    # A machine's journal can still be flushed for a moment after its nspawn exits.
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(1)
+    raise OSError(f"could not remove {path}")
 
 
 def _terminate(pid: int) -> None:
