@@ -47,6 +47,7 @@ SAMPLE_RATE = 16_000  # Hz; Whisper's input rate
 WINDOW_S = 30.0  # seconds; Whisper's fixed input window
 DECODE_THREADS = 4  # files decoded at once (PyAV releases the GIL while decoding)
 DECODE_CHUNK_SAMPLES = 500_000  # samples gathered before each resampler call
+DECODE_FORMAT = "ogg"  # the unpack worker's Opus files; named so libav never guesses
 # Silence between packed speech pieces: enough for Whisper to end a segment and for
 # word timestamps to fall clearly on one side of a file boundary.
 GAP_S = 0.6
@@ -289,6 +290,9 @@ def decode_file(path: Path) -> Any:
     process holding the models, most of a short clip's decode time. Here the
     collection is done once per ``decode_many`` call instead. Damaged frames are
     skipped, as faster-whisper does, so a truncated file still yields its audio.
+
+    The file is opened as Ogg (what the unpack worker writes) with local files only:
+    left to guess, libav would follow a playlist (ffconcat, HLS) to other files.
     """
     import av
     import numpy as np
@@ -300,7 +304,13 @@ def decode_file(path: Path) -> Any:
     def resample(frame: Any) -> None:
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
 
-    with av.open(str(path), mode="r", metadata_errors="ignore") as container:
+    with av.open(
+        str(path),
+        mode="r",
+        format=DECODE_FORMAT,
+        options={"protocol_whitelist": "file"},
+        metadata_errors="ignore",
+    ) as container:
         frames = container.decode(audio=0)
         while True:
             try:

@@ -10,6 +10,10 @@ input is unreadable, and the output's duration is read from its Ogg pages (see
 ``ogg_opus_duration``). An ffprobe before and after each file used to cost about
 as much as the conversion of a short clip.
 
+ffmpeg is told the input's format and may open local files only: left to guess,
+it would take a playlist named ``.mp3`` (HLS, ffconcat) for what it is and read
+the files or URLs it lists. The output is held to local files the same way.
+
 Every result says what happened to its file. A failure carries ffmpeg's own
 reason (the last lines of its stderr) and never stops the rest of the batch.
 Outputs are written under a temporary name and renamed into place, so a file
@@ -46,6 +50,11 @@ FFMPEG_SIGNALLED_EXIT = 255  # ffmpeg's exit status after it caught SIGTERM or S
 
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
+# The demuxer for each suffix extraction accepts (archive.AUDIO_SUFFIXES): named,
+# it is the only one ffmpeg tries, so a playlist's demuxer never opens the file.
+INPUT_FORMATS = {".mp3": "mp3"}
+# Protocols ffmpeg may open, for inputs, outputs and anything they would nest.
+PROTOCOL_WHITELIST = "file"
 
 # Ogg Opus (RFC 3533, RFC 7845): the duration is the last page's granule position
 # (48 kHz samples, whatever the output rate) minus the OpusHead pre-skip.
@@ -132,10 +141,18 @@ class ConversionResult:
     interrupted: bool = False  # stopped by a signal: convert again later, the file is fine
 
 
-def probe(path: Path, timeout_s: float = FFPROBE_TIMEOUT_S) -> ProbeResult:
-    """Describe the first audio stream of ``path``; AudioError if there is none."""
+def probe(
+    path: Path, timeout_s: float = FFPROBE_TIMEOUT_S, input_format: str | None = None
+) -> ProbeResult:
+    """Describe the first audio stream of ``path``; AudioError if there is none.
+
+    ``input_format`` names the demuxer (e.g. "mp3"); without it ffprobe guesses,
+    which is fine for files this pipeline wrote, never for received ones.
+    """
+    forced = ["-f", input_format] if input_format else []
     cmd = [
-        FFPROBE, "-v", "error", "-select_streams", "a:0",
+        FFPROBE, "-v", "error", "-protocol_whitelist", PROTOCOL_WHITELIST, *forced,
+        "-select_streams", "a:0",
         "-show_entries", "stream=codec_name,sample_rate,channels:format=duration,format_name",
         "-of", "json", "--", str(path),
     ]  # fmt: skip
@@ -163,16 +180,26 @@ def probe(path: Path, timeout_s: float = FFPROBE_TIMEOUT_S) -> ProbeResult:
     )
 
 
+def input_format(source: Path) -> str:
+    """ffmpeg's demuxer for ``source``, from its suffix; AudioError if none is known."""
+    fmt = INPUT_FORMATS.get(source.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(INPUT_FORMATS))
+        raise AudioError(f"{source.name}: not a known audio format (accepted: {known})")
+    return fmt
+
+
 def opus_command(source: Path, output: Path, bitrate: str = OPUS_BITRATE) -> list[str]:
     """The ffmpeg command line: first audio stream -> Ogg Opus, 16 kHz mono."""
     return [
         FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
         "-threads", "1", "-filter_threads", "1",
+        "-f", input_format(source), "-protocol_whitelist", PROTOCOL_WHITELIST,
         "-i", str(source),
         "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
         "-ac", str(OPUS_CHANNELS), "-ar", str(OPUS_SAMPLE_RATE),
         "-c:a", "libopus", "-b:a", bitrate, "-threads", "1",
-        "-f", "ogg", str(output),
+        "-f", "ogg", "-protocol_whitelist", PROTOCOL_WHITELIST, str(output),
     ]  # fmt: skip
 
 
@@ -185,8 +212,9 @@ def convert_to_opus(
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    command = opus_command(source, partial, bitrate)
     try:
-        proc = _run(opus_command(source, partial, bitrate), timeout_s, what="ffmpeg")
+        proc = _run(command, timeout_s, what="ffmpeg")
         _check_signalled(proc, "ffmpeg")
         if proc.returncode != 0:
             reason = _tail(proc.stderr, source, partial) or f"exit {proc.returncode}"

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import jiwer
 import pytest
+from hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
 from audio_pipeline.asr import (
     AsrDevice,
     AsrSettings,
     AudioDecodeError,
     decode_file,
+    decode_many,
     load_transcriber,
 )
 from audio_pipeline.dev_models import install_whisper
@@ -166,3 +168,24 @@ def test_decoder_matches_faster_whispers_and_keeps_a_cut_files_audio(clips, tmp_
     # end differs by its filter's length).
     same = len(partial) - 256
     assert float(np.abs(partial[:same] - ours[:same]).max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", sorted(PLAYLISTS))
+def test_decoder_refuses_a_playlist_named_opus_without_opening_what_it_lists(
+    clips, tmp_path, kind
+) -> None:
+    """Opened as Ogg with local files only: libav left to guess follows an ffconcat
+    list to the files it names."""
+    with FifoWatch(tmp_path / "other.ogg") as other:
+        target = "other.ogg" if kind == "ffconcat" else str(other.path)
+        playlist = PLAYLISTS[kind](tmp_path / "clip.opus", target)
+        with pytest.raises(AudioDecodeError, match=r"clip\.opus"):
+            decode_many([playlist])
+        assert not other.opened.is_set(), f"the decoder opened the file the {kind} list names"
+    body = clips["short.opus"].read_bytes()
+    with RecordingServer(body=body) as server:
+        playlist = PLAYLISTS[kind](tmp_path / "remote.opus", f"{server.url}/short.ogg")
+        with pytest.raises(AudioDecodeError, match=r"remote\.opus"):
+            decode_many([playlist])
+        assert server.requests == [], f"the decoder fetched what the {kind} list names"
+    assert len(decode_file(clips["short.opus"])) > 0

@@ -8,11 +8,13 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
-from audio_pipeline import audio
+from audio_pipeline import archive, audio
 from audio_pipeline.config import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -112,9 +114,74 @@ def test_an_input_without_audio_is_reported_as_unreadable(tmp_path):
          "-frames:v", "1", "-f", "image2", str(image)],
         check=True,
     )  # fmt: skip
-    with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*matches no streams"):
+    with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*picture\.mp3"):
         audio.convert_to_opus(image, tmp_path / "picture.opus")
     assert not list(tmp_path.glob("*.opus"))
+
+
+# --- playlists named .mp3: refused, and what they list is never opened --------------
+
+
+def test_fifo_watch_sees_a_reader(tmp_path):
+    """The witness used below: it does see an open for reading."""
+    with FifoWatch(tmp_path / "pipe") as watch:
+        fd = os.open(watch.path, os.O_RDONLY | os.O_NONBLOCK)
+        assert watch.opened.wait(5)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", sorted(PLAYLISTS))
+def test_playlist_named_mp3_is_refused_without_opening_the_file_it_lists(tmp_path, kind):
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    with FifoWatch(batch / "other.mp3") as other:
+        # ffconcat's "safe" mode allows a plain name beside the playlist; HLS takes a path
+        target = "other.mp3" if kind == "ffconcat" else str(other.path)
+        playlist = PLAYLISTS[kind](batch / "clip.mp3", target)
+        out = tmp_path / "out" / "clip.opus"
+        with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*clip\.mp3"):
+            audio.convert_to_opus(playlist, out)
+        assert not other.opened.is_set(), f"ffmpeg opened the file the {kind} playlist lists"
+    assert not out.exists()
+    assert not list(out.parent.glob(".*"))
+
+
+@pytest.mark.parametrize("kind", sorted(PLAYLISTS))
+def test_playlist_named_mp3_never_contacts_the_url_it_lists(tmp_path, kind):
+    speech = speech_mp3(tmp_path / "speech.mp3").read_bytes()
+    with RecordingServer(body=speech) as server:
+        playlist = PLAYLISTS[kind](tmp_path / "clip.mp3", f"{server.url}/speech.mp3")
+        with pytest.raises(audio.AudioError, match=r"not a readable audio file"):
+            audio.convert_to_opus(playlist, tmp_path / "clip.opus")
+        assert server.requests == [], f"ffmpeg fetched what the {kind} playlist lists"
+        # the witness works: a real fetch is recorded
+        with urllib.request.urlopen(f"{server.url}/check", timeout=10) as reply:  # noqa: S310
+            assert reply.read() == speech
+        assert server.requests == ["/check"]
+
+
+def test_output_is_held_to_local_files(tmp_path):
+    cmd = audio.opus_command(Path("/s/in.mp3"), Path("/s/out.opus"))
+    assert cmd[cmd.index("-i") - 4 : cmd.index("-i")] == [
+        "-f", "mp3", "-protocol_whitelist", "file",
+    ]  # fmt: skip
+    assert cmd[-4:] == ["ogg", "-protocol_whitelist", "file", "/s/out.opus"]
+    source = tone_mp3(tmp_path / "t.mp3", 1.0)
+    with RecordingServer() as server:
+        *command, _ = audio.opus_command(source, Path("unused"))
+        proc = subprocess.run(
+            [*command, f"{server.url}/upload.ogg"], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode != 0
+        assert "not on whitelist" in proc.stderr
+        assert server.requests == []
+
+
+def test_every_extracted_suffix_has_an_input_format(tmp_path):
+    assert set(audio.INPUT_FORMATS) == set(archive.AUDIO_SUFFIXES)
+    assert audio.input_format(Path("a/B.MP3")) == "mp3"
+    with pytest.raises(audio.AudioError, match=r"x\.wav: not a known audio format"):
+        audio.convert_to_opus(tmp_path / "x.wav", tmp_path / "x.opus")
 
 
 @pytest.mark.parametrize("seconds", [0.5, 3.0, 17.3])
