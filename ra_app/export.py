@@ -1,7 +1,7 @@
 """Export of labels with transcript metadata, streamed as CSV or JSONL.
 
 One query with a server-side cursor: memory stays flat however many labels
-there are, and the pipeline tables are joined by primary key.
+there are, and the pipeline tables are outer-joined by primary key.
 
 Formula injection: file names, transcripts and notes come from outside the
 study, and a spreadsheet runs a cell that starts with = + - @ (tab and CR too)
@@ -43,20 +43,40 @@ class ExportFormat(StrEnum):
 
 MIME = {ExportFormat.CSV: "text/csv; charset=utf-8", ExportFormat.JSONL: "application/x-ndjson"}
 
+# Labels first, the pipeline's rows outer-joined: a label whose batch the pipeline
+# has deleted (the delete cascades to its classifications) is still exported, with
+# the facts it kept when it was made (models.Label), an empty transcript, and
+# pipeline_deleted = true. A label's own copy wins over the live row: the export
+# shows what the coder judged, even if the pipeline re-scored the item since.
+# Labels from before the copy existed fall back to the live row (or ra_items).
+# The exception is the transcript, which is not copied: its text, language and ASR
+# model come together from the pipeline's transcript row while there is one, so they
+# never describe two different transcription runs.
 _EXPORT_SQL = """
-SELECT l.id AS label_id, l.assignment_id, l.classification_id, c.audio_id, f.batch_id,
-       f.rel_path, f.duration_s, f.opus_s3_key, p.name AS policy_name,
-       p.version AS policy_version, c.model AS classifier_model, c.score, c.threshold,
+SELECT l.id AS label_id, l.assignment_id, l.classification_id,
+       coalesce(l.audio_id, c.audio_id, i.audio_id) AS audio_id,
+       coalesce(l.batch_id, f.batch_id, i.batch_id) AS batch_id,
+       coalesce(l.rel_path, f.rel_path) AS rel_path,
+       coalesce(l.duration_s, f.duration_s) AS duration_s,
+       coalesce(l.opus_s3_key, f.opus_s3_key) AS opus_s3_key,
+       coalesce(l.policy_name, p.name) AS policy_name,
+       coalesce(l.policy_version, p.version) AS policy_version,
+       coalesce(l.classifier_model, c.model) AS classifier_model,
+       coalesce(l.score, c.score, i.score::real) AS score,
+       coalesce(l.threshold, c.threshold) AS threshold,
        u.username AS coder, a.source AS assignment_source, i.coders_needed,
        l.codebook_version, l.time_on_task_ms, a.assigned_at, l.created_at AS labeled_at,
-       t.language, t.model AS asr_model, t.text AS transcript, l.answer
+       CASE WHEN t.audio_id IS NULL THEN l.language ELSE t.language END AS language,
+       CASE WHEN t.audio_id IS NULL THEN l.asr_model ELSE t.model END AS asr_model,
+       t.text AS transcript,
+       c.id IS NULL AS pipeline_deleted, l.answer
 FROM ra_labels l
 JOIN ra_assignments a ON a.id = l.assignment_id
 JOIN ra_users u ON u.id = l.user_id
 JOIN ra_items i ON i.classification_id = l.classification_id
-JOIN classifications c ON c.id = l.classification_id
-JOIN audio_files f ON f.id = c.audio_id
-JOIN policies p ON p.id = c.policy_id
+LEFT JOIN classifications c ON c.id = l.classification_id
+LEFT JOIN audio_files f ON f.id = c.audio_id
+LEFT JOIN policies p ON p.id = c.policy_id
 LEFT JOIN transcripts t ON t.audio_id = c.audio_id
 ORDER BY l.id
 """
@@ -65,6 +85,7 @@ BASE_COLUMNS = [
     "duration_s", "opus_s3_key", "policy_name", "policy_version", "classifier_model", "score",
     "threshold", "coder", "assignment_source", "coders_needed", "codebook_version",
     "time_on_task_ms", "assigned_at", "labeled_at", "language", "asr_model", "transcript",
+    "pipeline_deleted",
 ]  # fmt: skip
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from ra_app import assignment
+from ra_app import assignment, pipeline
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
 from ra_app.models import AssignmentStatus, Label, User
@@ -48,10 +48,12 @@ def record_label(
     except assignment.AssignmentError as exc:
         raise LabelError(str(exc)) from exc
     now = datetime.now(UTC)
+    # Read in this transaction, so the label keeps what the pipeline held as it was made.
+    facts = pipeline.label_facts(found.classification_id) or {}
     label = Label(
         assignment_id=found.id, classification_id=found.classification_id, user_id=user.id,
         answer=cleaned, time_on_task_ms=_time_on_task(time_on_task_ms, found.assigned_at, now),
-        codebook_version=codebook.version,
+        codebook_version=codebook.version, **facts,
     )  # fmt: skip
     db.session.add(label)
     found.status = AssignmentStatus.DONE.value

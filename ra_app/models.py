@@ -15,6 +15,7 @@ from typing import Any
 
 from flask_login import UserMixin
 from sqlalchemy import (
+    REAL,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -181,6 +182,18 @@ class Assignment(db.Model):
 
 
 class Label(db.Model):
+    """One coder's answer on one assignment, with the facts it was made on.
+
+    Why the copy of the pipeline's facts (audio_id ... asr_model): deleting a batch
+    cascades in the pipeline's tables down to its classifications, and the ra_app
+    role can neither stop that (a trigger on a pipeline table needs its owner, and
+    schema.sql never names RA tables) nor should it: the pipeline stays free to
+    delete and re-create its rows. So a label keeps, from the moment it was made,
+    what the export needs to stand on its own; the export reads these first and
+    the pipeline's live rows only for older labels. The transcript text is not
+    copied: deleting a batch is how its content leaves the database.
+    """
+
     __tablename__ = "ra_labels"
     __table_args__ = (
         CheckConstraint("time_on_task_ms >= 0", name="ra_labels_time_check"),
@@ -200,6 +213,20 @@ class Label(db.Model):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=_utcnow()
     )
+    # The pipeline's facts at labelling time (NULL where the pipeline had none).
+    audio_id: Mapped[int | None] = mapped_column(BigInteger)
+    batch_id: Mapped[str | None] = mapped_column(Text)
+    rel_path: Mapped[str | None] = mapped_column(Text)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    opus_s3_key: Mapped[str | None] = mapped_column(Text)
+    policy_name: Mapped[str | None] = mapped_column(Text)
+    policy_version: Mapped[int | None] = mapped_column(Integer)
+    classifier_model: Mapped[str | None] = mapped_column(Text)
+    # REAL like the pipeline's columns, so a copied score prints as the original does.
+    score: Mapped[float | None] = mapped_column(REAL)
+    threshold: Mapped[float | None] = mapped_column(REAL)
+    language: Mapped[str | None] = mapped_column(Text)
+    asr_model: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiToken(db.Model):

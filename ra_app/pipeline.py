@@ -138,3 +138,28 @@ def opus_key_for(classification_id: int) -> str | None:
                 JOIN audio_files a ON a.id = c.audio_id WHERE c.id = :cid"""),
         {"cid": classification_id},
     ).scalar_one_or_none()
+
+
+LABEL_FACTS = (
+    "audio_id", "batch_id", "rel_path", "duration_s", "opus_s3_key", "policy_name",
+    "policy_version", "classifier_model", "score", "threshold", "language", "asr_model",
+)  # fmt: skip
+
+
+def label_facts(classification_id: int) -> dict[str, Any] | None:
+    """What a label keeps of its item (models.Label says why); None once deleted."""
+    row = db.session.execute(
+        text("""
+        SELECT c.audio_id, f.batch_id, f.rel_path, f.duration_s, f.opus_s3_key,
+               p.name AS policy_name, p.version AS policy_version,
+               c.model AS classifier_model, c.score, c.threshold, t.language,
+               t.model AS asr_model
+        FROM classifications c
+        JOIN audio_files f ON f.id = c.audio_id
+        JOIN policies p ON p.id = c.policy_id
+        LEFT JOIN transcripts t ON t.audio_id = c.audio_id
+        WHERE c.id = :cid
+        """),
+        {"cid": classification_id},
+    ).mappings().first()  # fmt: skip
+    return {k: row[k] for k in LABEL_FACTS} if row is not None else None

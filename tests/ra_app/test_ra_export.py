@@ -11,9 +11,13 @@ import pytest
 from conftest import add_user, login, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
+from flask_migrate import upgrade
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 
 from ra_app.export import unneutralise
 from ra_app.extensions import db
+from ra_app.factory import create_app
 from ra_app.models import User
 from ra_app.security import issue_token
 
@@ -128,3 +132,105 @@ def test_api_export_is_neutralised_too(app: Flask, db_conn: Any) -> None:
     assert rows[0]["answer_notes"] == "'=1+1"
     login(client, "ann")  # an RA's session never reaches the export
     assert client.get("/admin/export.csv").status_code == 403
+
+
+def test_deleting_a_batch_keeps_its_labels_in_the_export(
+    app: Flask, admin_client: tuple[FlaskClient, str], db_conn: Any
+) -> None:
+    admin, _ = admin_client
+    gone = seed_items(db_conn, 2, "b-gone", scores=[0.9, 0.8])
+    [kept] = seed_items(db_conn, 1, "b-kept", scores=[0.7])
+    add_user(app, "ann")
+    _label_all_by_api(app, "ann", ["first", "second", "third"])
+
+    # The pipeline, as its own role, deletes one batch and re-scores the other's item.
+    db_conn.execute("DELETE FROM batches WHERE batch_id = 'b-gone'")
+    db_conn.execute("UPDATE classifications SET score = 0.55 WHERE id = %s", (kept,))
+    db_conn.commit()
+    assert db_conn.execute(
+        "SELECT count(*) AS n FROM classifications WHERE id = ANY(%s)", (gone,)
+    ).fetchone()["n"] == 0  # fmt: skip
+
+    rows = list(csv.DictReader(io.StringIO(_export(admin, "csv"))))
+    records = [json.loads(line) for line in _export(admin, "jsonl").splitlines()]
+    assert [r["classification_id"] for r in records] == [*gone, kept]
+    assert [r["answer"]["notes"] for r in records] == ["first", "second", "third"]
+    facts = zip(records, [0.9, 0.8, 0.7], ["clip0000", "clip0001", "clip0000"], strict=True)
+    for record, score, rel in facts:
+        assert record["rel_path"] == f"calls/{rel}.mp3"
+        assert record["score"] == pytest.approx(score)  # what the coder saw, not the re-score
+        assert record["threshold"] == pytest.approx(0.5)
+        assert record["policy_name"] == "hate"
+        assert record["policy_version"] == 1
+        assert record["classifier_model"] == "cope-a-tiny"
+        assert record["language"] == "en"
+        assert record["asr_model"] == "tiny.en"
+        assert record["duration_s"] == pytest.approx(7.0)
+        assert record["audio_id"] is not None
+    assert [r["batch_id"] for r in records] == ["b-gone", "b-gone", "b-kept"]
+    assert [r["pipeline_deleted"] for r in records] == [True, True, False]
+    # The transcript text is the pipeline's: deleting a batch removes its content.
+    assert [bool(r["transcript"]) for r in records] == [False, False, True]
+    assert [r["pipeline_deleted"] for r in rows] == ["True", "True", "False"]
+    assert [r["batch_id"] for r in rows] == ["b-gone", "b-gone", "b-kept"]
+    assert [r["score"] for r in rows] == ["0.9", "0.8", "0.7"]
+
+
+def test_the_ra_app_role_cannot_guard_pipeline_tables(app: Flask) -> None:
+    """Why labels carry their facts instead of refusing a batch's deletion."""
+    with app.app_context():
+        db.session.execute(
+            text("CREATE FUNCTION ra_guard() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN RETURN NULL; END $$")
+        )  # fmt: skip
+        with pytest.raises(ProgrammingError, match="permission denied for table batches"):
+            db.session.execute(
+                text("CREATE TRIGGER ra_guard BEFORE DELETE ON batches FOR EACH ROW "
+                     "EXECUTE FUNCTION ra_guard()")
+            )  # fmt: skip
+        db.session.rollback()
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            db.session.execute(text("DELETE FROM batches"))
+        db.session.rollback()
+
+
+def test_labels_made_before_the_copy_get_the_facts_on_upgrade(
+    ra_env: dict[str, str], db_conn: Any
+) -> None:
+    [cid] = seed_items(db_conn, 1, "b-old", scores=[0.65])
+    app = create_app({"ENVIRON": ra_env, "TESTING": True})
+    with app.app_context():
+        upgrade(revision="0002")
+        uid = add_user(app, "ann")
+        db.session.execute(
+            text("""
+            INSERT INTO ra_items (classification_id, audio_id, batch_id, policy_id, score,
+                                  shuffle_key, coders_needed, open_slots)
+            SELECT id, audio_id, 'b-old', policy_id, score, 0, 1, 0 FROM classifications""")
+        )
+        db.session.execute(
+            text("""
+            WITH a AS (INSERT INTO ra_assignments (classification_id, user_id, batch_id,
+                       status, source) VALUES (:cid, :uid, 'b-old', 'done', 'queue')
+                       RETURNING id)
+            INSERT INTO ra_labels (assignment_id, classification_id, user_id, answer,
+                                   time_on_task_ms)
+            SELECT id, :cid, :uid, '{"violates": "no"}', 10 FROM a"""),
+            {"cid": cid, "uid": uid},
+        )
+        db.session.commit()
+        upgrade()
+        row = db.session.execute(
+            text("SELECT batch_id, rel_path, score, policy_name, asr_model FROM ra_labels")
+        ).one()
+    assert tuple(row) == ("b-old", "calls/clip0000.mp3", pytest.approx(0.65), "hate", "tiny.en")
+    db_conn.execute("DELETE FROM batches")
+    db_conn.commit()
+    admin = app.test_client()
+    add_user(app, "boss", "admin")
+    login(admin, "boss")
+    [record] = [json.loads(line) for line in _export(admin, "jsonl").splitlines()]
+    assert record["rel_path"] == "calls/clip0000.mp3"
+    assert record["pipeline_deleted"] is True
+    with app.app_context():
+        db.engine.dispose()
