@@ -11,8 +11,15 @@ Backends (``CLASSIFIER_BACKEND``):
   into Gemma-2-9B) from ``MODELS_ROOT/CLASSIFIER_MODEL``, prompted with the
   INSTRUCTIONS / POLICY / CONTENT / ANSWER format of ../shared/notes/cope-a.md.
   score = p("1") / (p("1") + p("0")) from the last position's logits. Prompts run
-  in batches with left padding; content that would not fit CLASSIFIER_MAX_TOKENS is
-  cut, and the verdict says so. torch and transformers are imported only here.
+  in batches with left padding. torch and transformers are imported only here.
+
+Long transcripts: the lexicon matches the whole text. CoPE-A judges at most
+CLASSIFIER_MAX_TOKENS per prompt, so a transcript whose content does not fit is
+judged in overlapping windows of the content budget, each prompt holding the whole
+policy; the verdict is the most severe window (max score), so long benign speech
+cannot hide a later violation. At most CLASSIFIER_MAX_WINDOWS windows are scored per
+transcript and policy; text past them is judged by none, and the verdict says so
+(``truncated``; stored with ``windows`` on the classification row).
 
 Evidence (classifications.evidence): the segments that drove a verdict, as
 ``{"segment", "start", "end", "score", "terms"}``. Lexicon: every segment holding a
@@ -40,6 +47,15 @@ DEFAULT_THRESHOLD = 0.5  # CoPE-A's own "uncertain" point
 DEFAULT_CLASSIFIER_MODEL = "classifier/cope-a-9b"
 DEFAULT_MAX_TOKENS = 8192  # CoPE-A was trained on policy + content within 8K tokens
 DEFAULT_CLASSIFIER_BATCH = 8  # prompts per forward pass
+# Windows per transcript and policy: 32 windows of an 8K context hold many hours of
+# speech; the cap bounds the GPU time one file can take.
+DEFAULT_MAX_WINDOWS = 32
+# Neighbouring windows share 1/8 of a window, so a sentence cut at one window's
+# edge is whole in the next.
+WINDOW_OVERLAP_DIVISOR = 8
+# Text cut at token boundaries takes a few more tokens when tokenized again inside
+# the prompt (a merge lost at the cut, a character split across byte tokens).
+CUT_SLACK_TOKENS = 8
 EVIDENCE_TOP_K = 3  # cope-a: segments kept when none reaches the threshold alone
 LEXICON_MODEL = "lexicon-v1"
 LEXICON_HIT_DECAY = 0.5  # each further hit halves the distance to 1
@@ -71,6 +87,7 @@ class ClassifierSettings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     batch_size: int = DEFAULT_CLASSIFIER_BATCH
     device: str = "auto"  # auto | cpu | cuda
+    max_windows: int = DEFAULT_MAX_WINDOWS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClassifierSettings:
@@ -107,6 +124,7 @@ class ClassifierSettings:
             max_tokens=number("CLASSIFIER_MAX_TOKENS", DEFAULT_MAX_TOKENS, int, 64, 1 << 20),
             batch_size=number("CLASSIFIER_BATCH_SIZE", DEFAULT_CLASSIFIER_BATCH, int, 1, 4096),
             device=device,
+            max_windows=number("CLASSIFIER_MAX_WINDOWS", DEFAULT_MAX_WINDOWS, int, 1, 1 << 20),
         )
         if errors:
             raise ConfigError("invalid classifier configuration:\n  " + "\n  ".join(errors))
@@ -169,7 +187,8 @@ class Verdict:
     label: int  # 1 = meets the policy (flagged), 0 = does not
     threshold: float
     evidence: list[Evidence] = field(default_factory=list)
-    truncated: bool = False  # the content was cut to fit the model's context
+    windows: int = 1  # prompts the content was judged in; the score is their max
+    truncated: bool = False  # some of the content was in no window (judged by nothing)
 
     def evidence_json(self) -> list[dict[str, Any]]:
         return [e.as_json() for e in self.evidence]
@@ -248,6 +267,8 @@ class LexiconClassifier:
                         label=label_for(score, self.threshold),
                         threshold=self.threshold,
                         evidence=evidence,
+                        windows=1,  # the whole text, whatever its length
+                        truncated=False,
                     )
                 )
         return verdicts
@@ -267,6 +288,34 @@ def cope_a_prompt(policy: str, content: str) -> str:
 class _Prompt:
     text: str
     truncated: bool
+
+
+@dataclass(frozen=True)
+class ContentWindows:
+    """The pieces of one transcript that are judged, each in a prompt of its own."""
+
+    texts: list[str]
+    truncated: bool  # text past the last window is judged by none
+
+
+def window_spans(
+    n_tokens: int, size: int, overlap: int, max_windows: int
+) -> tuple[list[tuple[int, int]], bool]:
+    """Token ranges [start, end) of windows of ``size`` tokens, each starting
+    ``size - overlap`` after the previous one, until one reaches the end or
+    ``max_windows`` are taken; and whether tokens were left out."""
+    if size < 1 or max_windows < 1 or not 0 <= overlap < size:
+        raise ValueError(f"bad windows: size={size} overlap={overlap} max={max_windows}")
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        end = min(start + size, n_tokens)
+        spans.append((start, end))
+        if end >= n_tokens:
+            return spans, False
+        if len(spans) == max_windows:
+            return spans, True
+        start += size - overlap
 
 
 class CopeAClassifier:
@@ -320,24 +369,47 @@ class CopeAClassifier:
         """Tokens of the prompt around an empty policy and content (specials included)."""
         return len(self.tokenizer(cope_a_prompt("", ""))["input_ids"])
 
-    def _fit(self, policy: str, content: str) -> _Prompt:
-        """The prompt, with the content cut at a token boundary if it would not fit."""
-        tok = self.tokenizer
+    def _budget(self, policy: str) -> int:
+        """Content tokens that fit in one prompt beside ``policy``."""
         budget = (
             self.settings.max_tokens
             - self._template_tokens
-            - len(tok.encode(policy.strip(), add_special_tokens=False))
+            - len(self.tokenizer.encode(policy.strip(), add_special_tokens=False))
+            - CUT_SLACK_TOKENS
         )
         if budget <= 0:
             raise ValueError(
                 f"the policy alone exceeds CLASSIFIER_MAX_TOKENS={self.settings.max_tokens}"
             )
+        return budget
+
+    def _fit(self, policy: str, content: str) -> _Prompt:
+        """The prompt, with the content cut at a token boundary if it would not fit.
+
+        Only evidence uses it (one segment per prompt); the verdict's windows cover
+        a segment longer than one window.
+        """
+        budget = self._budget(policy)
         content = content.strip()
-        encoded = tok(content, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
         if len(encoded["input_ids"]) <= budget:
             return _Prompt(cope_a_prompt(policy, content), truncated=False)
         cut = encoded["offset_mapping"][budget - 1][1]
         return _Prompt(cope_a_prompt(policy, content[:cut]), truncated=True)
+
+    def windows(self, policy: str, content: str) -> ContentWindows:
+        """``content`` cut at token boundaries into the windows judged under ``policy``."""
+        budget = self._budget(policy)
+        content = content.strip()
+        encoded = self.tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        if len(offsets) <= budget:
+            return ContentWindows([content], truncated=False)
+        spans, truncated = window_spans(
+            len(offsets), budget, budget // WINDOW_OVERLAP_DIVISOR, self.settings.max_windows
+        )
+        texts = [content[offsets[start][0] : offsets[end - 1][1]] for start, end in spans]
+        return ContentWindows(texts, truncated)
 
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
         """p("1") / (p("1") + p("0")) at the last position, for each prompt."""
@@ -369,14 +441,27 @@ class CopeAClassifier:
 
     def classify(self, items: Sequence[ClassifyItem], policies: Sequence[Policy]) -> list[Verdict]:
         pairs = [(item, policy) for item in items for policy in policies]
-        prompts = [self._fit(p.text, item.text) for item, p in pairs]
-        for (item, policy), prompt in zip(pairs, prompts, strict=True):
-            if prompt.truncated:
+        windows = [self.windows(p.text, item.text) for item, p in pairs]
+        for (item, policy), w in zip(pairs, windows, strict=True):
+            if w.truncated:
                 log.warning(
-                    "event=classify.truncated audio_id=%s policy_id=%s max_tokens=%s",
-                    item.key, policy.id, self.settings.max_tokens,
+                    "event=classify.truncated audio_id=%s policy_id=%s windows=%s "
+                    "max_tokens=%s",
+                    item.key, policy.id, len(w.texts), self.settings.max_tokens,
                 )  # fmt: skip
-        scores = self.score_prompts([p.text for p in prompts])
+        # Every window of every pair in one batched pass, then the max per pair.
+        flat = self.score_prompts(
+            [
+                cope_a_prompt(policy.text, text)
+                for (_, policy), w in zip(pairs, windows, strict=True)
+                for text in w.texts
+            ]
+        )
+        scores: list[float] = []
+        start = 0
+        for w in windows:
+            scores.append(max(flat[start : start + len(w.texts)]))
+            start += len(w.texts)
         evidence = self._evidence(
             [pair for pair, s in zip(pairs, scores, strict=True) if s >= self.threshold]
         )
@@ -389,9 +474,10 @@ class CopeAClassifier:
                 label=label_for(score, self.threshold),
                 threshold=self.threshold,
                 evidence=evidence.get((item.key, policy.id), []),
-                truncated=prompt.truncated,
+                windows=len(w.texts),
+                truncated=w.truncated,
             )
-            for (item, policy), prompt, score in zip(pairs, prompts, scores, strict=True)
+            for (item, policy), w, score in zip(pairs, windows, scores, strict=True)
         ]
 
     def _evidence(

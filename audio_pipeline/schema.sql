@@ -116,6 +116,12 @@ CREATE TABLE IF NOT EXISTS classifications (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (audio_id, policy_id, model)
 );
+-- How much of the transcript the classifier judged. A model with a context limit
+-- (CoPE-A) judges a long transcript in windows and keeps the most severe one:
+-- windows = prompts it was judged in; truncated = some text was in no window
+-- (CLASSIFIER_MAX_WINDOWS reached). NULL on rows written before these existed.
+ALTER TABLE classifications ADD COLUMN IF NOT EXISTS windows integer CHECK (windows >= 1);
+ALTER TABLE classifications ADD COLUMN IF NOT EXISTS truncated boolean;
 -- The RA queue reads flagged rows by score; the partial index keeps it small.
 CREATE INDEX IF NOT EXISTS classifications_flagged_idx
     ON classifications (score DESC, id) WHERE label = 1;
@@ -139,7 +145,9 @@ SELECT
     c.score,
     c.threshold,
     c.evidence,
-    c.created_at    AS classified_at
+    c.created_at    AS classified_at,
+    c.windows,
+    c.truncated
 FROM classifications c
 JOIN audio_files a ON a.id = c.audio_id
 JOIN policies p    ON p.id = c.policy_id

@@ -159,16 +159,17 @@ def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> lis
         cur.executemany(
             """
             INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold,
-                                         evidence)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)
+                                         evidence, windows, truncated)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (audio_id, policy_id, model) DO UPDATE
                SET score = EXCLUDED.score, label = EXCLUDED.label,
                    threshold = EXCLUDED.threshold, evidence = EXCLUDED.evidence,
+                   windows = EXCLUDED.windows, truncated = EXCLUDED.truncated,
                    updated_at = now()
             """,
             [
                 (r.audio_id, v.policy_id, v.model, v.score, v.label, v.threshold,
-                 Jsonb(v.evidence_json()))
+                 Jsonb(v.evidence_json()), v.windows, v.truncated)
                 for r in results
                 for v in r.verdicts
             ],

@@ -4,6 +4,7 @@ that dev_models builds (random weights: scores are meaningless but exact)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_classify_gives_a_verdict_per_item_and_policy(models_root: Path) -> None
         assert 0.0 <= v.score <= 1.0
         assert v.label == 1
         assert v.threshold == 0.0
-        assert not v.truncated
+        assert (v.windows, v.truncated) == (1, False)
     first = verdicts[0]
     assert [e.segment for e in first.evidence] == [0, 1]
     assert all(0.0 <= e.score <= 1.0 and e.terms == [] for e in first.evidence)
@@ -112,18 +113,158 @@ def test_threshold_above_every_score_flags_nothing(models_root: Path) -> None:
     assert all(v.label == 0 and v.evidence == [] for v in verdicts)
 
 
-def test_long_content_is_truncated_to_fit_and_says_so(models_root: Path, caplog) -> None:
-    clf = load_classifier(models_root, settings(max_tokens=200))
-    long_item = ClassifyItem(9, "The juice of lemons makes fine punch. " * 100)
+# --- long transcripts: judged in windows that cover all of it ------------------------
+
+# The tiny model's context for these tests: about 100 content tokens per prompt
+# beside POLICIES[0], so FILLER alone spans several windows.
+SMALL_CONTEXT = 200
+FILLERS = [
+    "Glue the sheet to the dark blue background. ",
+    "The birch canoe slid on the smooth planks. ",
+    "It is easy to tell the depth of a well. ",
+    "A pot of tea helps to pass the evening. ",
+]
+FILLER = FILLERS[0] * 40
+# Appended to filler, each lands in the last window or two. The random model's
+# scores mean nothing, so the test picks the first filler and trigger where a window
+# holding the trigger outscores every window without it, and puts the threshold
+# between them.
+TRIGGERS = [
+    "Give me the money or else.",
+    "I will kill you tomorrow.",
+    "Weapon attack, kill kill kill.",
+    "Buy now, free money, scam spam.",
+]
+
+
+def window_scores(
+    clf: CopeAClassifier, policy: Policy, content: str
+) -> tuple[list[str], list[float]]:
+    windows = clf.windows(policy.text, content)
+    assert not windows.truncated
+    return windows.texts, clf.score_prompts([cope_a_prompt(policy.text, t) for t in windows.texts])
+
+
+def test_windows_cover_the_whole_transcript_with_overlap(models_root: Path) -> None:
+    clf = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT))
+    assert isinstance(clf, CopeAClassifier)
+    # numbered, so each window's text occurs once in the transcript
+    content = " ".join(f"Plank number {i} slid on the canoe." for i in range(60))
+    texts = clf.windows(POLICIES[0].text, content).texts
+    assert len(texts) > 3
+    starts = [content.index(t) for t in texts]
+    ends = [start + len(t) for start, t in zip(starts, texts, strict=True)]
+    assert starts[0] == 0
+    assert ends[-1] == len(content)
+    for i in range(1, len(texts)):
+        assert starts[i] < ends[i - 1], f"window {i} does not overlap the one before"
+        assert ends[i] > ends[i - 1]
+    # every prompt fits the context, also where cuts fall inside multi-byte characters
+    for text in (content, "ÜNÏCÖDÉ 日本語 の 声 😀🎉 " * 50):
+        for t in clf.windows(POLICIES[0].text, text).texts:
+            prompt = cope_a_prompt(POLICIES[0].text, t)
+            assert len(clf.tokenizer(prompt)["input_ids"]) <= SMALL_CONTEXT
+
+
+def test_a_violation_past_the_first_window_flags_the_file(models_root: Path, monkeypatch) -> None:
+    probe = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT))
+    assert isinstance(probe, CopeAClassifier)
+    policy = POLICIES[0]
+    for filler, trigger in itertools.product(FILLERS, TRIGGERS):
+        content = filler * 40 + trigger
+        texts, scores = window_scores(probe, policy, content)
+        hot = [s for t, s in zip(texts, scores, strict=True) if trigger in t]
+        cold = [s for t, s in zip(texts, scores, strict=True) if trigger not in t]
+        if hot and max(hot) - max(cold) >= 1e-3:
+            break
+    else:
+        pytest.fail("no trigger outscores the windows of its filler")
+    assert trigger not in texts[0], "the violation is past the first window"
+    threshold = (max(cold) + max(hot)) / 2
+
+    clf = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT, threshold=threshold))
+    assert isinstance(clf, CopeAClassifier)
+    scored: list[str] = []
+    real_score = clf.score_prompts
+    monkeypatch.setattr(clf, "score_prompts", lambda ps: scored.extend(ps) or real_score(ps))
+    [verdict] = clf.classify([ClassifyItem(7, content)], [policy])
+
+    assert scored == [cope_a_prompt(policy.text, t) for t in texts], "every window, once"
+    assert verdict.windows == len(texts)
+    assert not verdict.truncated
+    assert verdict.score == pytest.approx(max(scores), abs=1e-5), "the most severe window"
+    assert verdict.label == 1
+    # What one prompt cut to the context (the behaviour before windows) judged:
+    first_only = clf._fit(policy.text, content)
+    assert first_only.truncated
+    assert real_score([first_only.text])[0] < threshold, "the first window alone would not flag"
+
+
+def test_text_past_the_window_cap_is_left_out_and_says_so(models_root: Path, caplog) -> None:
+    clf = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT, max_windows=2))
+    long_item = ClassifyItem(9, FILLER + "I will kill you tomorrow.")
     with caplog.at_level("WARNING"):
         verdicts = clf.classify([long_item, items()[2]], POLICIES[:1])
 
-    assert verdicts[0].truncated
-    assert not verdicts[1].truncated
-    assert "event=classify.truncated audio_id=9" in caplog.text
-    fitted = clf._fit(POLICIES[0].text, long_item.text)
-    assert len(clf.tokenizer(fitted.text)["input_ids"]) <= 200
-    assert fitted.text.endswith("\n\n\nANSWER\n======\n\n")
+    assert (verdicts[0].windows, verdicts[0].truncated) == (2, True)
+    assert (verdicts[1].windows, verdicts[1].truncated) == (1, False)
+    assert "event=classify.truncated audio_id=9 policy_id=1 windows=2" in caplog.text
+
+
+@pytest.mark.integration
+def test_the_classification_row_records_windows_and_truncation(models_root: Path, db_conn) -> None:
+    from audio_pipeline.asr import Transcript
+    from audio_pipeline.classify import LexiconClassifier
+    from audio_pipeline.records.results import FileResult, save_results
+
+    db_conn.execute("INSERT INTO batches (batch_id, s3_key) VALUES ('b-win', 'archives/b-win.tar')")
+    ids = [
+        db_conn.execute(
+            "INSERT INTO audio_files (batch_id, rel_path, status) VALUES ('b-win', %s, "
+            "'transcribing') RETURNING id",
+            (name,),
+        ).fetchone()["id"]
+        for name in ("long.mp3", "capped.mp3")
+    ]
+    policy = db_conn.execute(
+        "INSERT INTO policies (name, version, text, lexicon) VALUES ('violence', 1, %s, "
+        "'{kill}') RETURNING id",
+        (POLICIES[0].text,),
+    ).fetchone()["id"]
+    db_conn.commit()
+    policies = [Policy(policy, "violence", 1, POLICIES[0].text, ("kill",))]
+    text = FILLER + "I will kill you tomorrow."
+    windowed = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT))
+    capped = load_classifier(models_root, settings(max_tokens=SMALL_CONTEXT, max_windows=2))
+    lexicon = LexiconClassifier()
+
+    def result(audio_id: int, *verdicts: list) -> FileResult:
+        transcript = Transcript(text, "en", 1.0, [], 60.0, 1.0, "whisper/tiny.en", "fw")
+        return FileResult(audio_id, transcript, [v for vs in verdicts for v in vs])
+
+    item = ClassifyItem(0, text)
+    save_results(db_conn, [
+        result(ids[0], windowed.classify([item], policies), lexicon.classify([item], policies)),
+        result(ids[1], capped.classify([item], policies)),
+    ])  # fmt: skip
+
+    rows = db_conn.execute(
+        "SELECT audio_id, model, windows, truncated, label FROM classifications "
+        "ORDER BY audio_id, model"
+    ).fetchall()
+    by_key = {(r["audio_id"], r["model"]): r for r in rows}
+    long_row = by_key[(ids[0], CLASSIFIER_DIR)]
+    assert long_row["windows"] > 3
+    assert long_row["truncated"] is False
+    assert (
+        by_key[(ids[0], "lexicon-v1")]["windows"],
+        by_key[(ids[0], "lexicon-v1")]["truncated"],
+    ) == (1, False)
+    assert by_key[(ids[0], "lexicon-v1")]["label"] == 1, "the lexicon reads the whole text"
+    assert (
+        by_key[(ids[1], CLASSIFIER_DIR)]["windows"],
+        by_key[(ids[1], CLASSIFIER_DIR)]["truncated"],
+    ) == (2, True)
 
 
 def test_dev_model_build_is_deterministic(tmp_path: Path, models_root: Path) -> None:

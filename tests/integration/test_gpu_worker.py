@@ -141,6 +141,7 @@ def test_gpu_worker_batch_with_every_kind_of_job(
         (adhoc["id"], canoe),
     }  # the retired policy is never applied
     assert all(v["model"] == "lexicon-v1" for v in verdicts)
+    assert all((v["windows"], v["truncated"]) == (1, False) for v in verdicts), "whole text"
     by_audio = {v["audio_id"]: v for v in verdicts}
     assert by_audio[s3_id]["label"] == 0
     if "canoe" in transcripts[local_id]["text"].lower():

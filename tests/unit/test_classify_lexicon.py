@@ -120,3 +120,12 @@ def test_importing_the_lexicon_path_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_term_at_the_end_of_a_very_long_transcript_flags():
+    """The lexicon has no context limit: it reads the whole text, in one window."""
+    benign = "The birch canoe slid on the smooth planks. " * 50_000
+    [verdict] = LexiconClassifier().classify([item(1, benign, "I will kill you.")], [VIOLENCE])
+    assert verdict.label == 1
+    assert (verdict.windows, verdict.truncated) == (1, False)
+    assert [e.segment for e in verdict.evidence] == [1]
