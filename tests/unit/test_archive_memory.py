@@ -4,8 +4,9 @@ Each case runs extract_archive in a fresh interpreter and reads how far the peak
 of its Python allocations (tracemalloc) rose during the call, so nothing this test
 process allocated counts. tracemalloc sees every bytes object tarfile and gzip
 build, deterministically; peak RSS (ru_maxrss) was tried first and read 0 for a
-64 MB read under the CI machine's sandbox. The archives are real files: the gzip one is the review's reproduction
-(a few hundred KB), the plain ones are sparse files that cost no disk.
+64 MB read under the CI machine's sandbox. The archives are real files: the gzip
+one is the review's reproduction (a few hundred KB), the plain ones are sparse files
+that cost no disk.
 """
 
 from __future__ import annotations
