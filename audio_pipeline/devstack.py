@@ -211,21 +211,26 @@ def _read_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def _stop_pid(pidfile: Path, sig: int = signal.SIGTERM) -> None:
-    pid = _read_pid(pidfile)
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
+def stop_process(pid: int, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT) -> None:
+    """Send ``sig`` and wait for the process to go; SIGKILL it after ``timeout_s``."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
         return
-    os.kill(pid, sig)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _stop_pid(pidfile: Path, sig: int = signal.SIGTERM) -> None:
+    pid = _read_pid(pidfile)
+    if pid is not None:
+        stop_process(pid, sig)
     pidfile.unlink(missing_ok=True)
 
 

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -547,11 +546,11 @@ def down(work: Path) -> int:
         return 0
     state = json.loads(state_path.read_text())
     for pid in state["nspawn_pids"].values():
-        _terminate(pid)
+        devstack.stop_process(pid, timeout_s=machines.STOP_TIMEOUT_S)
     for device in state["loop_devices"]:
         machines.detach_loop_device(device)
     if state.get("proxy_pid"):
-        _terminate(state["proxy_pid"])
+        devstack.stop_process(state["proxy_pid"], timeout_s=machines.STOP_TIMEOUT_S)
     devstack.down(_host_services(work))
     network.FleetNetwork(work).down()
     _remove_tree(work)
@@ -567,21 +566,6 @@ def _remove_tree(path: Path, attempts: int = 10) -> None:
             return
         time.sleep(1)
     raise OSError(f"could not remove {path}")
-
-
-def _terminate(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + machines.STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

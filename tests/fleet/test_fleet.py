@@ -207,30 +207,6 @@ def test_https_front_door(fleet: Fleet) -> None:
     assert "Booting worker" in log or "Listening at" in log
 
 
-def test_guides_operator_commands(fleet: Fleet) -> None:
-    """Ad-hoc commands from the guide, as written, through the fleet's inventory."""
-    llen = fleet.adhoc("orchestrator", "-a", "redis-cli LLEN queue:unpack")
-    assert llen.returncode == 0, llen.describe()
-    assert llen.output.strip().splitlines()[-1].strip().isdigit(), llen.describe()
-    flagged = fleet.adhoc(
-        "orchestrator", "-a", 'psql -d audio_pipeline -c "SELECT COUNT(*) FROM ra_queue"'
-    )
-    assert flagged.returncode == 0, flagged.describe()
-    assert "count" in flagged.output, flagged.describe()
-    df = fleet.adhoc("gpu_workers", "-a", "df -h /data")
-    assert df.returncode == 0, df.describe()
-    assert "/data" in df.output, df.describe()
-    status = fleet.adhoc("gpu_workers", "-a", "systemctl status gpu-worker")
-    assert status.returncode == 0, status.describe()
-    boto = fleet.adhoc("gpu_workers", "-a", "python3 -c \"import boto3; print('S3 OK')\"")
-    assert boto.returncode == 0, boto.describe()
-    assert "S3 OK" in boto.output, boto.describe()
-    logs = fleet.adhoc("gpu-01", "-a", "journalctl -u gpu-worker -n 50 --no-pager")
-    assert logs.returncode == 0, logs.describe()
-    errors = fleet.adhoc("orchestrator", "-a", "tail -50 /opt/ra-app/logs/error.log", "--become")
-    assert errors.returncode == 0, errors.describe()
-
-
 def test_operator_tools_on_the_orchestrator(fleet: Fleet) -> None:
     """audio-pipeline runs on the orchestrator with the pipeline's own settings,
     for root and fleet-operators only; init-db works from the deployed wheel; the
