@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -464,7 +465,7 @@ def up(work: Path) -> int:
         "FLEET_INVENTORY": str(fleet.inventory),
         "FLEET_VAULT_FILE": str(fleet.vault_file),
     }
-    text = "".join(f"{k}={_shell_quote(v)}\n" for k, v in lines.items())
+    text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in lines.items())
     (work / FLEET_ENV).write_text(text)
     (work / FLEET_ENV).chmod(0o600)
     print(text, end="")
@@ -473,12 +474,6 @@ def up(work: Path) -> int:
         "(trust $RA_APP_CA); `make fleet-down` removes it"
     )
     return 0
-
-
-def _shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def seed_demo(fleet: Fleet) -> dict[str, str]:
@@ -509,7 +504,7 @@ def create_ra_user(fleet: Fleet, username: str, password: str, role: str) -> Pla
     """`flask --app ra_app create-user` on the orchestrator, the documented way."""
     run = fleet.adhoc(
         "orchestrator", "-m", "ansible.builtin.shell", "-a",
-        f"RA_NEW_PASSWORD={_shell_quote(password)} flask --app ra_app create-user "
+        f"RA_NEW_PASSWORD={shlex.quote(password)} flask --app ra_app create-user "
         f"{username} --role {role}",
     )  # fmt: skip
     if run.returncode != 0:
