@@ -51,9 +51,13 @@ def opus_key(batch_id: str, rel_path: str) -> str:
     return f"audio/{batch_id}/{Path(rel_path).with_suffix('.opus').as_posix()}"
 
 
-def _client(
+def make_client(
     endpoint: str, access_key: str, secret_key: str, region: str, *, max_attempts: int = 5
 ) -> Any:
+    """An S3 client for one endpoint and key pair: the one client both apps use.
+
+    The RA app calls it with its own settings (it has no pipeline ``Settings``).
+    """
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -81,14 +85,14 @@ def get_s3_client(settings: Settings | None = None, *, max_attempts: int = 5) ->
     ride it out.
     """
     s = settings or load_settings()
-    return _client(
+    return make_client(
         s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_region, max_attempts=max_attempts
     )
 
 
 def client_from_env(env: Mapping[str, str]) -> Any:
     """A client from an environment mapping (the devstack's, a test's)."""
-    return _client(
+    return make_client(
         env["S3_ENDPOINT"], env["S3_ACCESS_KEY"], env["S3_SECRET_KEY"],
         env.get("S3_REGION", "us-east-1"),
     )  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from flask import Response, abort, current_app, request
 
-from audio_pipeline.s3_utils import _client
+from audio_pipeline.s3_utils import make_client
 
 CHUNK = 64 * 1024  # bytes relayed per write
 OPUS_MIME = "audio/ogg; codecs=opus"
@@ -24,8 +24,9 @@ def _s3() -> Any:
     client = current_app.extensions.get("ra_s3")
     if client is None:
         cfg = current_app.config
-        client = _client(cfg["S3_ENDPOINT"], cfg["S3_ACCESS_KEY"], cfg["S3_SECRET_KEY"],
-                         cfg["S3_REGION"])  # fmt: skip
+        client = make_client(
+            cfg["S3_ENDPOINT"], cfg["S3_ACCESS_KEY"], cfg["S3_SECRET_KEY"], cfg["S3_REGION"]
+        )
         current_app.extensions["ra_s3"] = client
     return client
 
