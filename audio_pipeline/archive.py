@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from audio_pipeline.config import ConfigError, EnvReader
+from audio_pipeline.config import EnvReader, read_all
 
 _A = TypeVar("_A")
 _R = TypeVar("_R")
@@ -125,11 +125,10 @@ class ArchiveLimits:
     max_header_bytes: int = MAX_HEADER_BYTES
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
+    def read(cls, env: EnvReader) -> ArchiveLimits:
         """UNPACK_MAX_MEMBERS, UNPACK_MAX_MEMBER_BYTES, UNPACK_MAX_TOTAL_BYTES,
         UNPACK_MAX_HEADER_BYTES."""
-        env = EnvReader(os.environ if environ is None else environ, production=False)
-        limits = cls(
+        return cls(
             max_members=env.int("UNPACK_MAX_MEMBERS", MAX_MEMBERS, minimum=1),
             max_member_bytes=env.int("UNPACK_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES, minimum=1),
             max_total_bytes=env.int("UNPACK_MAX_TOTAL_BYTES", MAX_TOTAL_BYTES, minimum=1),
@@ -137,9 +136,10 @@ class ArchiveLimits:
                 "UNPACK_MAX_HEADER_BYTES", MAX_HEADER_BYTES, minimum=tarfile.BLOCKSIZE
             ),
         )
-        if env.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
-        return limits
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

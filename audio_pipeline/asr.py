@@ -35,11 +35,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from audio_pipeline.config import ConfigError
+from audio_pipeline.config import ConfigError, EnvReader, read_all
 
 log = logging.getLogger(__name__)
 
@@ -99,48 +99,22 @@ class AsrSettings:
     align_model: str = "alignment/wav2vec2-en"  # whisperx only, relative to MODELS_ROOT
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsrSettings:
-        env = os.environ if environ is None else environ
-        errors: list[str] = []
-
-        def choice(name: str, enum: type[Enum], default: Enum) -> Any:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                return enum(raw)
-            except ValueError:
-                allowed = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
-                errors.append(f"{name}={raw!r} is not one of: {allowed}")
-                return default
-
-        def positive_int(name: str, default: int, minimum: int = 1) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                errors.append(f"{name}={raw!r} is not an integer")
-                return default
-            if value < minimum:
-                errors.append(f"{name}={value} is below the minimum {minimum}")
-            return value
-
-        settings = cls(
-            backend=choice("ASR_BACKEND", AsrBackend, AsrBackend.FASTER_WHISPER),
-            model=env.get("ASR_MODEL", "").strip() or DEFAULT_ASR_MODEL,
-            device=choice("ASR_DEVICE", AsrDevice, AsrDevice.AUTO),
-            compute_type=env.get("ASR_COMPUTE_TYPE", "").strip() or None,
-            batch_size=positive_int("ASR_BATCH_SIZE", DEFAULT_BATCH_SIZE),
-            beam_size=positive_int("ASR_BEAM_SIZE", DEFAULT_BEAM_SIZE),
-            language=env.get("ASR_LANGUAGE", "").strip() or DEFAULT_LANGUAGE,
-            cpu_threads=positive_int("ASR_CPU_THREADS", 0, minimum=0),
-            align_model=env.get("ASR_ALIGN_MODEL", "").strip() or cls.align_model,
+    def read(cls, env: EnvReader) -> AsrSettings:
+        return cls(
+            backend=env.choice("ASR_BACKEND", AsrBackend, AsrBackend.FASTER_WHISPER),
+            model=env.str("ASR_MODEL", DEFAULT_ASR_MODEL),
+            device=env.choice("ASR_DEVICE", AsrDevice, AsrDevice.AUTO),
+            compute_type=env.str("ASR_COMPUTE_TYPE") or None,
+            batch_size=env.int("ASR_BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1),
+            beam_size=env.int("ASR_BEAM_SIZE", DEFAULT_BEAM_SIZE, minimum=1),
+            language=env.str("ASR_LANGUAGE", DEFAULT_LANGUAGE),
+            cpu_threads=env.int("ASR_CPU_THREADS", 0, minimum=0),
+            align_model=env.str("ASR_ALIGN_MODEL", cls.align_model),
         )
-        if errors:
-            raise ConfigError("invalid ASR configuration:\n  " + "\n  ".join(errors))
-        return settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsrSettings:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_pipeline.config import ConfigError, EnvReader
+from audio_pipeline.config import EnvReader, read_all
 
 OPUS_BITRATE = "24k"  # speech at 16 kHz mono; ASR accuracy is flat above ~16k
 OPUS_SAMPLE_RATE = 16_000  # Hz, what Whisper models consume
@@ -88,22 +88,20 @@ class AudioSettings:
     timeout_s: float = FFMPEG_TIMEOUT_S
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AudioSettings:
+    def read(cls, env: EnvReader) -> AudioSettings:
         """OPUS_BITRATE (e.g. 24k), UNPACK_FFMPEG_JOBS, UNPACK_FFMPEG_TIMEOUT_S."""
-        env = EnvReader(os.environ if environ is None else environ, production=False)
         bitrate = env.str("OPUS_BITRATE", OPUS_BITRATE)
         if not _valid_bitrate(bitrate):
-            env.errors.append(f"OPUS_BITRATE={bitrate!r} is not a bitrate like 24k or 32000")
-        settings = cls(
+            env.error(f"OPUS_BITRATE={bitrate!r} is not a bitrate like 24k or 32000")
+        return cls(
             opus_bitrate=bitrate,
             jobs=env.int("UNPACK_FFMPEG_JOBS", os.cpu_count() or 1, minimum=1),
-            timeout_s=env.float("UNPACK_FFMPEG_TIMEOUT_S", FFMPEG_TIMEOUT_S),
+            timeout_s=env.seconds("UNPACK_FFMPEG_TIMEOUT_S", FFMPEG_TIMEOUT_S),
         )
-        if settings.timeout_s <= 0:
-            env.errors.append(f"UNPACK_FFMPEG_TIMEOUT_S={settings.timeout_s} must be positive")
-        if env.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
-        return settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AudioSettings:
+        return read_all(cls.read, environ)
 
 
 def _valid_bitrate(value: str) -> bool:

@@ -30,7 +30,6 @@ batched pass; those at or above the threshold are kept, or the top few if none i
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from audio_pipeline.config import ConfigError
+from audio_pipeline.config import ConfigError, EnvReader, read_all
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,12 @@ class ClassifierBackend(StrEnum):
     COPE_A = "cope-a"
 
 
+class ClassifierDevice(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 @dataclass(frozen=True)
 class ClassifierSettings:
     """CLASSIFIER_* and FLAG_THRESHOLD variables; read with ``from_env``."""
@@ -86,49 +91,30 @@ class ClassifierSettings:
     threshold: float = DEFAULT_THRESHOLD
     max_tokens: int = DEFAULT_MAX_TOKENS
     batch_size: int = DEFAULT_CLASSIFIER_BATCH
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = ClassifierDevice.AUTO
     max_windows: int = DEFAULT_MAX_WINDOWS
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClassifierSettings:
-        env = os.environ if environ is None else environ
-        errors: list[str] = []
-        raw_backend = env.get("CLASSIFIER_BACKEND", "").strip() or cls.backend.value
-        try:
-            backend = ClassifierBackend(raw_backend)
-        except ValueError:
-            allowed = ", ".join(b.value for b in ClassifierBackend)
-            errors.append(f"CLASSIFIER_BACKEND={raw_backend!r} is not one of: {allowed}")
-            backend = cls.backend
-
-        def number(name: str, default: float, kind: type, low: float, high: float) -> Any:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                errors.append(f"{name}={raw!r} is not a {kind.__name__}")
-                return default
-            if not low <= value <= high:
-                errors.append(f"{name}={value} is outside [{low}, {high}]")
-            return value
-
-        device = env.get("CLASSIFIER_DEVICE", "").strip() or cls.device
-        if device not in {"auto", "cpu", "cuda"}:
-            errors.append(f"CLASSIFIER_DEVICE={device!r} is not one of: auto, cpu, cuda")
-        settings = cls(
-            backend=backend,
-            model=env.get("CLASSIFIER_MODEL", "").strip() or cls.model,
-            threshold=number("FLAG_THRESHOLD", DEFAULT_THRESHOLD, float, 0.0, 1.0),
-            max_tokens=number("CLASSIFIER_MAX_TOKENS", DEFAULT_MAX_TOKENS, int, 64, 1 << 20),
-            batch_size=number("CLASSIFIER_BATCH_SIZE", DEFAULT_CLASSIFIER_BATCH, int, 1, 4096),
-            device=device,
-            max_windows=number("CLASSIFIER_MAX_WINDOWS", DEFAULT_MAX_WINDOWS, int, 1, 1 << 20),
+    def read(cls, env: EnvReader) -> ClassifierSettings:
+        return cls(
+            backend=env.choice("CLASSIFIER_BACKEND", ClassifierBackend, cls.backend),
+            model=env.str("CLASSIFIER_MODEL", cls.model),
+            threshold=env.float("FLAG_THRESHOLD", DEFAULT_THRESHOLD, minimum=0.0, maximum=1.0),
+            max_tokens=env.int(
+                "CLASSIFIER_MAX_TOKENS", DEFAULT_MAX_TOKENS, minimum=64, maximum=1 << 20
+            ),
+            batch_size=env.int(
+                "CLASSIFIER_BATCH_SIZE", DEFAULT_CLASSIFIER_BATCH, minimum=1, maximum=4096
+            ),
+            device=env.choice("CLASSIFIER_DEVICE", ClassifierDevice, ClassifierDevice.AUTO),
+            max_windows=env.int(
+                "CLASSIFIER_MAX_WINDOWS", DEFAULT_MAX_WINDOWS, minimum=1, maximum=1 << 20
+            ),
         )
-        if errors:
-            raise ConfigError("invalid classifier configuration:\n  " + "\n  ".join(errors))
-        return settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClassifierSettings:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)
@@ -335,8 +321,8 @@ class CopeAClassifier:
         self.settings = settings
         self.threshold = settings.threshold
         self.model_name = settings.model
-        device = settings.device
-        if device == "auto":
+        device = str(settings.device)
+        if device == ClassifierDevice.AUTO:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         # Gemma 2 is trained in bf16 and overflows in fp16; CPUs are fastest in fp32.

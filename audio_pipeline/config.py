@@ -9,12 +9,19 @@ instead of a worker quietly talking to localhost.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
+
+from audio_pipeline.logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RuntimeError):
@@ -32,24 +39,74 @@ def host_transcribe_queue(host: str) -> str:
     return f"{QUEUE_TRANSCRIBE}:{host}"
 
 
-class EnvReader:
-    """Reads typed values from a mapping, collecting every problem before failing."""
+# Variables renamed so every duration ends in _S. The old name is still read, with a
+# warning, for one release; remove an entry once no unit or README uses it.
+RENAMED: dict[str, str] = {
+    "TRANSFER_STABLE_S": "TRANSFER_STABLE_SECONDS",
+    "TRANSFER_POLL_S": "TRANSFER_POLL_SECONDS",
+    "TRANSFER_PROGRESS_S": "TRANSFER_PROGRESS_SECONDS",
+    "TRANSFER_RETRY_BASE_S": "TRANSFER_RETRY_BASE_SECONDS",
+    "RA_ASSIGNMENT_TTL_S": "RA_ASSIGNMENT_TTL",
+    "RA_TIMEOUT_S": "RA_TIMEOUT",
+}
 
-    def __init__(self, environ: Mapping[str, str], production: bool) -> None:
-        self.environ = environ
-        self.production = production
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnvReader:
+    """The one reader of environment variables: typed values, every problem collected.
+
+    A process makes one reader at start-up, hands it to each settings class it needs
+    (their ``read(env)`` classmethods never raise), then calls ``raise_if_errors`` once,
+    so an operator sees every missing or malformed variable in a single message.
+
+    ``required=True`` means the variable has no default anywhere; ``production=True``
+    means only APP_ENV=production lacks a default (the local stack's values are
+    development defaults, never a fallback for a real fleet).
+    """
+
+    def __init__(
+        self, environ: Mapping[str, str] | None = None, production: bool | None = None
+    ) -> None:
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.app_env = self.environ.get("APP_ENV", "").strip() or "development"
+        self.production = self.app_env == "production" if production is None else production
         self.errors: list[str] = []
 
-    def str(self, name: str, default: str, *, required: bool = False) -> str:
+    def raw(self, name: str) -> str:
+        """The stripped value of ``name`` (or of its pre-rename alias), '' if unset."""
         value = self.environ.get(name, "").strip()
+        old = RENAMED.get(name)
+        if not value and old:
+            value = self.environ.get(old, "").strip()
+            if value:
+                log_event(log, "config.renamed", level=logging.WARNING, old=old, new=name)
+        return value
+
+    def _missing(self, name: str, required: bool, production: bool) -> None:
+        if required:
+            self.errors.append(f"{name} must be set")
+        elif production and self.production:
+            self.errors.append(f"{name} must be set (APP_ENV=production has no default)")
+
+    def str(
+        self, name: str, default: str = "", *, required: bool = False, production: bool = False
+    ) -> str:
+        value = self.raw(name)
         if value:
             return value
-        if required and self.production:
-            self.errors.append(f"{name} must be set (APP_ENV=production has no default)")
+        self._missing(name, required, production)
         return default
 
-    def int(self, name: str, default: int, *, minimum: int | None = None) -> int:
-        raw = self.environ.get(name, "").strip()
+    def path(
+        self, name: str, default: Path | str, *, required: bool = False, production: bool = False
+    ) -> Path:
+        return Path(self.str(name, str(default), required=required, production=production))
+
+    def int(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        raw = self.raw(name)
         if not raw:
             return default
         try:
@@ -57,16 +114,20 @@ class EnvReader:
         except ValueError:
             self.errors.append(f"{name}={raw!r} is not an integer")
             return default
-        if minimum is not None and value < minimum:
-            self.errors.append(f"{name}={value} is below the minimum {minimum}")
+        self._check_range(name, value, minimum, maximum)
         return value
 
     def float(
-        self, name: str, default: float, *, minimum: float | None = None,
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
         above: float | None = None,
-    ) -> float:  # fmt: skip
-        """A number; ``minimum`` is inclusive, ``above`` exclusive (e.g. 0 for durations)."""
-        raw = self.environ.get(name, "").strip()
+    ) -> float:
+        """A number; ``minimum``/``maximum`` are inclusive, ``above`` exclusive."""
+        raw = self.raw(name)
         if not raw:
             return default
         try:
@@ -74,19 +135,19 @@ class EnvReader:
         except ValueError:
             self.errors.append(f"{name}={raw!r} is not a number")
             return default
-        if minimum is not None and value < minimum:
-            self.errors.append(f"{name}={raw} is below the minimum {minimum}")
+        self._check_range(name, value, minimum, maximum)
         if above is not None and value <= above:
             self.errors.append(f"{name}={raw} must be above {above}")
         return value
 
-    def raise_if_errors(self) -> None:
-        """Stop with every problem found so far, each naming its variable."""
-        if self.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+        """A duration in seconds; its name ends in _S (see RENAMED for older names)."""
+        if allow_zero:
+            return self.float(name, default, minimum=0)
+        return self.float(name, default, above=0)
 
     def bool(self, name: str, default: bool) -> bool:
-        raw = self.environ.get(name, "").strip().lower()
+        raw = self.raw(name).lower()
         if not raw:
             return default
         if raw in {"1", "true", "yes", "on"}:
@@ -95,6 +156,34 @@ class EnvReader:
             return False
         self.errors.append(f"{name}={raw!r} is not a boolean (use true/false)")
         return default
+
+    def choice(self, name: str, enum: type[E], default: E) -> E:
+        raw = self.raw(name).lower()
+        if not raw:
+            return default
+        try:
+            return enum(raw)
+        except ValueError:
+            allowed = ", ".join(member.value for member in enum)
+            self.errors.append(f"{name}={raw!r} is not one of: {allowed}")
+            return default
+
+    def error(self, message: str) -> None:
+        """Record a problem a settings class found beyond one variable's type."""
+        self.errors.append(message)
+
+    def _check_range(
+        self, name: str, value: float, minimum: float | None, maximum: float | None
+    ) -> None:
+        if minimum is not None and value < minimum:
+            self.errors.append(f"{name}={value} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            self.errors.append(f"{name}={value} is above the maximum {maximum}")
+
+    def raise_if_errors(self) -> None:
+        """Stop with every problem found so far, each naming its variable."""
+        if self.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
 
 
 @dataclass(frozen=True)
@@ -150,6 +239,46 @@ class Settings:
     def batch_scratch(self, batch_id: str) -> Path:
         return self.scratch_root / batch_id
 
+    @classmethod
+    def read(cls, env: EnvReader) -> Settings:
+        """The connection and path settings every pipeline process shares."""
+        return cls(
+            app_env=env.app_env,
+            worker_host=env.str("WORKER_HOST", socket.gethostname()),
+            redis_host=env.str("REDIS_HOST", "127.0.0.1", production=True),
+            redis_port=env.int("REDIS_PORT", 16379, minimum=1),
+            redis_db=env.int("REDIS_DB", 0, minimum=0),
+            redis_password=env.str("REDIS_PASSWORD") or None,
+            postgres_host=env.str("POSTGRES_HOST", "127.0.0.1", production=True),
+            postgres_port=env.int("POSTGRES_PORT", 15432, minimum=1),
+            postgres_db=env.str("POSTGRES_DB", "audio_pipeline"),
+            postgres_user=env.str("POSTGRES_USER", "pipeline"),
+            postgres_password=env.str("POSTGRES_PASSWORD") or None,
+            s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", production=True),
+            s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", production=True),
+            s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", production=True),
+            s3_bucket=env.str("S3_BUCKET", "audio-archives"),
+            s3_region=env.str("S3_REGION", "us-east-1"),
+            # The guide's local defaults; production sets /data/scratch and /data/models.
+            scratch_root=env.path("SCRATCH_ROOT", "/tmp/scratch", production=True),  # noqa: S108
+            models_root=env.path("MODELS_ROOT", "/tmp/models", production=True),  # noqa: S108
+        )
+
+
+T = TypeVar("T")
+
+
+def read_all(read: Callable[[EnvReader], T], environ: Mapping[str, str] | None = None) -> T:
+    """``read(env)`` on a fresh reader of ``environ``, raising every problem at once.
+
+    For one settings class (tests, tools). A process that needs several reads them all
+    from one reader so that a single ConfigError lists everything wrong.
+    """
+    env = EnvReader(environ)
+    value = read(env)
+    env.raise_if_errors()
+    return value
+
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from ``environ`` (default: the process environment).
@@ -157,32 +286,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     Raises ConfigError listing every missing or malformed variable at once, so an
     operator fixes a unit file in one pass rather than one restart per variable.
     """
-    environ = os.environ if environ is None else environ
-    app_env = environ.get("APP_ENV", "development").strip() or "development"
-    env = EnvReader(environ, production=app_env == "production")
-    settings = Settings(
-        app_env=app_env,
-        worker_host=env.str("WORKER_HOST", socket.gethostname()),
-        redis_host=env.str("REDIS_HOST", "127.0.0.1", required=True),
-        redis_port=env.int("REDIS_PORT", 16379, minimum=1),
-        redis_db=env.int("REDIS_DB", 0, minimum=0),
-        redis_password=env.str("REDIS_PASSWORD", "") or None,
-        postgres_host=env.str("POSTGRES_HOST", "127.0.0.1", required=True),
-        postgres_port=env.int("POSTGRES_PORT", 15432, minimum=1),
-        postgres_db=env.str("POSTGRES_DB", "audio_pipeline"),
-        postgres_user=env.str("POSTGRES_USER", "pipeline"),
-        postgres_password=env.str("POSTGRES_PASSWORD", "") or None,
-        s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", required=True),
-        s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", required=True),
-        s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", required=True),
-        s3_bucket=env.str("S3_BUCKET", "audio-archives"),
-        s3_region=env.str("S3_REGION", "us-east-1"),
-        # The guide's local defaults; production sets /data/scratch and /data/models.
-        scratch_root=Path(env.str("SCRATCH_ROOT", "/tmp/scratch", required=True)),  # noqa: S108
-        models_root=Path(env.str("MODELS_ROOT", "/tmp/models", required=True)),  # noqa: S108
-    )
-    env.raise_if_errors()
-    return settings
+    return read_all(Settings.read, environ)
 
 
 def settings_with_env_file(env_file: Path | None, current: Settings) -> Settings:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import paramiko
 
-from audio_pipeline.config import ConfigError
+from audio_pipeline.config import EnvReader, read_all
 
 CONNECT_TIMEOUT_S = 15.0
 READ_CHUNK = 1024 * 1024  # bytes per SFTP read; prefetch keeps many in flight
@@ -34,36 +34,21 @@ class SshSettings:
     remote_dir: str
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> SshSettings:
-        env = os.environ if environ is None else environ
-        errors: list[str] = []
-
-        def need(name: str, default: str | None = None) -> str:
-            value = env.get(name, "").strip() or default
-            if not value:
-                errors.append(f"{name} must be set")
-                return ""
-            return value
-
-        port_raw = need("COLLECTION_SSH_PORT", "22")
-        try:
-            port = int(port_raw)
-        except ValueError:
-            errors.append(f"COLLECTION_SSH_PORT={port_raw!r} is not an integer")
-            port = 22
-        settings = cls(
-            host=need("COLLECTION_SSH_HOST"),
-            port=port,
-            user=need("COLLECTION_SSH_USER"),
-            key_path=Path(need("COLLECTION_SSH_KEY")),
-            known_hosts=Path(
-                need("COLLECTION_SSH_KNOWN_HOSTS", str(Path.home() / ".ssh" / "known_hosts"))
+    def read(cls, env: EnvReader) -> SshSettings:
+        return cls(
+            host=env.str("COLLECTION_SSH_HOST", required=True),
+            port=env.int("COLLECTION_SSH_PORT", 22, minimum=1, maximum=65535),
+            user=env.str("COLLECTION_SSH_USER", required=True),
+            key_path=env.path("COLLECTION_SSH_KEY", "", required=True),
+            known_hosts=env.path(
+                "COLLECTION_SSH_KNOWN_HOSTS", Path.home() / ".ssh" / "known_hosts"
             ),
-            remote_dir=need("COLLECTION_DIR"),
+            remote_dir=env.str("COLLECTION_DIR", required=True),
         )
-        if errors:
-            raise ConfigError("invalid collection host configuration:\n  " + "\n  ".join(errors))
-        return settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SshSettings:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ message naming the variable instead of the app quietly using a development value
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,13 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from audio_pipeline.config import ConfigError, EnvReader
+from audio_pipeline.config import EnvReader
 
 DEV_DATABASE_URL = "postgresql://ra_app:dev-ra-app@127.0.0.1:15432/audio_pipeline"
 DEV_SECRET_KEY = "dev-only-secret-key-not-for-production"  # noqa: S105
 DEFAULT_CODEBOOK = Path(__file__).parent / "codebooks" / "default.yml"
 
-ASSIGNMENT_TTL = 30 * 60  # seconds an unfinished, self-claimed assignment is held
+# Seconds an unfinished, self-claimed assignment is held (RA_ASSIGNMENT_TTL_S).
+ASSIGNMENT_TTL = 30 * 60
 DOUBLE_CODED_SHARE = 0.2  # share of items coded by two different RAs
 SESSION_LIFETIME = 12 * 3600  # seconds a login lasts (one working day)
 API_TOKEN_DAYS = 30  # default lifetime of a bearer token, days
@@ -107,9 +107,9 @@ def sqlalchemy_url(url: str) -> str:
 def _redis_uri(env: EnvReader) -> str:
     """The limiter's Redis URL. On the fleet the RA app logs in as its own ACL user
     (REDIS_USERNAME), which may touch only the limiter's keys, never the queues."""
-    username = env.str("REDIS_USERNAME", "")
-    password = env.str("REDIS_PASSWORD", "", required=True)
-    host = env.str("REDIS_HOST", "127.0.0.1", required=True)
+    username = env.str("REDIS_USERNAME")
+    password = env.str("REDIS_PASSWORD", production=True)
+    host = env.str("REDIS_HOST", "127.0.0.1", production=True)
     port = env.int("REDIS_PORT", 6379, minimum=1)
     db_number = env.int("REDIS_DB", 0, minimum=0)
     auth = ""
@@ -118,53 +118,46 @@ def _redis_uri(env: EnvReader) -> str:
     return f"redis://{auth}{host}:{port}/{db_number}"
 
 
-def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
-    """Build RASettings; raises ConfigError naming every bad variable at once."""
-    environ = os.environ if environ is None else environ
-    app_env = environ.get("APP_ENV", "development").strip() or "development"
-    production = app_env == "production"
-    env = EnvReader(environ, production=production)
-    order_raw = env.str("RA_QUEUE_ORDER", QueueOrder.SCORE.value).lower()
-    try:
-        order = QueueOrder(order_raw)
-    except ValueError:
-        env.errors.append(
-            f"RA_QUEUE_ORDER={order_raw!r} is not one of {[o.value for o in QueueOrder]}"
-        )
-        order = QueueOrder.SCORE
-    share = env.float("RA_DOUBLE_CODED_SHARE", DOUBLE_CODED_SHARE)
-    if not 0.0 <= share <= 1.0:
-        env.errors.append(f"RA_DOUBLE_CODED_SHARE={share} must be between 0 and 1")
-    codebook = Path(env.str("CODEBOOK_PATH", str(DEFAULT_CODEBOOK)))
+def read_ra_settings(env: EnvReader) -> RASettings:
+    """The RA app's settings from ``env``; problems are collected in ``env.errors``."""
+    codebook = env.path("CODEBOOK_PATH", DEFAULT_CODEBOOK)
     if not codebook.is_file():
-        env.errors.append(f"CODEBOOK_PATH={str(codebook)!r} is not a readable file")
+        env.error(f"CODEBOOK_PATH={str(codebook)!r} is not a readable file")
     # Production shares the limiter's counters between gunicorn workers via Redis;
     # memory:// counts per process, which is fine for one developer.
-    limiter_uri = env.str("RATELIMIT_STORAGE_URI", "")
+    limiter_uri = env.str("RATELIMIT_STORAGE_URI")
     if not limiter_uri:
-        limiter_uri = _redis_uri(env) if production else "memory://"
+        limiter_uri = _redis_uri(env) if env.production else "memory://"
     settings = RASettings(
-        app_env=app_env,
-        database_url=env.str("DATABASE_URL", DEV_DATABASE_URL, required=True),
-        secret_key=env.str("SECRET_KEY", DEV_SECRET_KEY, required=True),
-        s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", required=True),
-        s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", required=True),
-        s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", required=True),
+        app_env=env.app_env,
+        database_url=env.str("DATABASE_URL", DEV_DATABASE_URL, production=True),
+        secret_key=env.str("SECRET_KEY", DEV_SECRET_KEY, production=True),
+        s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", production=True),
+        s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", production=True),
+        s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", production=True),
         s3_bucket=env.str("S3_BUCKET", "audio-archives"),
         s3_region=env.str("S3_REGION", "us-east-1"),
         codebook_path=codebook,
-        queue_order=order,
+        queue_order=env.choice("RA_QUEUE_ORDER", QueueOrder, QueueOrder.SCORE),
         queue_seed=env.str("RA_QUEUE_SEED", "study"),
-        double_coded_share=share,
-        assignment_ttl=env.int("RA_ASSIGNMENT_TTL", ASSIGNMENT_TTL, minimum=60),
+        double_coded_share=env.float(
+            "RA_DOUBLE_CODED_SHARE", DOUBLE_CODED_SHARE, minimum=0.0, maximum=1.0
+        ),
+        assignment_ttl=env.int("RA_ASSIGNMENT_TTL_S", ASSIGNMENT_TTL, minimum=60),
         ratelimit_storage_uri=limiter_uri,
-        session_cookie_secure=env.bool("RA_COOKIE_SECURE", production),
+        session_cookie_secure=env.bool("RA_COOKIE_SECURE", env.production),
         # In production nginx is the one proxy in front: the client address and
         # scheme come from its X-Forwarded-* headers, never from further hops.
-        proxy_hops=env.int("RA_PROXY_HOPS", 1 if production else 0, minimum=0),
+        proxy_hops=env.int("RA_PROXY_HOPS", 1 if env.production else 0, minimum=0),
     )
-    if production and settings.secret_key == DEV_SECRET_KEY:
-        env.errors.append("SECRET_KEY is the development key; set a real one")
-    if env.errors:
-        raise ConfigError("invalid RA app configuration:\n  " + "\n  ".join(env.errors))
+    if env.production and settings.secret_key == DEV_SECRET_KEY:
+        env.error("SECRET_KEY is the development key; set a real one")
+    return settings
+
+
+def load_ra_settings(environ: Mapping[str, str] | None = None) -> RASettings:
+    """Build RASettings; raises ConfigError naming every bad variable at once."""
+    env = EnvReader(environ)
+    settings = read_ra_settings(env)
+    env.raise_if_errors()
     return settings

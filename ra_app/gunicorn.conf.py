@@ -6,32 +6,36 @@ measures the same file. Every value can be overridden from the environment.
 """
 
 import multiprocessing
-import os
 
-bind = os.environ.get("RA_BIND", "127.0.0.1:8000")  # nginx terminates TLS in front
+from audio_pipeline.config import EnvReader
+
+_env = EnvReader()
+bind = _env.str("RA_BIND", "127.0.0.1:8000")  # nginx terminates TLS in front
 # Requests are short and I/O bound (Postgres, S3 relay); threads keep audio
 # streams from tying up a whole worker.
-workers = int(os.environ.get("RA_WORKERS", min(4, multiprocessing.cpu_count() * 2 + 1)))
+workers = _env.int("RA_WORKERS", min(4, multiprocessing.cpu_count() * 2 + 1), minimum=1)
 worker_class = "gthread"
-threads = int(os.environ.get("RA_THREADS", "4"))
-# Seconds per request (a long export streams); RA_TIMEOUT is the older name.
-timeout = int(os.environ.get("RA_TIMEOUT_S", os.environ.get("RA_TIMEOUT", "60")))
+threads = _env.int("RA_THREADS", 4, minimum=1)
+# Seconds per request (a long export streams).
+timeout = _env.int("RA_TIMEOUT_S", 60, minimum=1)
 # Seconds to finish in-flight requests on SIGTERM.
-graceful_timeout = int(os.environ.get("RA_GRACEFUL_TIMEOUT_S", "30"))
+graceful_timeout = _env.int("RA_GRACEFUL_TIMEOUT_S", 30, minimum=1)
 keepalive = 5
 max_requests = 2000  # recycle workers to bound any slow leak
 max_requests_jitter = 200
-accesslog = os.environ.get("RA_ACCESS_LOG", "-")
-errorlog = os.environ.get("RA_ERROR_LOG", "-")
-loglevel = os.environ.get("RA_LOG_LEVEL", "info")
+accesslog = _env.str("RA_ACCESS_LOG", "-")
+errorlog = _env.str("RA_ERROR_LOG", "-")
+loglevel = _env.str("RA_LOG_LEVEL", "info")
 # Only the local proxy (nginx) may say the request came over HTTPS.
-forwarded_allow_ips = os.environ.get("RA_FORWARDED_ALLOW_IPS", "127.0.0.1")
+forwarded_allow_ips = _env.str("RA_FORWARDED_ALLOW_IPS", "127.0.0.1")
 # Build the app once in the master, so a bad config or codebook fails the start.
 preload_app = True
 
 # On the fleet errors go to the journal and to a rotated file as well, where the
 # guide's troubleshooting (`tail -50 /opt/ra-app/logs/error.log`) looks.
-_error_file = os.environ.get("RA_ERROR_LOG_FILE", "")
+_error_file = _env.str("RA_ERROR_LOG_FILE")
+# A typo in the unit's environment stops gunicorn here, naming the variable.
+_env.raise_if_errors()
 if _error_file:
     _stderr = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
     logconfig_dict = {
