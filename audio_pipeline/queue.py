@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,7 @@ from typing import Any
 
 import redis
 
-from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, EnvReader
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, EnvReader, read_all
 from audio_pipeline.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -111,15 +110,16 @@ class RetryPolicy:
     cap_s: float = DEFAULT_RETRY_CAP_S
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
-        env = EnvReader(os.environ if environ is None else environ, production=False)
-        policy = cls(
+    def read(cls, env: EnvReader) -> RetryPolicy:
+        return cls(
             max_attempts=env.int("QUEUE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1),
-            base_s=env.float("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, minimum=0),
-            cap_s=env.float("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, minimum=0),
+            base_s=env.seconds("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, allow_zero=True),
+            cap_s=env.seconds("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, allow_zero=True),
         )
-        env.raise_if_errors()
-        return policy
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        return read_all(cls.read, environ)
 
     def delay_s(self, retries_so_far: int) -> float:
         return min(self.cap_s, self.base_s * (2**retries_so_far))
