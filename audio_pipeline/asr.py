@@ -54,7 +54,9 @@ GAP_S = 0.6
 # VAD settings of faster-whisper's own batched mode, so windows match what it would cut.
 VAD_MIN_SILENCE_MS = 160
 DEFAULT_ASR_MODEL = "whisper/tiny.en"
-DEFAULT_BATCH_SIZE = 8  # windows per model step; ~1% WER at ~20x realtime on 2 cores
+# Windows per model step; the trade-off between speed and WER is measured by
+# bench/bench_asr.py (docs/PERFORMANCE.md).
+DEFAULT_BATCH_SIZE = 8
 DEFAULT_BEAM_SIZE = 5
 DEFAULT_LANGUAGE = "en"  # the fleet's content is US English (as CoPE-A expects)
 LANGUAGE_AUTO = "auto"

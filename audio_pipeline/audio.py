@@ -38,7 +38,9 @@ from audio_pipeline.config import EnvReader, read_all
 OPUS_BITRATE = "24k"  # speech at 16 kHz mono; ASR accuracy is flat above ~16k
 OPUS_SAMPLE_RATE = 16_000  # Hz, what Whisper models consume
 OPUS_CHANNELS = 1
-FFMPEG_TIMEOUT_S = 600.0  # seconds per file; ~44x realtime means hours of audio
+# Seconds per file: generous, since ffmpeg encodes much faster than realtime and a
+# file of several hours must still finish (docs/PERFORMANCE.md has the unpack figures).
+FFMPEG_TIMEOUT_S = 600.0
 FFPROBE_TIMEOUT_S = 30.0  # seconds per probe
 STDERR_TAIL_LINES = 3  # lines of ffmpeg's stderr kept as a failure reason
 MAX_REASON_CHARS = 1000  # a reason is stored in Postgres and shown in tables

@@ -56,7 +56,7 @@ DEFAULT_RETRY_BASE_S = 30.0  # first retry delay; doubles with every retry
 DEFAULT_RETRY_CAP_S = 900.0  # no retry waits longer than this
 BLOCK_SLICE_S = 1.0  # longest single BLMOVE; between slices other queues and retries are seen
 # While jobs flow, due retries are promoted at most this often, not on every claim: it
-# saves one of the four round trips per job (bench/bench_queue.py: 20-30 % per job).
+# saves one of the four round trips per job (bench/bench_queue.py; docs/PERFORMANCE.md).
 # Claims that find the queues empty always promote before they wait.
 PROMOTE_INTERVAL_S = 1.0
 PROMOTE_BATCH = 100  # due retries moved per promotion call

@@ -90,8 +90,8 @@ def skip(assignment_id: int) -> Any:
         return redirect(url_for("review.show", assignment_id=assignment_id))
     try:
         # Committed on its own, not with the next claim: sharing one transaction
-        # measured slower under load (paced next item p95 79 -> ~250 ms), likely
-        # the skipped item's row lock held across the claim.
+        # measured slower under load (bench/bench_ra.py), likely the skipped
+        # item's row lock held across the claim.
         assignment.skip(found, current_user)
     except assignment.AssignmentError as exc:
         flash(str(exc), "error")
