@@ -28,6 +28,17 @@ class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+# The local stack's development credentials (devtools/devstack.py starts services with
+# them), so a process run on a developer's machine with nothing exported finds it.
+# Real checks (Redis AUTH, scram passwords, S3 signatures) with values that are
+# obviously not secrets; APP_ENV=production never falls back to them.
+DEV_REDIS_PASSWORD = "dev-redis-password"  # noqa: S105
+DEV_PIPELINE_PASSWORD = "dev-pipeline"  # noqa: S105
+DEV_S3_ACCESS_KEY = "devaccess"
+DEV_S3_SECRET_KEY = "devsecret-change-me"  # noqa: S105
+DEV_S3_BUCKET = "audio-archives"
+DEV_DB = "audio_pipeline"
+
 # Queue names are part of the operator contract (redis-cli commands in the README).
 QUEUE_UNPACK = "queue:unpack"
 QUEUE_TRANSCRIBE = "queue:transcribe"
@@ -248,16 +259,17 @@ class Settings:
             redis_host=env.str("REDIS_HOST", "127.0.0.1", production=True),
             redis_port=env.int("REDIS_PORT", 16379, minimum=1),
             redis_db=env.int("REDIS_DB", 0, minimum=0),
-            redis_password=env.str("REDIS_PASSWORD") or None,
+            redis_password=env.str("REDIS_PASSWORD", DEV_REDIS_PASSWORD, production=True) or None,
             postgres_host=env.str("POSTGRES_HOST", "127.0.0.1", production=True),
             postgres_port=env.int("POSTGRES_PORT", 15432, minimum=1),
-            postgres_db=env.str("POSTGRES_DB", "audio_pipeline"),
+            postgres_db=env.str("POSTGRES_DB", DEV_DB),
             postgres_user=env.str("POSTGRES_USER", "pipeline"),
-            postgres_password=env.str("POSTGRES_PASSWORD") or None,
+            postgres_password=env.str("POSTGRES_PASSWORD", DEV_PIPELINE_PASSWORD, production=True)
+            or None,
             s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", production=True),
-            s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", production=True),
-            s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", production=True),
-            s3_bucket=env.str("S3_BUCKET", "audio-archives"),
+            s3_access_key=env.str("S3_ACCESS_KEY", DEV_S3_ACCESS_KEY, production=True),
+            s3_secret_key=env.str("S3_SECRET_KEY", DEV_S3_SECRET_KEY, production=True),
+            s3_bucket=env.str("S3_BUCKET", DEV_S3_BUCKET),
             s3_region=env.str("S3_REGION", "us-east-1"),
             # The guide's local defaults; production sets /data/scratch and /data/models.
             scratch_root=env.path("SCRATCH_ROOT", "/tmp/scratch", production=True),  # noqa: S108

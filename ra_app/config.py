@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from audio_pipeline.config import EnvReader
+from audio_pipeline.config import (
+    DEV_REDIS_PASSWORD,
+    DEV_S3_ACCESS_KEY,
+    DEV_S3_BUCKET,
+    DEV_S3_SECRET_KEY,
+    EnvReader,
+)
+from ra_app.codebook import DEFAULT_CODEBOOK_PATH
 
 DEV_DATABASE_URL = "postgresql://ra_app:dev-ra-app@127.0.0.1:15432/audio_pipeline"
 DEV_SECRET_KEY = "dev-only-secret-key-not-for-production"  # noqa: S105
-DEFAULT_CODEBOOK = Path(__file__).parent / "codebooks" / "default.yml"
+DEFAULT_CODEBOOK = DEFAULT_CODEBOOK_PATH  # the one default, ra_app.codebook's
 
 # Seconds an unfinished, self-claimed assignment is held (RA_ASSIGNMENT_TTL_S).
 ASSIGNMENT_TTL = 30 * 60
@@ -108,9 +115,9 @@ def _redis_uri(env: EnvReader) -> str:
     """The limiter's Redis URL. On the fleet the RA app logs in as its own ACL user
     (REDIS_USERNAME), which may touch only the limiter's keys, never the queues."""
     username = env.str("REDIS_USERNAME")
-    password = env.str("REDIS_PASSWORD", production=True)
+    password = env.str("REDIS_PASSWORD", DEV_REDIS_PASSWORD, production=True)
     host = env.str("REDIS_HOST", "127.0.0.1", production=True)
-    port = env.int("REDIS_PORT", 6379, minimum=1)
+    port = env.int("REDIS_PORT", 16379, minimum=1)
     db_number = env.int("REDIS_DB", 0, minimum=0)
     auth = ""
     if password:
@@ -133,9 +140,9 @@ def read_ra_settings(env: EnvReader) -> RASettings:
         database_url=env.str("DATABASE_URL", DEV_DATABASE_URL, production=True),
         secret_key=env.str("SECRET_KEY", DEV_SECRET_KEY, production=True),
         s3_endpoint=env.str("S3_ENDPOINT", "http://127.0.0.1:18333", production=True),
-        s3_access_key=env.str("S3_ACCESS_KEY", "devaccess", production=True),
-        s3_secret_key=env.str("S3_SECRET_KEY", "devsecret-change-me", production=True),
-        s3_bucket=env.str("S3_BUCKET", "audio-archives"),
+        s3_access_key=env.str("S3_ACCESS_KEY", DEV_S3_ACCESS_KEY, production=True),
+        s3_secret_key=env.str("S3_SECRET_KEY", DEV_S3_SECRET_KEY, production=True),
+        s3_bucket=env.str("S3_BUCKET", DEV_S3_BUCKET),
         s3_region=env.str("S3_REGION", "us-east-1"),
         codebook_path=codebook,
         queue_order=env.choice("RA_QUEUE_ORDER", QueueOrder, QueueOrder.SCORE),
