@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,36 +30,17 @@ from typing import Any
 import psycopg
 import redis
 
-from audio_pipeline import policy_files
-from audio_pipeline.config import (
-    QUEUE_FAILED,
-    QUEUE_TRANSCRIBE,
-    QUEUE_UNPACK,
-    ConfigError,
-    Settings,
-    load_settings,
-)
-from audio_pipeline.queue import (
-    ATTEMPTS_FIELD,
-    DELAYED_KEY,
-    PROCESSING_PREFIX,
-    WORKERS_KEY,
-    heartbeat_key,
-    parse_processing_key,
-)
+from audio_pipeline import policy_files, queue_admin
+from audio_pipeline.config import ConfigError, Settings, load_settings
+from audio_pipeline.records import batches as batch_records
 from audio_pipeline.records import policies as policy_records
+from audio_pipeline.records import results as result_records
 
-ALWAYS_SHOWN_QUEUES = (QUEUE_UNPACK, QUEUE_TRANSCRIBE, QUEUE_FAILED)
 IN_FLIGHT_BATCH_LIMIT = 20  # batches listed by `status` (counts cover all of them)
 TEXT_COLUMN_CHARS = 70  # error and payload columns are cut to keep tables on one screen
-
-# Moves one dead letter (ARGV[1]) back to a queue only if it is still in queue:failed,
-# so two operators requeueing at once never double a job.
-_REQUEUE_LUA = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-return 1
-"""
+# `status --json`: the version of its shape (health-check.yml reads it). Keys are only
+# ever added; a renamed or removed key raises it.
+STATUS_SCHEMA = 1
 
 
 class CommandError(Exception):
@@ -123,91 +103,24 @@ def _age(seconds: float | None) -> str:
 
 
 def collect_status(r: redis.Redis, settings: Settings) -> dict[str, Any]:
-    now = time.time()
-    queues = {q: 0 for q in ALWAYS_SHOWN_QUEUES}
-    for key in r.scan_iter(match="queue:*", count=500):
-        if r.type(key) == "list":
-            queues[key] = r.llen(key)
-
-    live = {w for w in r.smembers(WORKERS_KEY) if r.exists(heartbeat_key(w))}
-    processing = []
-    for key in sorted(r.scan_iter(match=PROCESSING_PREFIX + "*", count=500)):
-        try:
-            worker_id, source = parse_processing_key(key)
-        except ValueError:
-            continue
-        alive = worker_id in live or bool(r.exists(heartbeat_key(worker_id)))
-        processing.append(
-            {"worker": worker_id, "source": source, "items": r.llen(key), "alive": alive}
-        )
-
-    delayed: dict[str, dict[str, Any]] = {}
-    for member, due in r.zrange(DELAYED_KEY, 0, -1, withscores=True):
-        try:
-            queue = json.loads(member)["queue"]
-        except (ValueError, KeyError, TypeError):
-            queue = "(unreadable)"
-        entry = delayed.setdefault(queue, {"queue": queue, "retries": 0, "next_due_s": None})
-        entry["retries"] += 1
-        wait = max(0.0, due - now)
-        entry["next_due_s"] = (
-            wait if entry["next_due_s"] is None else min(entry["next_due_s"], wait)
-        )
-
-    workers = []
-    for worker_id in sorted(r.smembers(WORKERS_KEY)):
-        info = r.hgetall(heartbeat_key(worker_id))
-        beat_at = float(info["beat_at"]) if info.get("beat_at") else None
-        workers.append(
-            {
-                "worker": worker_id,
-                "stage": info.get("stage", worker_id.split(":", 1)[0]),
-                "host": info.get("host"),
-                "pid": info.get("pid"),
-                "state": info.get("state") if info else "dead (awaiting reaper)",
-                "heartbeat_age_s": None if beat_at is None else round(now - beat_at, 1),
-                "job": info.get("job_raw") or None,
-                # jobs claimed ahead and being prepared (gpu worker, PREFETCH)
-                "look_ahead": int(info.get("look_ahead") or 0),
-            }
-        )
-
-    return {
-        "queues": dict(sorted(queues.items())),
-        "processing": processing,
-        "delayed_retries": sorted(delayed.values(), key=lambda d: d["queue"]),
-        "failed": queues[QUEUE_FAILED],
-        "workers": workers,
-        "batches": _batch_status(settings),
-    }
+    """Everything `status` shows: the queues (queue_admin), batches and results."""
+    status: dict[str, Any] = {"schema": STATUS_SCHEMA, **queue_admin.queue_status(r)}
+    status.update(_database_status(settings))
+    return status
 
 
-def _batch_status(settings: Settings) -> dict[str, Any]:
+def _database_status(settings: Settings) -> dict[str, Any]:
     try:
         with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
-            counts = dict(conn.execute("SELECT status, count(*) FROM batches GROUP BY status"))
-            rows = conn.execute(
-                """
-                SELECT b.batch_id, b.status, b.file_count, b.unpack_host,
-                       count(a.id) FILTER (WHERE a.status = 'done') AS files_done,
-                       count(a.id) FILTER (WHERE a.status = 'failed') AS files_failed,
-                       extract(epoch FROM now() - b.updated_at) AS idle_s
-                FROM batches b LEFT JOIN audio_files a ON a.batch_id = b.batch_id
-                WHERE b.status NOT IN ('done', 'failed')
-                GROUP BY b.batch_id ORDER BY b.created_at LIMIT %s
-                """,
-                (IN_FLIGHT_BATCH_LIMIT,),
-            ).fetchall()
+            batches = batch_records.status_summary(conn, IN_FLIGHT_BATCH_LIMIT)
+            results = {
+                "active_policies": policy_records.count_active(conn),
+                "flagged": result_records.count_flagged(conn),
+            }
     except psycopg.Error as exc:
-        return {"error": f"PostgreSQL unavailable: {exc}".strip()}
-    in_flight = [
-        {
-            "batch_id": b, "status": s, "file_count": fc, "unpack_host": h,
-            "files_done": d, "files_failed": f, "idle_s": float(idle),
-        }
-        for b, s, fc, h, d, f, idle in rows
-    ]  # fmt: skip
-    return {"by_status": counts, "in_flight": in_flight}
+        error = {"error": f"PostgreSQL unavailable: {exc}".strip()}
+        return {"batches": error, "results": dict(error)}
+    return {"batches": batches, "results": results}
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -260,88 +173,6 @@ def print_status(status: dict[str, Any]) -> None:
         print(render_table(["batch", "status", "files", "done", "failed", "host", "idle"], rows))
 
 
-# -- dead letters -------------------------------------------------------------------
-
-
-def read_failed(r: redis.Redis) -> list[tuple[int, str, dict[str, Any] | None]]:
-    """(index, raw entry, parsed entry or None if unreadable) for each dead letter."""
-    out = []
-    for index, raw in enumerate(r.lrange(QUEUE_FAILED, 0, -1)):
-        try:
-            entry = json.loads(raw)
-            parsed = entry if isinstance(entry, dict) else None
-        except json.JSONDecodeError:
-            parsed = None
-        out.append((index, raw, parsed))
-    return out
-
-
-def reset_attempts(job: str) -> str | None:
-    """The job as it goes back to its queue: retry count cleared; None if unusable."""
-    try:
-        payload = json.loads(job)
-    except (TypeError, json.JSONDecodeError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    payload.pop(ATTEMPTS_FIELD, None)
-    return json.dumps(payload, separators=(",", ":"))
-
-
-def requeue(
-    r: redis.Redis, *, all_: bool = False, index: int | None = None, stage: str | None = None
-) -> list[dict[str, Any]]:
-    """Move selected dead letters back to their source queues; returns what happened."""
-    entries = read_failed(r)
-    if index is not None:
-        if not 0 <= index < len(entries):
-            raise CommandError(f"no dead letter at index {index} ({len(entries)} in queue:failed)")
-        selected = [entries[index]]
-    elif stage is not None:
-        selected = [e for e in entries if e[2] is not None and e[2].get("stage") == stage]
-    elif all_:
-        selected = entries
-    else:
-        raise CommandError("say which: --all, --index N or --stage S")
-    move = r.register_script(_REQUEUE_LUA)
-    report = []
-    for idx, raw, entry in selected:
-        outcome: dict[str, Any] = {"index": idx, "stage": None, "queue": None}
-        if entry is None or not isinstance(entry.get("queue"), str):
-            outcome["result"] = "skipped: unreadable dead letter"
-        else:
-            outcome.update(stage=entry.get("stage"), queue=entry["queue"])
-            job = reset_attempts(entry.get("job"))
-            if job is None:
-                outcome["result"] = "skipped: the job is not a JSON object (it would fail again)"
-            elif move(keys=[QUEUE_FAILED, entry["queue"]], args=[raw, job]):
-                outcome["result"] = "requeued"
-                outcome["job"] = job
-            else:
-                outcome["result"] = "skipped: no longer in queue:failed"
-        report.append(outcome)
-    return report
-
-
-# -- policies -------------------------------------------------------------------------
-
-
-def add_policy(
-    conn: psycopg.Connection, name: str, version: int, text: str, lexicon: list[str]
-) -> str:
-    existing = policy_records.get_version(conn, name, version)
-    if existing is not None:
-        if existing.same_wording(text, tuple(lexicon)):
-            return "unchanged"
-        raise CommandError(
-            f"policy {name!r} version {version} already exists with a different text or "
-            "lexicon; policies are never edited: add version "
-            f"{policy_records.next_version(conn, name)} instead"
-        )
-    policy_records.insert_version(conn, name, version, text, lexicon)
-    return "added"
-
-
 # -- commands -------------------------------------------------------------------------
 
 
@@ -355,7 +186,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> 
 
 
 def cmd_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
-    entries = read_failed(r)
+    entries = queue_admin.read_failed(r)
     total = len(entries)
     shown = entries[-args.limit :] if args.limit > 0 else []
     if args.json:
@@ -384,7 +215,10 @@ def cmd_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> 
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
-    report = requeue(r, all_=args.all, index=args.index, stage=args.stage)
+    try:
+        report = queue_admin.requeue(r, all_=args.all, index=args.index, stage=args.stage)
+    except queue_admin.RequeueError as exc:
+        raise CommandError(str(exc)) from None
     moved = [o for o in report if o["result"] == "requeued"]
     if args.json:
         _print_json({"requeued": len(moved), "entries": report})
@@ -398,7 +232,7 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, r: redis.Redis) ->
 
 
 def cmd_purge_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
-    count = r.llen(QUEUE_FAILED)
+    count = queue_admin.failed_count(r)
     if count == 0:
         print("queue:failed is already empty")
         return 0
@@ -407,8 +241,7 @@ def cmd_purge_failed(args: argparse.Namespace, settings: Settings, r: redis.Redi
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing deleted")
             return 1
-    # Trim exactly the entries counted: a failure arriving meanwhile is kept.
-    r.ltrim(QUEUE_FAILED, count, -1)
+    queue_admin.purge_failed(r, count)
     print(f"deleted {count} dead letter(s)")
     return 0
 
@@ -462,7 +295,10 @@ def cmd_policy(args: argparse.Namespace, settings: Settings, r: redis.Redis | No
         elif args.policy_command == "add":
             text = _read_policy_text(args.file)
             lexicon = [t.strip() for t in (args.lexicon or "").split(",") if t.strip()]
-            result = add_policy(conn, args.name, args.version, text, lexicon)
+            try:
+                result = policy_records.add_version(conn, args.name, args.version, text, lexicon)
+            except policy_records.PolicyVersionConflict as exc:
+                raise CommandError(str(exc)) from None
             print(f"policy {args.name} v{args.version}: {result}")
         elif args.policy_command == "list":
             policies = policy_records.all_versions(conn)

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 
 class BatchStatus(StrEnum):
@@ -183,3 +183,33 @@ def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str])
         (batch_ids,),
     ).fetchall()
     return sorted(r["batch_id"] if isinstance(r, dict) else r[0] for r in rows)
+
+
+# --- operators: `audio-pipeline status` ------------------------------------------
+
+
+def status_summary(conn: psycopg.Connection, in_flight_limit: int) -> dict[str, Any]:
+    """Batches per status, and the oldest ``in_flight_limit`` not yet done or failed
+    with their files' progress (the counts cover every batch)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        counts = dict(cur.execute("SELECT status, count(*) FROM batches GROUP BY status"))
+        rows = cur.execute(
+            """
+            SELECT b.batch_id, b.status, b.file_count, b.unpack_host,
+                   count(a.id) FILTER (WHERE a.status = 'done') AS files_done,
+                   count(a.id) FILTER (WHERE a.status = 'failed') AS files_failed,
+                   extract(epoch FROM now() - b.updated_at) AS idle_s
+            FROM batches b LEFT JOIN audio_files a ON a.batch_id = b.batch_id
+            WHERE b.status NOT IN ('done', 'failed')
+            GROUP BY b.batch_id ORDER BY b.created_at LIMIT %s
+            """,
+            (in_flight_limit,),
+        ).fetchall()
+    in_flight = [
+        {
+            "batch_id": b, "status": s, "file_count": fc, "unpack_host": h,
+            "files_done": d, "files_failed": f, "idle_s": float(idle),
+        }
+        for b, s, fc, h, d, f, idle in rows
+    ]  # fmt: skip
+    return {"by_status": counts, "in_flight": in_flight}

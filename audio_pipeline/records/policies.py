@@ -37,6 +37,10 @@ class PolicyVersion:
 _COLUMNS = "id, name, version, text, lexicon, active"
 
 
+class PolicyVersionConflict(Exception):
+    """A version that exists already with another wording (policies are never edited)."""
+
+
 def _version(row: dict[str, Any]) -> PolicyVersion:
     return PolicyVersion(
         id=int(row["id"]),
@@ -133,3 +137,29 @@ def all_versions(conn: psycopg.Connection) -> list[dict[str, Any]]:
             "SELECT id, name, version, active, lexicon, text, created_at "
             "FROM policies ORDER BY name, version"
         ).fetchall()
+
+
+def add_version(
+    conn: psycopg.Connection, name: str, version: int, text: str, lexicon: list[str]
+) -> str:
+    """Add ``version`` of ``name`` (``audio-pipeline policy add``): "added", or
+    "unchanged" when that version exists with this very wording; a different wording
+    raises PolicyVersionConflict naming the version to add instead."""
+    existing = get_version(conn, name, version)
+    if existing is not None:
+        if existing.same_wording(text, tuple(lexicon)):
+            return "unchanged"
+        raise PolicyVersionConflict(
+            f"policy {name!r} version {version} already exists with a different text or "
+            f"lexicon; policies are never edited: add version {next_version(conn, name)} instead"
+        )
+    insert_version(conn, name, version, text, lexicon)
+    return "added"
+
+
+def count_active(conn: psycopg.Connection) -> int:
+    """Active versions (none: files are transcribed but get no verdict)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT count(*) FROM policies WHERE active").fetchone()
+    assert row is not None
+    return int(row[0])

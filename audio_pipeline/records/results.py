@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from audio_pipeline.asr import Transcript
@@ -188,3 +189,11 @@ def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> lis
 def _real_batches(batch_ids: Iterable[str]) -> list[str]:
     """Batches that can finish: 'adhoc' is an open bucket for hand-injected files."""
     return sorted({b for b in batch_ids if b != ADHOC_BATCH_ID})
+
+
+def count_flagged(conn: psycopg.Connection) -> int:
+    """Flagged files waiting for the RA window (the view ra_queue)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT count(*) FROM ra_queue").fetchone()
+    assert row is not None
+    return int(row[0])

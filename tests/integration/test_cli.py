@@ -87,6 +87,9 @@ def test_status_shows_queues_workers_processing_retries_and_batches(
     assert worker["look_ahead"] == 0  # an unpack worker never claims ahead
     assert data["batches"]["by_status"] == {"unpacking": 1, "done": 1}
     assert [b["batch_id"] for b in data["batches"]["in_flight"]] == ["b1"]
+    # health-check.yml reads these (playbooks/templates/health-*.j2)
+    assert data["schema"] == 1
+    assert data["results"] == {"active_policies": 0, "flagged": 0}
 
 
 def test_failed_lists_dead_letters_with_indexes(pipeline_env, redis_client):
