@@ -53,7 +53,6 @@ MANIFEST_FORMAT = 1
 LOCK_FILE = ".sync.lock"
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
 class ModelStoreError(RuntimeError):
@@ -171,10 +170,6 @@ def _store(settings: Settings | None) -> tuple[Any, str]:
     return s3_utils.get_s3_client(s), s.s3_bucket
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 # --- publish -------------------------------------------------------------------------
 
 
@@ -281,7 +276,7 @@ def read_manifest(name: str, settings: Settings | None = None, *, client: Any = 
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        if _error_code(exc) in _NOT_FOUND:
+        if s3_utils.is_not_found(exc):
             raise ManifestMissingError(
                 f"model {name}: no manifest at s3://{bucket}/{key} (not published, or its "
                 f"publishing did not finish): run `audio-pipeline models publish DIR "
@@ -430,7 +425,7 @@ def _download(client: Any, bucket: str, name: str, rel: str, path: Path) -> None
     try:
         client.download_file(bucket, key, str(path), Config=s3_utils.TRANSFER_CONFIG)
     except ClientError as exc:
-        if _error_code(exc) in _NOT_FOUND:
+        if s3_utils.is_not_found(exc):
             raise ModelIntegrityError(
                 f"model {name}: file {rel} is in the manifest but not at s3://{bucket}/{key}"
             ) from None

@@ -97,7 +97,7 @@ def _get(args: argparse.Namespace, settings: Settings, client: Any) -> int:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+        if s3_utils.is_not_found(exc):
             raise S3CommandError(f"{where}: no such object") from None
         raise
     recorded = head.get("Metadata", {}).get(s3_utils.SHA256_METADATA_KEY)

@@ -168,11 +168,21 @@ def download_file(client: Any, bucket: str, key: str, local_path: Path) -> str:
     return actual
 
 
+# What S3 (and SeaweedFS, Swift) answer for a key that is not there: HEAD gives a
+# bare 404 or NotFound, GET gives NoSuchKey.
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def is_not_found(exc: ClientError) -> bool:
+    """Whether ``exc`` says the object does not exist (not: access denied, ...)."""
+    return exc.response.get("Error", {}).get("Code") in NOT_FOUND_CODES
+
+
 def object_exists(client: Any, bucket: str, key: str) -> bool:
     try:
         client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+        if is_not_found(exc):
             return False
         raise
     return True

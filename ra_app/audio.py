@@ -14,7 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from flask import Response, abort, current_app, request
 
-from audio_pipeline.s3_utils import make_client
+from audio_pipeline.s3_utils import is_not_found, make_client
 
 CHUNK = 64 * 1024  # bytes relayed per write
 OPUS_MIME = "audio/ogg; codecs=opus"
@@ -45,7 +45,7 @@ def stream_opus(key: str) -> Response:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+        if is_not_found(exc):
             abort(404, description="The audio file is not in the store.")
         raise
     size = int(head["ContentLength"])
