@@ -17,6 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TEMPLATES = REPO / "playbooks" / "templates"
+PLAYBOOK = REPO / "playbooks" / "health-check.yml"
 
 
 def connections(host: str, failing: dict[str, str] | None = None) -> dict[str, Any]:
@@ -31,17 +32,29 @@ def connections(host: str, failing: dict[str, str] | None = None) -> dict[str, A
     return {"rc": 1 if failing else 0, "stdout": json.dumps(report), "stderr": ""}
 
 
+def status(failed: int = 0, active_policies: int = 1) -> dict[str, Any]:
+    """What `audio-pipeline status --json` prints (the parts the templates read)."""
+    report = {
+        "schema": 1,
+        "queues": {"queue:failed": failed, "queue:transcribe": 0, "queue:unpack": 2},
+        "processing": [{"worker": "gpu:gpu-01:7", "source": "queue:transcribe:gpu-01",
+                        "items": 1, "alive": True}],
+        "delayed_retries": [], "failed": failed, "workers": [],
+        "batches": {"by_status": {}, "in_flight": []},
+        "results": {"active_policies": active_policies, "flagged": 3},
+    }  # fmt: skip
+    return {"rc": 0, "stdout": json.dumps(report), "stderr": ""}
+
+
 def healthy() -> dict[str, dict[str, Any]]:
     return {
         "orch-01": {
             "health_services": {"stdout_lines": ["active", "active"]},
             "health_pg": {"stdout_lines": ["15 main 5432 online postgres /d /l"]},
             "health_ra_app": {"status": 200},
-            "health_flagged": {"rc": 0, "stdout": "3"},
-            "health_policies": {"rc": 0, "stdout": "1", "stderr": ""},
+            "health_status": status(),
             "health_connections": connections("orch-01"),
-            "health_queues": {"stdout_lines": ["queue:failed 0"]},
-            "health_failed_jobs": {"stdout_lines": []},
+            "health_failed_jobs": {"rc": 0, "stdout": json.dumps({"total": 0, "entries": []})},
         },
         "gpu-01": {
             "health_services": {"stdout_lines": ["active", "active"]},
@@ -71,13 +84,10 @@ def render(tmp_path: Path, results: dict[str, dict[str, Any]]) -> tuple[list[str
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
     out = tmp_path / "out.json"
     problems_j2, report_j2 = TEMPLATES / "health-problems.j2", TEMPLATES / "health-report.j2"
+    # The playbook's own Summary variables (thresholds, the parsed status JSON).
+    [summary] = [p for p in yaml.safe_load(PLAYBOOK.read_text()) if p["name"] == "Summary"]
     play = [
-        {"name": "Summary", "hosts": "all", "gather_facts": False,
-         "vars": {
-             "health_max_failed_jobs": 0, "health_max_disk_percent": 90,
-             "health_orchestrator": "orch-01",
-             "health_queue_depths": {"queue:failed": 0},
-         },
+        {"name": "Summary", "hosts": "all", "gather_facts": False, "vars": summary["vars"],
          "tasks": [{"name": "Render", "run_once": True, "delegate_to": "localhost",
                     "ansible.builtin.copy": {"dest": str(out), "mode": "0644", "content":
                         f"{{{{ {{'problems': lookup('ansible.builtin.template', '{problems_j2}'), "
@@ -103,11 +113,16 @@ def test_a_healthy_fleet_has_no_problem_and_reports_connections(tmp_path):
     assert problems == []
     assert any(x.startswith("gpu-01") and "redis=ok  postgres=ok  s3=ok" in x for x in report)
     assert any(x.startswith("active policies") and x.endswith(" 1") for x in report)
+    assert any(x.startswith("flagged (ra_queue)") and x.endswith(" 3") for x in report)
+    assert any(x.startswith("queue:unpack ") and x.endswith(" 2") for x in report)
+    assert any(
+        x.startswith("processing:gpu:gpu-01:7:from:queue:transcribe:gpu-01 ") for x in report
+    )
 
 
 def test_no_policy_and_unreachable_services_are_named(tmp_path):
     results = healthy()
-    results["orch-01"]["health_policies"]["stdout"] = "0"
+    results["orch-01"]["health_status"] = status(active_policies=0)
     results["gpu-01"]["health_connections"] = connections(
         "gpu-01", {"redis": "AuthenticationError: invalid username-password pair"}
     )
@@ -129,3 +144,24 @@ def test_no_policy_and_unreachable_services_are_named(tmp_path):
         "... Forbidden)",
     ]
     assert any(x.startswith("gpu-01") and "redis=FAILED" in x for x in report)
+
+
+def test_dead_letters_and_an_unreadable_status_are_named(tmp_path):
+    results = healthy()
+    results["orch-01"]["health_status"] = status(failed=2)
+    dead = {"index": 1, "job": '{"batch_id": "b9"}', "queue": "queue:unpack", "error": "boom"}
+    results["orch-01"]["health_failed_jobs"]["stdout"] = json.dumps({"total": 2, "entries": [dead]})
+    problems, report = render(tmp_path, results)
+    assert problems == [
+        "2 failed job(s) in queue:failed (audio-pipeline failed; audio-pipeline requeue)"
+    ]
+    assert any("boom" in x and "b9" in x for x in report)
+
+    results["orch-01"]["health_status"] = {
+        "rc": 1, "stdout": "", "stderr": "audio-pipeline status: Redis unavailable: refused"
+    }  # fmt: skip
+    problems, _ = render(tmp_path, results)
+    assert problems == [
+        "orch-01: could not read the pipeline's status: audio-pipeline status: Redis "
+        "unavailable: refused"
+    ]
