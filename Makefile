@@ -40,10 +40,13 @@ deps: .make/apt .make/venv  ## install Debian packages and the virtualenv (idemp
 	fi
 	@mkdir -p .make && touch $@
 
-.make/venv: pyproject.toml .make/apt
+# devtools/ is a second, developer-only distribution (its own pyproject.toml): it
+# brings the `devstack` command, and the fleet, which installs only the root one,
+# never gets it.
+.make/venv: pyproject.toml devtools/pyproject.toml .make/apt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip==25.3
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PYTHON_EXTRAS)]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PYTHON_EXTRAS)]' -e ./devtools
 	@mkdir -p .make && touch $@
 
 test: deps lint  ## the whole suite: lint, unit, integration, end to end (starts and stops the stack)
@@ -67,12 +70,12 @@ BENCHES := bench_asr bench_pipeline bench_unpack bench_queue bench_ra
 
 bench: deps  ## all benchmarks at full size (minutes; run on a quiet machine): tables + .bench/*.json
 	$(BIN)/devstack up > /dev/null
-	@for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
-	$(BIN)/python bench/bench_asr.py --corpus short
+	@for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
+	$(BIN)/python -m bench.bench_asr --corpus short
 
 bench-smoke: deps  ## all benchmarks at their tiny CI size
 	$(BIN)/devstack up > /dev/null
-	@for b in $(BENCHES); do $(BIN)/python bench/$$b.py --smoke || exit 1; done
+	@for b in $(BENCHES); do $(BIN)/python -m bench.$$b --smoke || exit 1; done
 
 stack-up: deps  ## start Redis, PostgreSQL, SeaweedFS and sshd on loopback
 	$(BIN)/devstack up
@@ -85,13 +88,13 @@ stack-env:  ## print the exports for the local stack: eval "$$(make -s stack-env
 
 DEMO_FILES ?= 12
 demo: deps  ## run the pipeline end to end on a generated batch, then serve the RA app
-	$(BIN)/python -m audio_pipeline.demo --files $(DEMO_FILES)
+	$(BIN)/python -m devtools.demo --files $(DEMO_FILES)
 
 fleet-up: deps  ## a staging fleet on this machine (root): nspawn machines on a private bridge, site.yml, a demo batch; prints .stack/fleet/fleet.env
-	$(BIN)/python tests/fleet/lab.py up
+	$(BIN)/python -m tests.fleet.lab up
 
 fleet-down:  ## remove the fleet-up fleet: machines, bridge, loop devices, its files
-	@if [ -x $(BIN)/python ]; then $(BIN)/python tests/fleet/lab.py down; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m tests.fleet.lab down; fi
 
 clean: fleet-down stack-down  ## stop the stack and delete its data and the virtualenv
 	rm -rf $(STACK_DIR) $(VENV) .make .pytest_cache .ruff_cache

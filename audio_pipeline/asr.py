@@ -253,7 +253,7 @@ def model_dir(models_root: Path, relative: str) -> Path:
         raise ConfigError(
             f"ASR model directory {path} does not exist (MODELS_ROOT={models_root}, "
             f"model={relative!r}); models are synced by Ansible, or for development "
-            f"installed by `python -m audio_pipeline.dev_models {models_root}`"
+            f"installed by `python -m devtools.dev_models {models_root}`"
         )
     return path
 

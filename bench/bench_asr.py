@@ -1,13 +1,13 @@
 """ASR throughput: the gpu worker's batched Transcriber against a file-by-file loop.
 
-    .venv/bin/python bench/bench_asr.py [--corpus mixed|short] [--smoke] [--out PATH]
+    .venv/bin/python -m bench.bench_asr [--corpus mixed|short] [--smoke] [--out PATH]
                                         [--models-root DIR]
 
 On a GPU host, for the large-model figures: ``ASR_MODEL=whisper/large-v3
-ASR_DEVICE=cuda .venv/bin/python bench/bench_asr.py --corpus short --models-root
+ASR_DEVICE=cuda .venv/bin/python -m bench.bench_asr --corpus short --models-root
 /data/models`` (faster-whisper backend: the baseline is faster-whisper's own loop).
 
-Corpus: espeak-ng speech clips (audio_pipeline.sample) of 3-30 s (``mixed``, the
+Corpus: espeak-ng speech clips (devtools.sample) of 3-30 s (``mixed``, the
 default) or 2-8 s (``short``, the case the issue's 2.5x target is stated for),
 converted to Opus exactly as the unpack worker does, with the spoken text as
 the reference. ``short`` writes its report as ``asr-short``.
@@ -48,14 +48,11 @@ from typing import Any
 
 import jiwer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchlib
-
 from audio_pipeline.asr import SAMPLE_RATE, AsrSettings, Transcriber, load_transcriber
 from audio_pipeline.audio import AudioSettings, Conversion, convert_many
-from audio_pipeline.dev_models import install_whisper
 from audio_pipeline.workers.gpu_worker import batch_size_from_env
+from bench import benchlib
+from devtools.dev_models import install_whisper
 
 FULL_CLIPS = 60  # the issue asks for at least 60
 SMOKE_CLIPS = 6
@@ -216,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "name": args.corpus, "clips": len(paths), "audio_s": round(audio_s, 1),
                 "clip_s_range": [min_s, max_s],
                 "mean_clip_s": round(audio_s / len(paths), 2),
-                "source": "espeak-ng via audio_pipeline.sample, Opus 16 kHz mono",
+                "source": "espeak-ng via devtools.sample, Opus 16 kHz mono",
             },
             "settings": {
                 "model": settings.model, "backend": transcriber.backend,

@@ -1,6 +1,6 @@
 """Pipeline overhead: one batch through the real workers against its bare parts.
 
-    .venv/bin/python bench/bench_pipeline.py [--smoke] [--out PATH]
+    .venv/bin/python -m bench.bench_pipeline [--smoke] [--out PATH]
 
 Pipeline: an espeak-ng batch is uploaded to S3 as ``archives/{batch_id}.tar`` and
 a ``queue:unpack`` job pushed; then ``unpack_worker --drain`` and
@@ -35,10 +35,6 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchlib
-
 from audio_pipeline import s3_utils
 from audio_pipeline.asr import AsrSettings, load_transcriber
 from audio_pipeline.audio import AudioSettings, Conversion, convert_many
@@ -49,10 +45,11 @@ from audio_pipeline.classify import (
     load_classifier,
 )
 from audio_pipeline.config import QUEUE_UNPACK, load_settings
-from audio_pipeline.dev_models import install_whisper
 from audio_pipeline.records import results as records
 from audio_pipeline.records.policies import active_policies
 from audio_pipeline.workers.gpu_worker import batch_size_from_env
+from bench import benchlib
+from devtools.dev_models import install_whisper
 
 FULL_FILES, SMOKE_FILES = 24, 4
 MIN_S, MAX_S, SMOKE_MAX_S = 3.0, 30.0, 6.0

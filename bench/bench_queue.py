@@ -1,6 +1,6 @@
 """Queue overhead: our JobQueue + Worker loop against RQ's SimpleWorker, empty jobs.
 
-    .venv/bin/python bench/bench_queue.py [--smoke] [--out PATH]
+    .venv/bin/python -m bench.bench_queue [--smoke] [--out PATH]
 
 Both sides run on the same Redis (the local stack's, in a database number of this
 run's own), in this process, with logging at WARNING, on N jobs enqueued
@@ -22,17 +22,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchlib
 
 from audio_pipeline.config import load_settings
 from audio_pipeline.logs import configure_logging
 from audio_pipeline.queue import Job
 from audio_pipeline.worker import RunMode, Worker
+from bench import benchlib
 
 FULL_JOBS, SMOKE_JOBS = 3000, 200
 # Interleaved rounds, fastest of each side counts: a neighbour's burst on this shared

@@ -1,6 +1,6 @@
 """RA app under load: next-item and the review page, 32 RAs at once, seeded database.
 
-    .venv/bin/python bench/bench_ra.py [--smoke] [--out PATH]
+    .venv/bin/python -m bench.bench_ra [--smoke] [--out PATH]
 
 Setup, in this run's own Postgres database: bench/seed_ra_db.py seeds 100k audio
 files and 1M classifications (smoke: far fewer), ``flask db upgrade`` adds the RA
@@ -39,13 +39,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import benchlib
 
-import benchlib
-
-BENCH_DIR = Path(__file__).resolve().parent
-SEEDER = BENCH_DIR / "seed_ra_db.py"
-LUA = BENCH_DIR / "ra_loop.lua"
+LUA = Path(__file__).resolve().parent / "ra_loop.lua"
 FULL_SEED = {"files": 100_000, "classifications": 1_000_000}
 SMOKE_SEED = {"files": 2_000, "classifications": 16_000}
 CLIENTS = 32
@@ -78,9 +74,9 @@ def free_port() -> int:
 def seed(url: str, env: dict[str, str], size: dict[str, int]) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, str(SEEDER), url, "--files", str(size["files"]),
+        [sys.executable, "-m", "bench.seed_ra_db", url, "--files", str(size["files"]),
          "--classifications", str(size["classifications"])],
-        env=env, check=True, stdout=subprocess.DEVNULL,
+        env=env, check=True, stdout=subprocess.DEVNULL, cwd=benchlib.REPO_ROOT,
     )  # fmt: skip
     return time.perf_counter() - started
 
@@ -93,7 +89,7 @@ def prepare_app(env: dict[str, str]) -> tuple[list[tuple[str, str]], int]:
     )  # fmt: skip
     from ra_app.assignment import sync_queue
     from ra_app.extensions import db
-    from ra_app.factory import create_app  # see ra_app/__init__.py on namespace imports
+    from ra_app.factory import create_app
     from ra_app.users import create_user
 
     app = create_app({"ENVIRON": env, "RATELIMIT_ENABLED": False})

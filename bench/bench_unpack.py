@@ -1,6 +1,6 @@
 """Unpack: MP3 -> Opus throughput, one ffmpeg process at a time against all cores.
 
-    .venv/bin/python bench/bench_unpack.py [--smoke] [--out PATH]
+    .venv/bin/python -m bench.bench_unpack [--smoke] [--out PATH]
 
 Runs ``audio_pipeline.audio.convert_many`` (what the unpack worker calls: probe,
 ``ffmpeg -threads 1`` to Opus 16 kHz mono, probe of the output, atomic rename) on
@@ -19,11 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchlib
-
 from audio_pipeline.audio import AudioSettings, Conversion, convert_many
+from bench import benchlib
 
 FULL_FILES, SMOKE_FILES = 48, 6
 FULL_ROUNDS, SMOKE_ROUNDS = 2, 1

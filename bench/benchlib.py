@@ -28,8 +28,9 @@ from typing import Any
 import redis
 from psycopg import sql
 
-from audio_pipeline import devstack, s3_utils
+from audio_pipeline import s3_utils
 from audio_pipeline.db import apply_schema
+from devtools import devstack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / ".bench"
@@ -233,7 +234,7 @@ def speech_corpus(out_dir: Path, n_files: int, seed: int, min_s: float, max_s: f
     """espeak-ng speech as MP3s on disk plus {rel_path: text}: (batch, {rel_path: mp3})."""
     import tarfile
 
-    from audio_pipeline.sample import make_speech_batch
+    from devtools.sample import make_speech_batch
 
     batch = make_speech_batch(
         out_dir, f"corpus-{seed}", n_files, seed, min_s, max_s,

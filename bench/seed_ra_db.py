@@ -1,6 +1,6 @@
 """Seed a pipeline database with synthetic results at scale, fast.
 
-    .venv/bin/python bench/seed_ra_db.py postgresql://pipeline:...@127.0.0.1:15432/db \
+    .venv/bin/python -m bench.seed_ra_db postgresql://pipeline:...@127.0.0.1:15432/db \
         [--files 100000] [--classifications 1000000] [--flagged-share 0.05] [--seed 1]
 
 Writes batches, audio files, transcripts with segments, a few versioned policies and

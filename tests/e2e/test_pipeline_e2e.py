@@ -35,8 +35,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from audio_pipeline import dev_models, s3_utils
-from audio_pipeline.sample import make_speech_batch
+from audio_pipeline import s3_utils
+from devtools import dev_models
+from devtools.sample import make_speech_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

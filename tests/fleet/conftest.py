@@ -12,15 +12,12 @@ bridge, and it is where an RA's browser and an operator's terminal sit.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import lab
-import machines
+from tests.fleet import lab, machines
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +37,7 @@ def fleet_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]
     finally:
         if os.environ.get("FLEET_KEEP"):
             # Debugging: leave the machines running; `lab.py down --dir WORK` removes them.
-            print(f"fleet kept: python tests/fleet/lab.py down --dir {built.work}")
+            print(f"fleet kept: python -m tests.fleet.lab down --dir {built.work}")
         else:
             lab.stop(built)
 

@@ -3,8 +3,8 @@ by the repository's own playbooks. The fleet test builds one per session
 (conftest.py); `make fleet-up` builds the same one and leaves it running for a
 person to explore, `make fleet-down` removes it.
 
-    python tests/fleet/lab.py up      # boot, converge, seed a demo; writes .stack/fleet/fleet.env
-    python tests/fleet/lab.py down    # stop the machines, remove bridge, loop devices, files
+    python -m tests.fleet.lab up      # boot, converge, seed a demo; writes .stack/fleet/fleet.env
+    python -m tests.fleet.lab down    # stop the machines, remove bridge, loop devices, files
 
 What the host plays (network.py): the S3 store and the collection host (SeaweedFS
 and sshd bound to the bridge address), the package mirrors (a proxy), and an RA's
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import machines
-import network
 import yaml
 
-from audio_pipeline import devstack, s3_utils
+from audio_pipeline import s3_utils
+from devtools import devstack
+from tests.fleet import machines, network
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -394,7 +394,7 @@ FLEET_ENV = "fleet.env"
 DEMO_ADMIN = "admin"
 DEMO_RA = "ra1"
 DEMO_FILES = 6
-# Terms that the sample speech's flagged sentences carry (audio_pipeline.sample), so
+# Terms that the sample speech's flagged sentences carry (devtools.sample), so
 # the lexicon classifier (no GPU here) flags part of a batch.
 DEMO_POLICY = (
     "demo-insults",
@@ -479,7 +479,7 @@ def up(work: Path) -> int:
 def seed_demo(fleet: Fleet) -> dict[str, str]:
     """An admin and an RA (created with the CLI on the orchestrator, as a
     researcher would) and a demo batch dropped on the collection host."""
-    from audio_pipeline import sample
+    from devtools import sample
 
     creds = {
         "ADMIN_USER": DEMO_ADMIN,

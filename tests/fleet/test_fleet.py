@@ -25,14 +25,14 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import network
 import pytest
-from browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
 
-from audio_pipeline import sample
+from devtools import sample
+from tests.fleet import network
+from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
 
 if TYPE_CHECKING:
-    from lab import Fleet
+    from tests.fleet.lab import Fleet
 
 
 # The fixture converges three machines from bare Debian (cold: several minutes,
@@ -245,7 +245,7 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
     on the collection host flows through; the RA reviews every flagged item by
     keyboard in Chromium over HTTPS (audio through nginx as 206 ranges); the
     labels land in ra_labels; the admin exports them as CSV."""
-    import lab
+    from tests.fleet import lab
 
     lab.create_ra_user(fleet, "ann", RA_PASSWORD, "ra")
     lab.create_ra_user(fleet, "boss", ADMIN_PASSWORD, "admin")

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import network
 import pytest
 import yaml
 
 from audio_pipeline import s3_utils
+from tests.fleet import network
 
 if TYPE_CHECKING:
-    from lab import Fleet, PlaybookRun
+    from tests.fleet.lab import Fleet, PlaybookRun
 
 pytestmark = [
     pytest.mark.fleet,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
 from audio_pipeline.asr import (
     AsrDevice,
@@ -22,7 +21,8 @@ from audio_pipeline.asr import (
     decode_many,
     load_transcriber,
 )
-from audio_pipeline.dev_models import install_whisper
+from devtools.dev_models import install_whisper
+from tests.support.hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
 # Measured on this machine (tiny.en int8, beam 5, espeak-ng at 160 wpm): overall WER
 # 0.25 on these clips (per file 0.0-0.38; tiny.en mishears espeak's voice, e.g.

@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
 from audio_pipeline import archive, audio
 from audio_pipeline.config import ConfigError
+from tests.support.hostile_media import PLAYLISTS, FifoWatch, RecordingServer
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,9 @@ import unicodedata
 
 import pytest
 
-from audio_pipeline import audio, sample
+from audio_pipeline import audio
 from audio_pipeline.archive import extract_archive, is_audio_name
+from devtools import sample
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,7 @@ def test_lengths_span_the_requested_range(tmp_path):
 
 def test_cli_prints_a_json_summary(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "audio_pipeline.sample", "--out", str(tmp_path),
+        [sys.executable, "-m", "devtools.sample", "--out", str(tmp_path),
          "--batch-id", "cli-1", "--files", "2", "--max-seconds", "4", "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -18,14 +18,14 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # per benchmark; smoke sizes take well under a minute on 2 idle cores
 
 
-def run_bench(script: str, out: Path, stack_env: dict[str, str]) -> dict[str, Any]:
+def run_bench(module: str, out: Path, stack_env: dict[str, str]) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-        env={**os.environ, **stack_env},
+        [sys.executable, "-m", f"bench.{module}", "--smoke", "--out", str(out)],
+        env={**os.environ, **stack_env}, cwd=REPO,
         capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -39,7 +39,7 @@ def run_bench(script: str, out: Path, stack_env: dict[str, str]) -> dict[str, An
 
 
 def test_asr_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
-    r = run_bench("bench_asr.py", tmp_path / "asr.json", stack_env)
+    r = run_bench("bench_asr", tmp_path / "asr.json", stack_env)
     assert r["corpus"]["clips"] >= 2
     assert r["corpus"]["audio_s"] > 0
     for side in ("baseline", "candidate", "candidate_one_file_per_call"):
@@ -55,7 +55,7 @@ def test_asr_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_unpack_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
-    r = run_bench("bench_unpack.py", tmp_path / "unpack.json", stack_env)
+    r = run_bench("bench_unpack", tmp_path / "unpack.json", stack_env)
     assert r["baseline"]["jobs"] == 1
     assert r["candidate"]["jobs"] == r["machine"]["cpus"]
     assert r["baseline"]["audio_s_per_s"] > 0
@@ -64,7 +64,7 @@ def test_unpack_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_queue_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
-    r = run_bench("bench_queue.py", tmp_path / "queue.json", stack_env)
+    r = run_bench("bench_queue", tmp_path / "queue.json", stack_env)
     assert r["jobs"] > 0
     for side in ("baseline", "candidate", "candidate_batch8"):
         assert r[side]["ms_per_job"] > 0
@@ -74,7 +74,7 @@ def test_queue_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_pipeline_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
-    r = run_bench("bench_pipeline.py", tmp_path / "pipeline.json", stack_env)
+    r = run_bench("bench_pipeline", tmp_path / "pipeline.json", stack_env)
     assert r["batch"]["files"] > 0
     assert r["batch"]["audio_s"] > 0
     assert r["baseline"]["bare_s"] > 0
@@ -85,7 +85,7 @@ def test_pipeline_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_ra_app_benchmark(stack_env: dict[str, str], tmp_path: Path) -> None:
-    r = run_bench("bench_ra.py", tmp_path / "ra.json", stack_env)
+    r = run_bench("bench_ra", tmp_path / "ra.json", stack_env)
     assert r["seed"]["ra_items"] > 0
     assert r["baseline"]["kinds"]["health"]["requests"] > 0
     for kind in ("review", "skip"):  # flat out, every client goes round the loop

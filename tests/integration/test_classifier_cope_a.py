@@ -20,7 +20,8 @@ from audio_pipeline.classify import (
     cope_a_prompt,
     load_classifier,
 )
-from audio_pipeline.dev_models import CLASSIFIER_DIR, install_classifier
+from devtools.dev_models import CLASSIFIER_DIR, install_classifier
+from tests.support.rows import add_audio_file, add_batch, add_policy
 
 POLICIES = [
     Policy(1, "violence", 1, "# Policy\n\n## Overview\n\nThreats of violence.", ("kill",)),
@@ -217,20 +218,9 @@ def test_the_classification_row_records_windows_and_truncation(models_root: Path
     from audio_pipeline.classify import LexiconClassifier
     from audio_pipeline.records.results import FileResult, save_results
 
-    db_conn.execute("INSERT INTO batches (batch_id, s3_key) VALUES ('b-win', 'archives/b-win.tar')")
-    ids = [
-        db_conn.execute(
-            "INSERT INTO audio_files (batch_id, rel_path, status) VALUES ('b-win', %s, "
-            "'transcribing') RETURNING id",
-            (name,),
-        ).fetchone()["id"]
-        for name in ("long.mp3", "capped.mp3")
-    ]
-    policy = db_conn.execute(
-        "INSERT INTO policies (name, version, text, lexicon) VALUES ('violence', 1, %s, "
-        "'{kill}') RETURNING id",
-        (POLICIES[0].text,),
-    ).fetchone()["id"]
+    add_batch(db_conn, "b-win")
+    ids = [add_audio_file(db_conn, "b-win", n, "transcribing") for n in ("long.mp3", "capped.mp3")]
+    policy = add_policy(db_conn, "violence", POLICIES[0].text, lexicon=["kill"])
     db_conn.commit()
     policies = [Policy(policy, "violence", 1, POLICIES[0].text, ("kill",))]
     text = FILLER + "I will kill you tomorrow."

@@ -14,6 +14,7 @@ import redis
 from audio_pipeline.cli import render_table
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
 from audio_pipeline.queue import JobQueue, RetryPolicy, processing_key
+from tests.support.rows import add_batch
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +53,8 @@ def test_status_shows_queues_workers_processing_retries_and_batches(
     slow.enqueue(QUEUE_TRANSCRIBE, {"audio_id": 3})
     slow.retry(slow.claim([QUEUE_TRANSCRIBE], 0), "flaky")
     dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "bad"})
-    db_conn.execute(
-        "INSERT INTO batches (batch_id, s3_key, status, file_count) VALUES "
-        "('b1', 'archives/b1.tar', 'unpacking', 3), ('b0', 'archives/b0.tar', 'done', 2)"
-    )
+    add_batch(db_conn, "b1", "unpacking", file_count=3)
+    add_batch(db_conn, "b0", "done", file_count=2)
     db_conn.commit()
 
     result = cli(pipeline_env, "status")

@@ -26,7 +26,7 @@ from audio_pipeline.classify import (
 )
 from audio_pipeline.config import load_settings
 from audio_pipeline.cope_a_merge import MergeError, merge_cope_a
-from audio_pipeline.dev_models import CLASSIFIER_DIR, install_classifier
+from devtools.dev_models import CLASSIFIER_DIR, install_classifier
 
 MERGED_DIR = "classifier/tiny-gemma2-merged"
 LORA_B_STD = 0.3  # large enough to move every score well past the tolerance below

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import jiwer
 import pytest
-from workerkit.procs import finish, start_module, wait_for
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
-from audio_pipeline.dev_models import install_whisper
+from devtools.dev_models import install_whisper
+from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,26 +18,37 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
-from audio_pipeline import devstack
+from devtools import devstack
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-# What the wheel is built from: the same files `git archive` ships to a host.
-SOURCES = ("pyproject.toml", "README.md", "audio_pipeline", "ra_app")
+# The developer tools; a host gets the release directory but must never install them.
+DEV_MODULES = ("devstack", "demo", "sample", "dev_models")
+FLEET_SCRIPTS = {"audio-pipeline", "transfer-worker", "unpack-worker", "gpu-worker"}
+
+
+def shipped_files() -> list[str]:
+    """What `git archive` of this working tree would ship to a host: every file git
+    tracks or would track (devtools/, tests/ and bench/ included), none it ignores."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    # A file deleted but not yet committed is listed and absent; a symlink is copied as one.
+    return [n for n in listed if n and ((REPO / n).is_symlink() or (REPO / n).is_file())]
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel built from a copy of the sources, so the checkout gets no build/."""
+    """A wheel built from a copy of the release tree, so the checkout gets no build/."""
     src = tmp_path_factory.mktemp("src")
-    for name in SOURCES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(path, src / name)
+    for name in shipped_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name, follow_symlinks=False)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [str(VENV_BIN / "pip"), "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -58,6 +69,22 @@ def test_schema_is_one_file_shipped_in_the_wheel(wheel: Path):
         packaged = zf.read("audio_pipeline/schema.sql").decode()
     assert packaged == top.read_text()
     assert "CREATE TABLE IF NOT EXISTS policies" in packaged
+
+
+def test_the_wheel_carries_no_developer_tools(wheel: Path):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = zf.read(entry_points).decode()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"audio_pipeline", "ra_app"}
+    for module in DEV_MODULES:
+        assert f"devtools/{module}.py" not in names
+        assert f"audio_pipeline/{module}.py" not in names
+    console = scripts.split("[console_scripts]")[1].split("[")[0]
+    assert {line.split("=")[0].strip() for line in console.splitlines() if "=" in line} == (
+        FLEET_SCRIPTS
+    )
 
 
 @pytest.fixture

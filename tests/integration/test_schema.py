@@ -5,34 +5,24 @@ import pytest
 from psycopg.rows import dict_row
 
 from audio_pipeline.db import SCHEMA_PATH, apply_schema
+from tests.support.rows import (
+    add_audio_file,
+    add_batch,
+    add_classification,
+    add_policy,
+    add_transcript,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def _seed(conn) -> dict[str, int]:
-    conn.execute("INSERT INTO batches (batch_id, s3_key) VALUES ('b-1', 'archives/b-1.tar')")
-    ids = {}
-    for path in ("a.mp3", "dir/b.mp3"):
-        ids[path] = conn.execute(
-            "INSERT INTO audio_files (batch_id, rel_path, status) VALUES ('b-1', %s, 'done') "
-            "RETURNING id",
-            (path,),
-        ).fetchone()["id"]
-    pol = conn.execute(
-        "INSERT INTO policies (name, version, text, lexicon) "
-        "VALUES ('harassment', 1, '# Policy', '{idiot}') RETURNING id"
-    ).fetchone()["id"]
-    conn.execute(
-        "INSERT INTO transcripts (audio_id, text, model, backend) "
-        "VALUES (%s, 'hi', 'tiny.en', 'fw')",
-        (ids["a.mp3"],),
-    )
+    add_batch(conn, "b-1")
+    ids = {path: add_audio_file(conn, "b-1", path, "done") for path in ("a.mp3", "dir/b.mp3")}
+    pol = add_policy(conn, "harassment", "# Policy", lexicon=["idiot"])
+    add_transcript(conn, ids["a.mp3"], "hi", model="tiny.en", backend="fw")
     for path, score in (("a.mp3", 0.9), ("dir/b.mp3", 0.1)):
-        conn.execute(
-            "INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold) "
-            "VALUES (%s, %s, 'lexicon', %s, %s, 0.5)",
-            (ids[path], pol, score, int(score >= 0.5)),
-        )
+        add_classification(conn, ids[path], pol, score, model="lexicon")
     conn.commit()
     return ids
 

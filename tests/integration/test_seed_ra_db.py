@@ -3,41 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import psycopg
 import pytest
 
 from audio_pipeline.config import Settings
+from bench import seed_ra_db
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "seed_ra_db.py"
+REPO = Path(__file__).resolve().parents[2]
+SEEDER = [sys.executable, "-m", "bench.seed_ra_db"]  # run from REPO, as the benchmark runs it
 FILES, CLASSIFICATIONS, PER_BATCH = 120, 1000, 50  # 1000 = 120 x 8 + 40: uneven on purpose
-
-
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("seed_ra_db", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["seed_ra_db"] = module  # dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(url: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     args = [
-        sys.executable, str(SCRIPT), url, "--files", str(FILES),
+        *SEEDER, url, "--files", str(FILES),
         "--classifications", str(CLASSIFICATIONS), "--files-per-batch", str(PER_BATCH),
         "--flagged-share", "0.1", "--seed", "7", *extra,
     ]  # fmt: skip
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def _counts(conn: psycopg.Connection) -> dict[str, int]:
@@ -117,15 +107,14 @@ def test_rows_in_the_database_are_the_seeds_deterministic_rows(
     pipeline_env: dict[str, str], settings: Settings, db_conn: psycopg.Connection
 ) -> None:
     assert _run(settings.database_url, pipeline_env).returncode == 0
-    seed = _module()
-    spec = seed.SeedSpec(
+    spec = seed_ra_db.SeedSpec(
         files=FILES, classifications=CLASSIFICATIONS, files_per_batch=PER_BATCH,
         flagged_share=0.1, seed=7,
     )  # fmt: skip
     policy_ids = [
         r["id"] for r in db_conn.execute("SELECT id FROM policies ORDER BY id").fetchall()
     ]
-    generated = dict(seed.table_rows(spec, policy_ids))
+    generated = dict(seed_ra_db.table_rows(spec, policy_ids))
     # everything but the JSON column, which jsonb re-serialises
     expected = "".join(line.rsplit("\t", 1)[0] + "\n" for line in generated.pop("classifications"))
     query = (
@@ -140,12 +129,11 @@ def test_rows_in_the_database_are_the_seeds_deterministic_rows(
 
 
 def test_same_seed_gives_the_same_rows_and_another_seed_does_not() -> None:
-    seed = _module()
 
     def digest(n: int) -> str:
-        spec = seed.SeedSpec(files=40, classifications=300, files_per_batch=16, seed=n)
+        spec = seed_ra_db.SeedSpec(files=40, classifications=300, files_per_batch=16, seed=n)
         h = hashlib.sha256()
-        for table, lines in seed.table_rows(spec, [1, 2, 3, 4, 5]):
+        for table, lines in seed_ra_db.table_rows(spec, [1, 2, 3, 4, 5]):
             h.update(table.encode())
             for line in lines:
                 h.update(line.encode())
@@ -189,9 +177,8 @@ def test_ra_app_role_cannot_seed(pipeline_env: dict[str, str], db_conn: psycopg.
 )
 def test_impossible_sizes_are_rejected_before_connecting(args: list[str], message: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "postgresql://nobody@127.0.0.1:1/none",
-         "--files", "120", *args],
-        capture_output=True, text=True, timeout=60,
+        [*SEEDER, "postgresql://nobody@127.0.0.1:1/none", "--files", "120", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2
     assert message in done.stderr

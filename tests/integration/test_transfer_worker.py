@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from workerkit.procs import finish, start_module, wait_for
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_UNPACK
+from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 

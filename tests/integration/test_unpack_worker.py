@@ -15,15 +15,15 @@ import signal
 import tarfile
 from pathlib import Path
 
-import malicious_tars as bad
 import pytest
-from workerkit.procs import finish, start_module, wait_for
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_UNPACK, ConfigError
 from audio_pipeline.queue import PermanentJobError
-from audio_pipeline.sample import make_speech_batch
 from audio_pipeline.workers.unpack_worker import UnpackRequest, UnpackSettings
+from devtools.sample import make_speech_batch
+from tests.support import malicious_tars as bad
+from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 

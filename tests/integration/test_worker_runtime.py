@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from workerkit.echo_worker import (
+
+from audio_pipeline.config import QUEUE_FAILED
+from audio_pipeline.queue import WORKERS_KEY, heartbeat_key, processing_key
+from tests.workerkit.echo_worker import (
     BATCHES_KEY,
     DISCARDED_KEY,
     DONE_KEY,
@@ -22,10 +25,7 @@ from workerkit.echo_worker import (
     PREPARED_KEY,
     STARTED_KEY,
 )
-from workerkit.procs import finish, start_module, wait_for
-
-from audio_pipeline.config import QUEUE_FAILED
-from audio_pipeline.queue import WORKERS_KEY, heartbeat_key, processing_key
+from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-import malicious_tars as bad
 import pytest
 
 from audio_pipeline import archive
@@ -31,6 +30,7 @@ from audio_pipeline.archive import (
     is_audio_name,
 )
 from audio_pipeline.config import ConfigError
+from tests.support import malicious_tars as bad
 
 ODD_NAMES = [
     "Session 1/día 2/clip 01.MP3",

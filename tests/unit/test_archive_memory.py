@@ -17,8 +17,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-import malicious_tars as bad
 import pytest
+
+from tests.support import malicious_tars as bad
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the call may add to the interpreter's peak; reading a 400 MB header adds

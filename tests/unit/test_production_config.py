@@ -48,7 +48,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-from ansible_render import REPO, HostConfig, render_site
 from psycopg.conninfo import conninfo_to_dict
 
 from audio_pipeline import model_cli
@@ -64,6 +63,7 @@ from audio_pipeline.workers.gpu_worker import GpuWorker, batch_size_from_env, pr
 from audio_pipeline.workers.transfer_worker import TransferSettings, TransferWorker
 from audio_pipeline.workers.unpack_worker import UnpackSettings, UnpackWorker
 from ra_app.config import RASettings, load_ra_settings
+from tests.support.ansible_render import REPO, HostConfig, render_site
 
 INVENTORY = REPO / "inventory" / "production.yml"
 VAULT = REPO / "group_vars" / "vault.example.yml"

@@ -12,7 +12,8 @@ import subprocess
 
 import jinja2
 import pytest
-from ansible_render import REPO, HostConfig, render_site
+
+from tests.support.ansible_render import REPO, HostConfig, render_site
 
 INVENTORY = REPO / "inventory" / "production.yml"
 VAULT = REPO / "group_vars" / "vault.example.yml"

@@ -7,12 +7,12 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import add_user, make_app, seed_items
 from sqlalchemy import text
 
 from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import User
+from tests.support.web import add_user, make_app, seed_items
 
 pytestmark = pytest.mark.integration
 

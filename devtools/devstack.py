@@ -31,6 +31,14 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from audio_pipeline.config import (
+    DEV_DB,
+    DEV_PIPELINE_PASSWORD,
+    DEV_REDIS_PASSWORD,
+    DEV_S3_ACCESS_KEY,
+    DEV_S3_BUCKET,
+    DEV_S3_SECRET_KEY,
+)
 from audio_pipeline.db import apply_schema
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +48,10 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 START_TIMEOUT = 30.0  # seconds to wait for a service to answer
 STOP_TIMEOUT = 15.0  # seconds before a stubborn process is killed
 
-# Development credentials: real checks (S3 signatures, Redis AUTH, scram
-# passwords) with values that are obviously not secrets.
-DEV_REDIS_PASSWORD = "dev-redis-password"
-DEV_S3_ACCESS_KEY = "devaccess"
-DEV_S3_SECRET_KEY = "devsecret-change-me"
-DEV_S3_BUCKET = "audio-archives"
+# Development credentials beyond the ones the processes default to (those live in
+# audio_pipeline.config, so a worker run with nothing exported finds this stack).
 DEV_PG_SUPERUSER_PASSWORD = "dev-postgres"
-DEV_PIPELINE_PASSWORD = "dev-pipeline"
 DEV_RA_APP_PASSWORD = "dev-ra-app"
-DEV_DB = "audio_pipeline"
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PASSWORD, add_user, csrf_token, login, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
 
 from ra_app.extensions import db
 from ra_app.models import User
+from tests.support.web import PASSWORD, add_user, csrf_token, login, seed_items
 
 pytestmark = pytest.mark.integration
 

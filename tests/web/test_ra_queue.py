@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import add_user, login, make_app, seed_items
 from flask import Flask
 from sqlalchemy import text
 
 from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import Assignment, Label, User
+from tests.support.web import add_user, login, make_app, seed_items
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import add_user, login, make_app, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
@@ -22,6 +21,7 @@ from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import User
 from ra_app.security import issue_token
+from tests.support.web import add_user, login, make_app, seed_items
 
 pytestmark = pytest.mark.integration
 

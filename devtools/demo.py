@@ -28,9 +28,9 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from audio_pipeline import devstack
 from audio_pipeline.config import load_settings
-from audio_pipeline.sample import make_speech_batch
+from devtools import devstack
+from devtools.sample import make_speech_batch
 
 DEFAULT_FILES = 12
 DEFAULT_PORT = 5000
@@ -203,7 +203,7 @@ def serve_ra_app(env: Mapping[str, str], port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m audio_pipeline.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__)
     parser.add_argument("--files", type=int, default=DEFAULT_FILES, help="files in the batch")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="RA app port")
     parser.add_argument("--no-serve", action="store_true", help="stop after the pipeline run")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(env)
 
     _say(f"installing dev models into {settings.models_root}")
-    from audio_pipeline import dev_models
+    from devtools import dev_models
 
     dev_models.install_whisper(settings.models_root)
     dev_models.install_classifier(settings.models_root)

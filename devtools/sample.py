@@ -10,7 +10,7 @@ speed and the WAVs are reused for every file that needs them, then files are
 assembled and encoded in parallel. A file's length is planned from a words-per-
 minute estimate and measured exactly from the assembled audio.
 
-    python -m audio_pipeline.sample --out /tmp/collection --batch-id demo-001 --files 8
+    python -m devtools.sample --out /tmp/collection --batch-id demo-001 --files 8
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m audio_pipeline.sample",
+        prog="python -m devtools.sample",
         description="Write a .tar of espeak-ng speech MP3s and its manifest (rel_path -> text).",
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the tar")

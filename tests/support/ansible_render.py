@@ -28,7 +28,7 @@ from ansible.template import Templar, generate_ansible_template_vars, trust_as_t
 from ansible.vars.hostvars import HostVars
 from ansible.vars.manager import VariableManager
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "playbooks" / "site.yml"
 ROLES = REPO / "roles"
 
@@ -37,6 +37,9 @@ COPY_ACTIONS = {"copy", "ansible.builtin.copy", "ansible.legacy.copy"}
 COMMAND_ACTIONS = {"command", "ansible.builtin.command", "ansible.legacy.command"}
 INCLUDE_ROLE_ACTIONS = {"include_role", "ansible.builtin.include_role"}
 ARGSPEC_ACTIONS = {"validate_argument_spec", "ansible.builtin.validate_argument_spec"}
+# include_role of another role's task file whose templates are rendered here: common's
+# env.yml writes every env file of the fleet.
+RENDERED_INCLUDES = {("common", "env"), ("common", "env.yml")}
 # The template action's Jinja settings when a task does not change them.
 TEMPLATE_OVERRIDES = {"trim_blocks": True, "lstrip_blocks": False, "newline_sequence": "\n"}
 TEMPLATE_JINJA_ARGS = {
@@ -152,9 +155,9 @@ def _play_data(loader: DataLoader, playbook: Path, vault: Path) -> Iterator[dict
     for data in loader.load_from_file(str(playbook)):
         if "roles" not in data:
             continue  # import_playbook and the like: no role templates there
-        # Each play reads the vault through one vars_files entry; the example vault
-        # stands in for it as `-e fleet_vault_file=...` would make it.
-        assert len(data.get("vars_files", [])) == 1, f"{playbook}: {data.get('name')}"
+        # The vault comes from the inventory's group_vars (group_vars/all/vault.yml),
+        # never from a play; the example vault stands in for it, as a play's vars.
+        assert "vars_files" not in data, f"{playbook}: {data.get('name')}"
         roles = data["roles"]
         if str(ROLES) not in ansible_constants.DEFAULT_ROLES_PATH:
             # ansible.cfg (roles_path) applies when run from the repository root;
@@ -213,6 +216,11 @@ def _run(
         root = templar.template(task_vars["common_code_root"])
         extras = str(templar.template(task_vars["common_code_extras"]))
         config.code_roots[root] = tuple(e for e in extras.split(",") if e)
+    elif (
+        task.action in INCLUDE_ROLE_ACTIONS
+        and (task.args.get("name"), task.args.get("tasks_from")) in RENDERED_INCLUDES
+    ):
+        _render_included(loader, config, role, task, task_vars)
     elif task.action in TEMPLATE_ACTIONS:
         for templar in _iterations(loader, task, task_vars):
             if _condition(templar, task) is not False:
@@ -226,3 +234,22 @@ def _run(
         for templar in _iterations(loader, task, task_vars):
             argv = tuple(str(a) for a in templar.template(task.args["argv"]))
             config.commands.append(Command(role, task.get_name(), argv, _condition(templar, task)))
+
+
+def _render_included(
+    loader: DataLoader, config: HostConfig, role: str, task: Task, task_vars: dict[str, Any]
+) -> None:
+    """The template tasks of an included role's task file, as include_role runs them:
+    that role's defaults below the caller's variables and the include's own vars."""
+    role_path = ROLES / task.args["name"]
+    tasks_file = role_path / "tasks" / f"{Path(task.args['tasks_from']).stem}.yml"
+    defaults = loader.load_from_file(
+        str(role_path / "defaults" / "main.yml"), trusted_as_template=True
+    )
+    variables = {**defaults, **task_vars}
+    for data in loader.load_from_file(str(tasks_file), trusted_as_template=True):
+        included = Task.load(data, loader=loader)
+        if included.action in TEMPLATE_ACTIONS:
+            templar = Templar(loader=loader, variables=variables)
+            f = _render_template(loader, role_path, included, templar, config.name, role)
+            config.files[f.dest] = f

@@ -4,13 +4,13 @@ deactivation from the user's page; each from the admin page and the CLI."""
 from __future__ import annotations
 
 import pytest
-from conftest import PASSWORD, add_user, csrf_token, login
 from flask import Flask
 from flask.testing import FlaskClient
 
 from ra_app.extensions import db
 from ra_app.models import ApiToken, User
 from ra_app.security import issue_token
+from tests.support.web import PASSWORD, add_user, csrf_token, login
 
 pytestmark = pytest.mark.integration
 

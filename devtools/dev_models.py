@@ -11,7 +11,7 @@ exactly the same code:
   deterministically from a seed, so its scores are stable between runs; they mean
   nothing, but the loading, prompting, batching and scoring code is the real one.
 
-Usage: ``python -m audio_pipeline.dev_models MODELS_ROOT [--copy] [--seed N]``
+Usage: ``python -m devtools.dev_models MODELS_ROOT [--copy] [--seed N]``
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def install_classifier(models_root: Path, seed: int = DEFAULT_SEED) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m audio_pipeline.dev_models",
+        prog="python -m devtools.dev_models",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

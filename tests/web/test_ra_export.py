@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-from conftest import add_user, login, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
 from flask_migrate import upgrade
@@ -20,6 +19,7 @@ from ra_app.extensions import db
 from ra_app.factory import create_app
 from ra_app.models import User
 from ra_app.security import issue_token
+from tests.support.web import add_user, login, seed_items
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
-from conftest import PASSWORD, seed_items
 from psycopg.rows import dict_row
+
+from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
+from tests.support.web import PASSWORD, seed_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import add_user, login, make_app, seed_items
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
@@ -17,6 +16,7 @@ from sqlalchemy import text
 from ra_app.extensions import db
 from ra_app.models import ApiToken, User
 from ra_app.security import issue_token
+from tests.support.web import add_user, login, make_app, seed_items
 
 pytestmark = pytest.mark.integration
 

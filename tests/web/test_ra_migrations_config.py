@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from audio_pipeline import devstack
 from audio_pipeline.config import ConfigError
+from devtools import devstack
 from ra_app.config import load_ra_settings, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[2]
