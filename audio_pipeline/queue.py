@@ -88,6 +88,17 @@ def require_fields(
         raise PermanentJobError("invalid job payload: " + "; ".join(problems))
 
 
+def short_job_id(raw: str) -> str:
+    """A stable 8-hex id of a queue item for log lines (payloads have no id of their own)."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, raw).hex[:8]
+
+
+def backoff_delay_s(base_s: float, cap_s: float, retries_so_far: int) -> float:
+    """Capped exponential backoff: ``base_s`` before the first retry, doubling, at most
+    ``cap_s``."""
+    return min(cap_s, base_s * 2**retries_so_far)
+
+
 @dataclass(frozen=True)
 class Job:
     """One claimed item. ``raw`` is the exact string in Redis (ack/retry match on it)."""
@@ -99,8 +110,7 @@ class Job:
 
     @property
     def short_id(self) -> str:
-        """A stable 8-hex id for log lines (the payload has no id of its own)."""
-        return uuid.uuid5(uuid.NAMESPACE_OID, self.raw).hex[:8]
+        return short_job_id(self.raw)
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ class RetryPolicy:
         return read_all(cls.read, environ)
 
     def delay_s(self, retries_so_far: int) -> float:
-        return min(self.cap_s, self.base_s * (2**retries_so_far))
+        return backoff_delay_s(self.base_s, self.cap_s, retries_so_far)
 
 
 def processing_key(worker_id: str, queue: str) -> str:
@@ -395,7 +405,7 @@ class JobQueue:
         if moved:
             log_event(
                 log, "job.failed", level=logging.ERROR, stage=self.stage, queue=queue,
-                job=uuid.uuid5(uuid.NAMESPACE_OID, raw).hex[:8], attempts=attempts,
+                job=short_job_id(raw), attempts=attempts,
                 error=entry["error"],
             )  # fmt: skip
         else:

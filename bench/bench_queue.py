@@ -1,4 +1,4 @@
-"""Queue overhead: our JobQueue + Worker loop against RQ's SimpleWorker, empty jobs.
+"""Queue overhead: our JobQueue + QueueWorker loop against RQ's SimpleWorker, empty jobs.
 
     .venv/bin/python -m bench.bench_queue [--smoke] [--out PATH]
 
@@ -8,7 +8,7 @@ beforehand; only the draining is timed, in interleaved rounds (fastest of each
 side counts). Each job "does nothing but store a result": our handler SETs a
 result key with a TTL (what RQ stores per job), then the loop acks it.
 
-- ours: a ``Worker`` subclass run through ``Worker.work()``, the same loop,
+- ours: a ``QueueWorker`` subclass run through ``QueueWorker.work()``, the same loop,
   heartbeat thread, claim (promote due retries + LMOVE into a processing list),
   ack (LREM) and logging calls the pipeline's workers use; once with batch_size 1
   and once with batch_size 8 (``claim_many``, as the gpu worker claims).
@@ -27,7 +27,8 @@ from typing import Any
 from audio_pipeline.config import load_settings
 from audio_pipeline.logs import configure_logging
 from audio_pipeline.queue import Job
-from audio_pipeline.worker import RunMode, Worker
+from audio_pipeline.runtime.queue_worker import QueueWorker
+from audio_pipeline.runtime.service import RunMode
 from bench import benchlib
 
 FULL_JOBS, SMOKE_JOBS = 3000, 200
@@ -40,7 +41,7 @@ TARGET_MS_PER_JOB = 1.0
 TARGET_VS_RQ = 5.0
 
 
-class EmptyJobWorker(Worker):
+class EmptyJobWorker(QueueWorker):
     """Stores a result for each job and stops once ``expected`` jobs are done."""
 
     stage = "bench"

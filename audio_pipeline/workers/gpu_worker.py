@@ -9,7 +9,7 @@ local Opus files and, once a batch has no file left waiting, its scratch directo
 
 With PREFETCH the next claim is taken as soon as this one is decoded and is
 found, downloaded and decoded in a side thread while the model works on this one
-(worker.py's look-ahead), so the GPU does not wait for S3 or the decoder. The
+(runtime/queue_worker.py's look-ahead), so the GPU does not wait for S3 or the decoder. The
 default, ``auto``, turns it on when the model runs on CUDA: on CPU the model already
 keeps every core busy and the overlap measured 0.98-1.09x (docs/PERFORMANCE.md).
 Preparing writes nothing but idempotent bookkeeping (an ad hoc file's row, a
@@ -73,7 +73,8 @@ from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import results as records
 from audio_pipeline.records.policies import active_policies
-from audio_pipeline.worker import Worker, run_worker
+from audio_pipeline.runtime.command import run_worker
+from audio_pipeline.runtime.queue_worker import QueueWorker
 
 DEFAULT_BATCH_SIZE = 8  # files per claim (and per model call); group_vars sets production's
 PREFETCH_AUTO = "auto"  # PREFETCH's default: look ahead when the ASR model is on CUDA
@@ -127,7 +128,7 @@ class _Prepared:
     undecodable: list[tuple[_Work, str]] = field(default_factory=list)  # failed when processed
 
 
-class GpuWorker(Worker):
+class GpuWorker(QueueWorker):
     """Transcribes and classifies audio files (queue:transcribe:{host}, then queue:transcribe)."""
 
     stage = "gpu"

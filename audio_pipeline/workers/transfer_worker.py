@@ -1,8 +1,10 @@
 """Transfer worker: collection host (SSH) -> S3 archives/{batch_id}.tar -> queue:unpack.
 
-It polls a remote directory instead of a queue, but shares the worker runtime:
-logs, heartbeats, two-stage SIGTERM and the --once / --drain modes (--once: copy
-at most one archive; --drain: copy every complete archive, then exit).
+A polling service (runtime/service.py): it scans a remote directory instead of
+claiming from a queue, and shares the process service of every worker: logs,
+heartbeats, two-stage SIGTERM (a second one abandons the copy in hand, which
+resumes on the next run) and the --once / --drain modes (--once: copy at most one
+archive; --drain: copy every complete archive, then exit).
 
 Each archive goes through steps that are each safe to repeat, so a crash at any
 point resumes where it stopped and never enqueues a batch twice:
@@ -40,9 +42,11 @@ from audio_pipeline import s3_utils
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, Settings
 from audio_pipeline.logs import log_event
+from audio_pipeline.queue import backoff_delay_s
 from audio_pipeline.records import batches
+from audio_pipeline.runtime.command import run_worker
+from audio_pipeline.runtime.service import InHand, RunMode, Service
 from audio_pipeline.ssh_source import CONNECTION_ERRORS, CollectionHost, RemoteFile, SshSettings
-from audio_pipeline.worker import RunMode, Worker, run_worker
 
 ARCHIVE_SUFFIX = ".tar"
 DONE_MARKER_SUFFIX = ".done"  # marker mode: b1.tar is complete once b1.tar.done exists
@@ -152,7 +156,7 @@ class _Failures:
     retry_at: float
 
 
-class TransferWorker(Worker):
+class TransferWorker(Service):
     """Copies complete archives from the collection host to S3 and queues them."""
 
     stage = "transfer"
@@ -170,11 +174,9 @@ class TransferWorker(Worker):
         self._pending = 0  # archives seen in the last scan that are still to copy
         self._current = ""  # batch_id being copied, for heartbeats and `status`
 
-    def source_queues(self) -> list[str]:
-        return []  # it polls the collection dir, not a queue
-
-    def current_job(self) -> tuple[str, str]:
-        return self._current, self._current
+    def in_hand(self) -> InHand:
+        current = self._current
+        return InHand(ids=current, excerpt=current, count=1 if current else 0)
 
     def setup(self) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -183,9 +185,10 @@ class TransferWorker(Worker):
     def teardown(self) -> None:
         self.host.close()
 
-    # -- the loop (replaces the queue claim of other workers) -----------------------
+    # -- the polling loop -----------------------------------------------------------
 
     def iterate(self) -> bool:
+        """One scan of the collection dir, and one archive copied if one is ready."""
         try:
             ready, pending = self._scan()
         except CONNECTION_ERRORS as exc:
@@ -195,21 +198,22 @@ class TransferWorker(Worker):
             if self.mode is not RunMode.FOREVER:
                 # An operator's --once/--drain must not report success it did not have.
                 self.exit_code = 1
-                self.stopping = True
+                self.request_stop()
             else:
-                self._sleep(self.transfer.poll_s or SETTLE_POLL_S)
+                self.sleep(self.transfer.poll_s or SETTLE_POLL_S)
             return False
         self._pending = pending
         if ready is None:
             if pending:
-                self._sleep(min(SETTLE_POLL_S, self.transfer.stable_s or SETTLE_POLL_S))
+                self.sleep(min(SETTLE_POLL_S, self.transfer.stable_s or SETTLE_POLL_S))
             elif self.mode is RunMode.FOREVER:
-                self._sleep(self.transfer.poll_s)
+                self.sleep(self.transfer.poll_s)
             return False
         self._transfer_one(ready)
         return True
 
     def drained(self) -> bool:
+        """True when the last scan found no archive still to copy."""
         return self._pending == 0
 
     def _scan(self) -> tuple[RemoteFile | None, int]:
@@ -270,9 +274,9 @@ class TransferWorker(Worker):
         batch_id = info.name[: -len(ARCHIVE_SUFFIX)]
         started = time.monotonic()
         self._current = batch_id
-        self._interruptible = True  # a second SIGTERM abandons the copy; it resumes later
         try:
-            self._copy_and_publish(info, batch_id)
+            with self.interruptible():  # every step is safe to repeat: a later run resumes
+                self._copy_and_publish(info, batch_id)
         except InterruptedError as exc:
             log_event(self.log, "transfer.paused", level=logging.WARNING, batch_id=batch_id,
                       reason=str(exc))  # fmt: skip
@@ -284,7 +288,6 @@ class TransferWorker(Worker):
             log_event(self.log, "job.done", stage=self.stage, batch_id=batch_id,
                       bytes=info.size, duration_s=time.monotonic() - started)  # fmt: skip
         finally:
-            self._interruptible = False
             self._current = ""
 
     def _copy_and_publish(self, info: RemoteFile, batch_id: str) -> None:
@@ -325,7 +328,7 @@ class TransferWorker(Worker):
     def _copy(self, info: RemoteFile, batch_id: str, local: Path) -> str:
         progress = _ProgressLog(self.log, batch_id, self.transfer.progress_every_s)
         resumed_at = self.host.download(
-            info.name, local, progress=progress, should_stop=lambda: self._force
+            info.name, local, progress=progress, should_stop=lambda: self.stop_forced
         )
         if resumed_at:
             log_event(self.log, "transfer.resumed", batch_id=batch_id, from_bytes=resumed_at)
@@ -389,7 +392,7 @@ class TransferWorker(Worker):
     def _record_failure(self, name: str, batch_id: str, exc: Exception) -> None:
         previous = self._failures.get(name)
         count = (previous.count if previous else 0) + 1
-        delay = min(FAILURE_BACKOFF_CAP_S, self.transfer.retry_base_s * 2 ** (count - 1))
+        delay = backoff_delay_s(self.transfer.retry_base_s, FAILURE_BACKOFF_CAP_S, count - 1)
         self._failures[name] = _Failures(count, time.monotonic() + delay)
         error = f"{type(exc).__name__}: {exc}"
         gave_up = count >= self.transfer.max_failures

@@ -64,7 +64,8 @@ from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import audio_files, batches
 from audio_pipeline.records.audio_files import GPU_STATES, FoundFile
-from audio_pipeline.worker import RunMode, Worker, run_worker
+from audio_pipeline.runtime.command import run_worker
+from audio_pipeline.runtime.queue_worker import QueueWorker
 
 UNPACK_MAX_HOST_QUEUE = 200  # transcribe jobs waiting on this host; at or above: stop claiming
 UNPACK_MIN_FREE_BYTES = 10 * 1024**3  # bytes free under SCRATCH_ROOT to claim (10 GiB)
@@ -155,13 +156,13 @@ class BatchOutcome:
     audio_seconds: float = 0.0
 
 
-class UnpackWorker(Worker):
+class UnpackWorker(QueueWorker):
     """Unpack archives from S3 into Opus files and queue them for transcription here."""
 
     stage = "unpack"
 
-    def __init__(self, settings: Settings | None = None, *, mode: RunMode = RunMode.FOREVER):
-        super().__init__(settings, mode=mode)
+    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
         self.unpack = UnpackSettings.from_env()
         missing = [tool for tool in (FFMPEG, FFPROBE) if shutil.which(tool) is None]
         if missing:

@@ -56,9 +56,11 @@ from audio_pipeline.classify import ClassifierBackend, ClassifierSettings
 from audio_pipeline.cli import build_parser
 from audio_pipeline.config import Settings, load_settings
 from audio_pipeline.envfile import parse_env_file
+from audio_pipeline.queue import RetryPolicy
 from audio_pipeline.redis_conn import get_redis
+from audio_pipeline.runtime.heartbeat import HeartbeatTimings
+from audio_pipeline.runtime.service import Service
 from audio_pipeline.ssh_source import SshSettings
-from audio_pipeline.worker import Worker, _env_seconds
 from audio_pipeline.workers.gpu_worker import GpuWorker, batch_size_from_env, prefetch_from_env
 from audio_pipeline.workers.transfer_worker import TransferSettings, TransferWorker
 from audio_pipeline.workers.unpack_worker import UnpackSettings, UnpackWorker
@@ -248,21 +250,9 @@ def running_as(process: Process, environ: dict[str, str] | None = None) -> Itera
 # -- what each program loads at start ---------------------------------------------------
 
 
-def worker_timings() -> dict[str, float]:
-    # Worker.__init__'s three; their defaults do not matter, only that what is set parses
-    return {
-        name: _env_seconds(name, 1.0)
-        for name in (
-            "WORKER_HEARTBEAT_INTERVAL_S",
-            "WORKER_HEARTBEAT_TTL_S",
-            "WORKER_REAPER_INTERVAL_S",
-        )
-    }
-
-
-# What each worker's constructor reads from the environment (Worker.__init__ and its
+# What each worker's constructor reads from the environment (Service.__init__ and its
 # own); test_the_loaders_here_are_the_workers_own keeps these lists complete.
-WORKER_LOADERS: dict[str, tuple[type[Worker], dict[str, Callable[[], Any]]]] = {
+WORKER_LOADERS: dict[str, tuple[type[Service], dict[str, Callable[[], Any]]]] = {
     "unpack-worker": (
         UnpackWorker,
         {"UnpackSettings.from_env": UnpackSettings.from_env},
@@ -286,13 +276,15 @@ WORKER_LOADERS: dict[str, tuple[type[Worker], dict[str, Callable[[], Any]]]] = {
 }
 BASE_LOADERS: dict[str, Callable[[], Any]] = {
     "load_settings": load_settings,
-    "_env_seconds": worker_timings,
+    "HeartbeatTimings.from_env": HeartbeatTimings.from_env,
+    "RetryPolicy.from_env": RetryPolicy.from_env,
 }
 
 
 def load_worker(process: Process, tmp_path: Path) -> dict[str, Any]:
-    # run_worker: worker_cls(load_settings(), mode=...); the constructors themselves
-    # cannot run here (the unpack worker creates SCRATCH_ROOT and wants ffmpeg).
+    # run_worker: worker_cls(load_settings(), mode=..., timings=HeartbeatTimings.from_env(),
+    # retry=RetryPolicy.from_env()); the constructors themselves cannot run here (the
+    # unpack worker creates SCRATCH_ROOT and wants ffmpeg).
     _, own = WORKER_LOADERS[process.program]
     return {name: load() for name, load in {**BASE_LOADERS, **own}.items()}
 
@@ -446,7 +438,7 @@ def test_every_process_loads_its_settings_in_production(
 
 def test_the_loaders_here_are_the_workers_own() -> None:
     """A settings loader added to a worker's constructor must be exercised above too."""
-    loader_call = re.compile(r"\w+\.from_env|\w*_from_env|load_settings|_env_seconds")
+    loader_call = re.compile(r"\w+\.from_env|\w*_from_env|load_settings")
     for program, (worker_cls, own) in WORKER_LOADERS.items():
         module, _, _ = SCRIPTS[program].partition(":")
         assert worker_cls.__module__ == module, f"{program} runs {module}, not {worker_cls}"

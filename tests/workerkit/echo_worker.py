@@ -1,4 +1,4 @@
-"""A tiny real Worker used only by tests, run as ``python -m workerkit.echo_worker``.
+"""A tiny real queue worker used only by tests, run as ``python -m workerkit.echo_worker``.
 
 Each job is ``{"id": str, "sleep": seconds, "fail": "transient"|"permanent",
 "fail_times": n}``. The worker records the job id in Redis list ``echo:started``
@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
-from audio_pipeline.worker import Worker, run_worker
+from audio_pipeline.runtime.command import run_worker
+from audio_pipeline.runtime.queue_worker import QueueWorker
 
 STARTED_KEY = "echo:started"
 DONE_KEY = "echo:done"
@@ -29,7 +30,7 @@ DISCARDED_KEY = "echo:discarded"
 EVENTS_KEY = "echo:events"  # "prepared:{id}" and "done:{id}" in the order they happened
 
 
-class EchoWorker(Worker):
+class EchoWorker(QueueWorker):
     """Test worker: sleeps, fails on request, records what it did."""
 
     stage = "echo"

@@ -1,0 +1,54 @@
+"""The command line every worker shares: --once, --drain, --log-level."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from audio_pipeline.config import ConfigError, load_settings
+from audio_pipeline.logs import configure_logging
+from audio_pipeline.queue import RetryPolicy
+from audio_pipeline.runtime.heartbeat import HeartbeatTimings
+from audio_pipeline.runtime.service import RunMode, Service
+
+
+def build_arg_parser(
+    prog: str | None = None, description: str | None = None
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--once", action="store_true", help="handle one claim, then exit")
+    modes.add_argument(
+        "--drain", action="store_true", help="work until the source queues are empty, then exit"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="default: $LOG_LEVEL or INFO",
+    )
+    return parser
+
+
+def run_worker(worker_cls: type[Service], argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, load the settings, run; returns the process exit code."""
+    parser = build_arg_parser(
+        prog=f"{worker_cls.stage}-worker", description=(worker_cls.__doc__ or "").strip()
+    )
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    mode = RunMode.ONCE if args.once else RunMode.DRAIN if args.drain else RunMode.FOREVER
+    try:
+        worker = worker_cls(
+            load_settings(),
+            mode=mode,
+            timings=HeartbeatTimings.from_env(),
+            retry=RetryPolicy.from_env(),
+        )
+    except ConfigError as exc:
+        print(f"{worker_cls.stage}-worker: {exc}", file=sys.stderr)
+        return 2
+    return worker.work()

@@ -1,0 +1,91 @@
+"""The side thread of every worker: its heartbeat hash and the reaper.
+
+The heartbeat hash ``worker:{worker_id}`` (what ``audio-pipeline status`` shows)
+expires unless refreshed; the reaper, run here by every worker whatever it
+consumes, returns the in-flight jobs of workers whose hash has expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from audio_pipeline.config import EnvReader, read_all
+from audio_pipeline.logs import log_event
+from audio_pipeline.queue import JobQueue
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0  # between heartbeat refreshes
+DEFAULT_HEARTBEAT_TTL_S = 30.0  # a worker silent this long is presumed dead and reaped
+DEFAULT_REAPER_INTERVAL_S = 60.0  # between reaper runs (each also runs at start)
+
+
+@dataclass(frozen=True)
+class HeartbeatTimings:
+    """How often a worker proves it is alive and reaps the dead, in seconds."""
+
+    interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    ttl_s: float = DEFAULT_HEARTBEAT_TTL_S
+    reaper_interval_s: float = DEFAULT_REAPER_INTERVAL_S
+
+    @classmethod
+    def read(cls, env: EnvReader) -> HeartbeatTimings:
+        return cls(
+            interval_s=env.seconds("WORKER_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_INTERVAL_S),
+            ttl_s=env.seconds("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S),
+            reaper_interval_s=env.seconds("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HeartbeatTimings:
+        return read_all(cls.read, environ)
+
+
+class Heartbeat:
+    """Refreshes the hash with ``fields()`` every ``interval_s`` and reaps now and then."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        timings: HeartbeatTimings,
+        fields: Callable[[], Mapping[str, Any]],
+        log: logging.Logger,
+    ) -> None:
+        self.queue = queue
+        self.timings = timings
+        self.fields = fields
+        self.log = log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.beat()  # before the first claim, so the reaper never sees us as dead
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{self.queue.stage}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        self.queue.heartbeat(self.timings.ttl_s, self.fields())
+
+    def _run(self) -> None:
+        next_reap = time.monotonic() + self.timings.reaper_interval_s
+        while not self._stop.wait(self.timings.interval_s):
+            try:
+                self.beat()
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self.timings.reaper_interval_s
+                    self.queue.reap()
+            except redis.exceptions.RedisError as exc:
+                log_event(self.log, "worker.heartbeat_failed", level=logging.ERROR,
+                          error=str(exc))  # fmt: skip

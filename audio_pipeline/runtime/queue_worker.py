@@ -1,0 +1,280 @@
+"""A service that consumes Redis queues: claim, look-ahead, settle.
+
+A stage subclasses QueueWorker, sets ``stage``, lists its ``source_queues()`` and
+implements ``process(job)`` (or ``process_batch(jobs, prepared)`` with
+``batch_size`` > 1). Each turn of the service's loop reads as a sentence::
+
+    promote due retries -> ready to claim? -> claim -> prepare -> process
+    -> ack / retry / dead letter
+
+Look-ahead (``look_ahead = True``; the gpu worker's PREFETCH): once a claim is
+prepared, the worker claims the next one at once, without waiting, and runs
+``prepare_batch`` on it in a side thread while ``process_batch`` runs on this one, so
+the model never waits for decoding or downloads. The look-ahead jobs sit in this
+worker's processing lists like any claimed job (a crash loses nothing: the reaper
+returns them); a stop hands them back to the head of their queues, in order,
+unprocessed. ``prepare_batch`` must therefore only do work that is harmless to
+redo or drop: read, download, decode; never a result write.
+
+On the service's two-stage stop: the first signal lets the claim in hand finish;
+the second interrupts the handler and hands the claim back to the head of its
+queue. Either way nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from audio_pipeline.logs import log_event
+from audio_pipeline.queue import Job, PermanentJobError
+from audio_pipeline.runtime.look_ahead import LookAhead
+from audio_pipeline.runtime.service import InHand, RunMode, Service, ServiceState
+
+CLAIM_TIMEOUT_S = 1.0  # longest wait in one claim; bounds how late a stop is noticed
+BACKPRESSURE_SLEEP_S = 2.0  # pause while ready_to_claim() says no
+ERROR_BACKOFF_S = 5.0  # pause after Redis trouble in the claim itself
+
+
+class QueueWorker(Service):
+    """Base of the queue-consuming stages; see the module docstring for the contract."""
+
+    batch_size: int = 1
+    look_ahead: bool = False  # claim and prepare the next batch while this one runs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_hand: list[Job] = []
+        self._ahead: LookAhead | None = None
+
+    # -- hooks for stages ----------------------------------------------------------
+
+    def source_queues(self) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def prepare_batch(self, jobs: list[Job]) -> Any:
+        """Work for ``jobs`` that needs no result write (downloads, decoding).
+
+        Its return value is handed to ``process_batch``. With ``look_ahead`` it runs
+        in a side thread while the previous claim is processed, and its jobs may be
+        handed back unprocessed on a stop (then ``discard_prepared`` is called), so it
+        must be harmless to redo. An exception fails (retries) every job of the claim.
+        """
+        return None
+
+    def discard_prepared(self, jobs: list[Job], prepared: Any) -> None:
+        """Release what prepare_batch made for jobs handed back unprocessed."""
+
+    def process_batch(
+        self, jobs: list[Job], prepared: Any = None
+    ) -> dict[str, BaseException | None]:
+        """Default: one process() call per job; override to batch model calls.
+
+        Returns each job's outcome keyed by ``job.raw``: None (done) or the error.
+        """
+        results: dict[str, BaseException | None] = {}
+        for job in jobs:
+            try:
+                self.process(job)
+                results[job.raw] = None
+            except Exception as exc:  # reported per job; the batch goes on
+                results[job.raw] = exc
+        return results
+
+    def ready_to_claim(self) -> bool:
+        return True
+
+    def on_job_failed(self, job: Job, error: BaseException) -> None:
+        """Called once a job is dead-lettered (permanent error or retries used up),
+        so a stage can record the failure where operators look (e.g. the batch row)."""
+
+    # -- the service's hooks -------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        return {"queues": ",".join(self.source_queues())}
+
+    def in_hand(self) -> InHand:
+        held, ahead = self._in_hand, self._ahead
+        return InHand(
+            ids=",".join(j.short_id for j in held),
+            excerpt=held[0].raw if held else "",
+            count=len(held),
+            ahead=len(ahead.jobs) if ahead is not None else 0,
+        )
+
+    def on_start(self) -> None:
+        self.queue.recover_own()
+
+    def on_stop(self) -> None:
+        self._drop_look_ahead()
+
+    def on_forced_stop(self) -> None:
+        """Return the jobs in hand and any look-ahead, without waiting for it."""
+        ahead, self._ahead = self._ahead, None
+        jobs = self._in_hand + (ahead.jobs if ahead is not None else [])
+        self._in_hand = []
+        self._release(jobs)
+
+    def iterate(self) -> bool:
+        """One claim handled; True when a job was handled (or tried)."""
+        ahead = self._ahead
+        if ahead is not None:
+            jobs = ahead.jobs
+        else:
+            if not self.ready_to_claim():
+                self.state = ServiceState.IDLE
+                self.sleep(BACKPRESSURE_SLEEP_S)
+                return False
+            jobs = self._claim()
+            if not jobs:
+                self.state = ServiceState.IDLE
+                return False
+        if self.stopping:  # the stop came while we were blocked in the claim
+            if ahead is not None:
+                self._drop_look_ahead()
+            else:
+                self._release(jobs)
+            return False
+        self._ahead = None
+        self._in_hand = list(jobs)
+        self._handle(jobs, ahead)
+        if self.stopping:
+            self.state = ServiceState.STOPPING
+        return True
+
+    def drained(self) -> bool:
+        """True when nothing is left for this worker: queues empty, no pending retries."""
+        queues = self.source_queues()
+        if any(self.redis.llen(q) for q in queues):
+            return False
+        return self.queue.pending_retries(queues) == 0
+
+    # -- one claim -----------------------------------------------------------------
+
+    def _claim(self) -> list[Job]:
+        try:
+            jobs = self.queue.claim_many(self.source_queues(), self.batch_size, CLAIM_TIMEOUT_S)
+        except redis.exceptions.ConnectionError as exc:
+            log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
+            self.sleep(ERROR_BACKOFF_S)
+            return []
+        return jobs
+
+    def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:
+        """Prepare ``jobs`` (unless the look-ahead did), start on the next claim,
+        process, settle."""
+        self.state = ServiceState.BUSY
+        for job in jobs:
+            log_event(self.log, "job.started", **self._job_fields(job), attempt=job.attempts + 1)
+        started = time.monotonic()
+        with self.interruptible():
+            prepared, error = self._prepared(jobs, ahead)
+            self._start_look_ahead()
+            if error is not None:  # the whole claim failed: each job carries the reason
+                results: dict[str, BaseException | None] = {job.raw: error for job in jobs}
+            else:
+                results = self._run_handler(jobs, prepared)
+        duration = time.monotonic() - started
+        for job in jobs:
+            self._settle(job, results.get(job.raw, _missing_result(job)), duration)
+        self._in_hand = []
+
+    def _prepared(self, jobs: list[Job], ahead: LookAhead | None) -> tuple[Any, Exception | None]:
+        if ahead is not None:
+            ahead.wait()  # usually long done: it ran while the previous claim was processed
+            if ahead.error is None:
+                return ahead.prepared, None
+            if isinstance(ahead.error, Exception):
+                return None, ahead.error
+            raise ahead.error  # KeyboardInterrupt and the like are not job failures
+        try:
+            return self.prepare_batch(jobs), None
+        except Exception as exc:
+            return None, exc
+
+    def _run_handler(self, jobs: list[Job], prepared: Any) -> dict[str, BaseException | None]:
+        try:
+            return self.process_batch(jobs, prepared)
+        except Exception as exc:  # the whole batch failed: each job carries the reason
+            return {job.raw: exc for job in jobs}
+
+    def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
+        fields = self._job_fields(job)
+        if error is None:
+            self.queue.ack(job)
+            log_event(self.log, "job.done", **fields, duration_s=duration_s)
+        elif isinstance(error, PermanentJobError):
+            self.queue.dead_letter(job, f"{type(error).__name__}: {error}")
+            self._final_failure(job, error)
+        else:
+            self.log.debug("job %s failed", job.short_id, exc_info=error)
+            if not self.queue.retry(job, error):
+                self._final_failure(job, error)
+
+    def _final_failure(self, job: Job, error: BaseException) -> None:
+        try:
+            self.on_job_failed(job, error)
+        except Exception:  # a failing hook must not stop the worker; the job is dead-lettered
+            self.log.exception("on_job_failed hook failed for job %s", job.short_id)
+
+    def _job_fields(self, job: Job) -> dict[str, Any]:
+        fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}
+        for key in ("batch_id", "audio_id"):
+            if key in job.payload:
+                fields[key] = job.payload[key]
+        return fields
+
+    def _release(self, jobs: list[Job]) -> None:
+        # Each release pushes onto the head: last claimed first keeps the queue's order.
+        for job in reversed(jobs):
+            self.queue.release(job)
+
+    # -- look-ahead ------------------------------------------------------------------
+
+    def _start_look_ahead(self) -> None:
+        """Claim the next batch now, without waiting, and prepare it in a side thread."""
+        if not self.look_ahead or self.mode is RunMode.ONCE or self.stopping:
+            return
+        if not self.ready_to_claim():
+            return
+        # Shielded: a forced stop between the move and the bookkeeping would leave jobs
+        # in our processing list that only the reaper would give back.
+        with self.shielded():
+            try:
+                jobs = self.queue.claim_many(self.source_queues(), self.batch_size, 0)
+            except redis.exceptions.ConnectionError as exc:
+                # Not fatal: the loop claims again after this batch, and reports there.
+                log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
+                jobs = []
+            if jobs:
+                self._ahead = LookAhead(jobs, self.prepare_batch, name=f"prepare-{self.stage}")
+                log_event(self.log, "worker.look_ahead", level=logging.DEBUG, stage=self.stage,
+                          jobs=",".join(j.short_id for j in jobs))  # fmt: skip
+
+    def _drop_look_ahead(self) -> None:
+        """Hand the look-ahead back unprocessed (a stop): after its preparation ends,
+        so nothing still works on jobs that someone else may claim, unless a second
+        stop signal says not to wait."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        while not ahead.wait(0.2):
+            if self.stop_forced:
+                break
+        else:
+            if ahead.error is None:
+                try:
+                    self.discard_prepared(ahead.jobs, ahead.prepared)
+                except Exception:  # the jobs still go back; leftovers are only disk space
+                    self.log.exception("discard_prepared failed")
+        self._release(ahead.jobs)
+
+
+def _missing_result(job: Job) -> BaseException:
+    return RuntimeError(f"process_batch returned no result for job {job.short_id}")

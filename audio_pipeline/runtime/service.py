@@ -1,0 +1,284 @@
+"""The process service every worker runs as: loop, run modes, signals, heartbeat.
+
+A service repeats one turn, ``iterate()``, until it is stopped or its run mode says
+it is done:
+
+    forever  a systemd service: until SIGTERM/SIGINT
+    once     one turn that did work, or one that found nothing left (``drained()``)
+    drain    until a turn does nothing and ``drained()`` says nothing is left
+
+Shutdown is two-stage (like RQ's warm and cold stop): the first SIGTERM/SIGINT sets
+``stopping``, so the turn in hand finishes and the loop ends; a second one sets
+``stop_forced`` and, while the service is inside ``interruptible()``, raises
+ShutdownForced there to abandon the work in hand (``on_forced_stop`` gives it back).
+Either way the exit code is 0 unless the run itself set ``exit_code``.
+
+A side thread keeps the heartbeat hash alive (what ``audio-pipeline status`` shows)
+and runs the reaper, which returns the jobs of workers whose heartbeat lapsed; every
+service runs it, whatever it consumes.
+
+``queue_worker.QueueWorker`` builds the queue consumer on this class; the transfer
+worker is a polling service built on it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from types import FrameType
+from typing import Any
+
+import redis
+from psycopg_pool import ConnectionPool
+
+from audio_pipeline.config import Settings, load_settings
+from audio_pipeline.logs import log_event
+from audio_pipeline.queue import JobQueue, RetryPolicy, utc_now_iso
+from audio_pipeline.redis_conn import get_redis
+from audio_pipeline.runtime.heartbeat import Heartbeat, HeartbeatTimings
+
+JOB_EXCERPT_CHARS = 500  # of the payload in hand, in the heartbeat hash
+
+
+class RunMode(StrEnum):
+    FOREVER = "forever"  # a systemd service
+    ONCE = "once"  # one claim (or one scan), then exit
+    DRAIN = "drain"  # until the source is empty (queues and their pending retries)
+
+
+class ServiceState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
+class ShutdownForced(BaseException):
+    """Second stop signal: raised inside ``interruptible()`` to abandon the work in hand.
+
+    A BaseException so a handler's ``except Exception`` cannot swallow it.
+    """
+
+
+@dataclass(frozen=True)
+class InHand:
+    """The work a service holds now, as heartbeats, `status` and stop lines show it."""
+
+    ids: str = ""  # short ids (or a batch id), comma-separated
+    excerpt: str = ""  # the payload, cut to JOB_EXCERPT_CHARS
+    count: int = 0  # jobs (or archives) in hand
+    ahead: int = 0  # jobs claimed ahead and being prepared
+
+
+class Service:
+    """Base of every worker process; see the module docstring for the contract."""
+
+    stage: str = ""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        mode: RunMode = RunMode.FOREVER,
+        worker_id: str | None = None,
+        timings: HeartbeatTimings | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """With ``settings`` given, nothing is read from the environment: ``timings``
+        and ``retry`` not given are the built-in defaults. ``worker_id`` defaults to
+        ``{stage}:{host}:{pid}``; pass one only to run several workers in one process
+        (tests), since ids must be unique."""
+        if not self.stage:
+            raise TypeError(f"{type(self).__name__} must set the class attribute 'stage'")
+        if settings is None:
+            settings = load_settings()
+            timings = timings or HeartbeatTimings.from_env()
+            retry = retry or RetryPolicy.from_env()
+        self.settings = settings
+        self.mode = RunMode(mode)
+        self.worker_id = worker_id or f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
+        self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
+        self.redis: redis.Redis = get_redis(self.settings)
+        # Registration, heartbeats and the reaper go through the queue's registry.
+        self.queue = JobQueue(
+            self.redis, self.worker_id, self.stage, retry_policy=retry or RetryPolicy()
+        )
+        self.stopping = False
+        self.exit_code = 0  # a subclass sets 1 when --once/--drain could not do its work
+        self.state = ServiceState.STARTING
+        self._stop_forced = False
+        self._interruptible = False  # True only inside interruptible()
+        self._db: ConnectionPool | None = None
+        self._db_lock = threading.Lock()  # a side thread may be the first to ask
+        self._started_at = utc_now_iso()
+        self.heartbeat = Heartbeat(
+            self.queue, timings or HeartbeatTimings(), self._heartbeat_fields, self.log
+        )
+
+    # -- what a service built on this one provides ---------------------------------
+
+    def iterate(self) -> bool:
+        """One turn of the loop; True when it did (or tried) some work."""
+        raise NotImplementedError
+
+    def drained(self) -> bool:
+        """True when nothing is left for this service (--once and --drain stop then)."""
+        raise NotImplementedError
+
+    def in_hand(self) -> InHand:
+        return InHand()
+
+    def describe(self) -> dict[str, str]:
+        """Fields that say what this service consumes, for worker.started and heartbeats."""
+        return {}
+
+    def on_start(self) -> None:
+        """Before the reaper's first run and setup()."""
+
+    def on_stop(self) -> None:
+        """After the loop ended without a forced stop."""
+
+    def on_forced_stop(self) -> None:
+        """After ShutdownForced: give back the work abandoned in hand."""
+
+    # -- what each stage provides ----------------------------------------------------
+
+    def setup(self) -> None:
+        """Load models and open what the handler needs, once per process."""
+
+    def teardown(self) -> None:
+        """Release what setup() took."""
+
+    # -- resources -----------------------------------------------------------------
+
+    @property
+    def db(self) -> ConnectionPool:
+        """The Postgres pool (dict rows), opened on first use."""
+        with self._db_lock:
+            if self._db is None:
+                from audio_pipeline.db import pool
+
+                self._db = pool(self.settings)
+            return self._db
+
+    # -- the loop ------------------------------------------------------------------
+
+    def work(self) -> int:
+        """Run until stopped (or until the mode says done); returns the exit code."""
+        self._install_signal_handlers()
+        self.heartbeat.start()
+        try:
+            self.on_start()
+            self.queue.reap()
+            self.setup()
+            log_event(self.log, "worker.started", stage=self.stage, worker=self.worker_id,
+                      mode=self.mode.value, **self.describe())  # fmt: skip
+            while not self.stopping:
+                did_work = self.iterate()
+                if self.mode is RunMode.ONCE and (did_work or self.drained()):
+                    break
+                if self.mode is RunMode.DRAIN and not did_work and self.drained():
+                    break
+            self.on_stop()
+        except ShutdownForced:
+            self.on_forced_stop()
+        finally:
+            self.state = ServiceState.STOPPING
+            self._shutdown()
+        log_event(self.log, "worker.stopped", stage=self.stage, worker=self.worker_id,
+                  exit_code=self.exit_code)  # fmt: skip
+        return self.exit_code
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _shutdown(self) -> None:
+        try:
+            self.teardown()
+        finally:
+            self.heartbeat.stop()
+            try:
+                self.queue.unregister()
+            except redis.exceptions.RedisError as exc:
+                log_event(self.log, "worker.unregister_failed", level=logging.WARNING,
+                          error=str(exc))  # fmt: skip
+            if self._db is not None:
+                self._db.close()
+
+    # -- stopping ------------------------------------------------------------------
+
+    @property
+    def stop_forced(self) -> bool:
+        """A second stop signal came: work in hand should be abandoned, not finished."""
+        return self._stop_forced
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the turn in hand (what the first SIGTERM does)."""
+        self.stopping = True
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Work that a second stop signal may abandon: ShutdownForced is raised inside.
+
+        Only for work whose every step is safe to cut: what it holds must be handed
+        back by ``on_forced_stop`` or resumed by a later run.
+        """
+        if self._stop_forced:
+            raise ShutdownForced
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Inside ``interruptible()``, a step a forced stop must not cut in two (a claim
+        and its bookkeeping): a second signal during it takes effect as it ends."""
+        was, self._interruptible = self._interruptible, False
+        try:
+            yield
+        finally:
+            self._interruptible = was
+        if was and self._stop_forced:
+            raise ShutdownForced
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # tests may run the loop in a thread; signals stay with the runner
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        held = self.in_hand().count
+        if not self.stopping:
+            self.stopping = True
+            self.state = ServiceState.STOPPING  # shown in the heartbeat / `status`
+            log_event(self.log, "worker.stop_requested", stage=self.stage, signal=name,
+                      jobs_in_hand=held)  # fmt: skip
+            return
+        self._stop_forced = True
+        log_event(self.log, "worker.stop_forced", stage=self.stage, signal=name,
+                  jobs_in_hand=held)  # fmt: skip
+        if self._interruptible:
+            raise ShutdownForced
+
+    def _heartbeat_fields(self) -> dict[str, Any]:
+        held = self.in_hand()
+        return {
+            "stage": self.stage, "host": self.settings.worker_host, "pid": os.getpid(),
+            "state": self.state.value, "started_at": self._started_at, "job": held.ids,
+            "job_raw": held.excerpt[:JOB_EXCERPT_CHARS], "look_ahead": held.ahead,
+            **self.describe(),
+        }  # fmt: skip

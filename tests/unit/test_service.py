@@ -1,0 +1,123 @@
+"""The process service without a loop: where its settings come from, and how a second
+stop signal reaches the work in hand (``interruptible()``, ``shielded()``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from audio_pipeline.config import ConfigError, load_settings
+from audio_pipeline.queue import RetryPolicy
+from audio_pipeline.runtime.heartbeat import HeartbeatTimings
+from audio_pipeline.runtime.service import Service, ShutdownForced
+
+BAD_ENV = {
+    "WORKER_HEARTBEAT_INTERVAL_S": "soon",
+    "QUEUE_MAX_ATTEMPTS": "many",
+    "REDIS_PORT": "none",
+}
+
+
+class Idle(Service):
+    stage = "idle"
+
+
+class NoEnvironment(Mapping[str, str]):
+    """os.environ for code that must not read it."""
+
+    def __getitem__(self, key: str) -> str:
+        raise AssertionError(f"read os.environ[{key!r}]")
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("iterated os.environ")
+
+    def __len__(self) -> int:
+        raise AssertionError("measured os.environ")
+
+
+@pytest.fixture
+def service() -> Idle:
+    return Idle(load_settings({}), worker_id="idle:test")
+
+
+def signal_stop(service: Service) -> None:
+    service._on_stop_signal(signal.SIGTERM, None)
+
+
+def test_passed_in_settings_are_used_and_the_environment_is_not_read(monkeypatch):
+    settings = load_settings({"WORKER_HOST": "here"})
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "environ", NoEnvironment())
+        service = Idle(settings)
+    assert service.settings is settings
+    assert service.worker_id == f"idle:here:{os.getpid()}"
+    assert service.heartbeat.timings == HeartbeatTimings()
+    assert service.queue.retry_policy == RetryPolicy()
+
+
+def test_without_settings_everything_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("WORKER_HEARTBEAT_TTL_S", "2.5")
+    monkeypatch.setenv("QUEUE_MAX_ATTEMPTS", "7")
+    service = Idle()
+    assert service.heartbeat.timings.ttl_s == 2.5
+    assert service.queue.retry_policy.max_attempts == 7
+    for name, value in BAD_ENV.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="REDIS_PORT"):
+        Idle()
+
+
+def test_a_stage_is_required():
+    with pytest.raises(TypeError, match="stage"):
+        Service(load_settings({}))
+
+
+def test_the_first_signal_only_asks_to_stop(service):
+    with service.interruptible():
+        signal_stop(service)
+    assert service.stopping
+    assert not service.stop_forced
+
+
+def test_a_second_signal_abandons_interruptible_work(service):
+    steps: list[str] = []
+
+    def work() -> None:
+        with service.interruptible():
+            steps.append("started")
+            signal_stop(service)
+            steps.append("went on after the second signal")
+
+    signal_stop(service)
+    with pytest.raises(ShutdownForced):
+        work()
+    assert steps == ["started"]
+    assert service.stop_forced
+    with pytest.raises(ShutdownForced):
+        work()  # nothing new starts once the stop is forced
+    assert steps == ["started"]
+
+
+def test_a_second_signal_outside_interruptible_work_is_only_noted(service):
+    signal_stop(service)
+    signal_stop(service)  # no ShutdownForced: nothing in hand to abandon
+    assert service.stop_forced
+
+
+def test_a_shielded_step_finishes_before_the_forced_stop(service):
+    steps: list[str] = []
+
+    def work() -> None:
+        with service.interruptible():
+            with service.shielded():
+                signal_stop(service)
+                steps.append("claimed and recorded")
+            steps.append("went on after the shielded step")
+
+    signal_stop(service)
+    with pytest.raises(ShutdownForced):
+        work()
+    assert steps == ["claimed and recorded"]
