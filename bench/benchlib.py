@@ -2,7 +2,7 @@
 
 Every benchmark runs against the shared local stack (``devstack up``) but in its
 own PostgreSQL database, S3 bucket, Redis database number and scratch directory,
-exactly as tests/conftest.py isolates a test, and removes them afterwards.
+exactly as tests/support/stack.py isolates a test, and removes them afterwards.
 
 A report is one JSON file (``.bench/{name}.json`` unless ``--out`` says where)
 plus a small table on stdout. Figures that matter are ratios against a baseline
@@ -34,7 +34,7 @@ from devtools import devstack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / ".bench"
-REDIS_DBS = 63  # db 0 holds the allocation counter; shared with tests/conftest.py
+REDIS_DBS = 63  # db 0 holds the allocation counter; shared with tests/support/stack.py
 REDIS_DB_COUNTER = "devstack:next-test-db"
 
 

@@ -1,7 +1,7 @@
 """The production configuration, proven without machines: code and Ansible cannot drift.
 
 Everything site.yml writes on each host of inventory/production.yml is rendered by
-ansible-core itself (tests/ansible_render.py): group_vars, role defaults and
+ansible-core itself (tests/support/ansible_render.py): group_vars, role defaults and
 group_vars/vault.example.yml as the vault, whose placeholder secrets are fine here.
 Each process the roles install (systemd units, the operators' python wrappers) then
 gets the environment systemd or its wrapper would give it, and its settings are

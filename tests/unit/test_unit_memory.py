@@ -1,7 +1,7 @@
 """Every long-running unit site.yml installs has a memory cap systemd accepts.
 
 The units are rendered from the production inventory with ansible-core's own
-loader (tests/ansible_render.py); the memory lines are then parsed by systemd
+loader (tests/support/ansible_render.py); the memory lines are then parsed by systemd
 itself (systemd-analyze verify), so a value systemd would ignore fails here.
 """
 
