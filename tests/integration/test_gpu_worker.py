@@ -18,6 +18,7 @@ import pytest
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
 from devtools.dev_models import install_whisper
+from tests.support.rows import add_batch
 from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,8 +72,7 @@ def test_gpu_worker_batch_with_every_kind_of_job(
     install_whisper(settings.models_root)
     scratch = settings.batch_scratch(BATCH)
     db = db_conn
-    db.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
-               (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    add_batch(db, BATCH, "unpacked")
     canoe = db.execute(
         "INSERT INTO policies (name, version, text, lexicon) VALUES ('boats', 1, 'Boats.', "
         "ARRAY['canoe', 'smooth planks']) RETURNING id"
@@ -198,8 +198,7 @@ def _setup_look_ahead_batch(db, settings, s3_client, tmp_path) -> dict[str, int]
     """Four files of one batch: local, only in S3, undecodable, local."""
     install_whisper(settings.models_root)
     scratch = settings.batch_scratch(BATCH)
-    db.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
-               (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    add_batch(db, BATCH, "unpacked")
     ids = {}
     first = speak(LONG_TEXT, scratch / "first.opus")
     ids["first"] = insert_file(db, "first.mp3", first, s3_utils.opus_key(BATCH, "first.mp3"))
@@ -296,8 +295,7 @@ def test_no_active_policy_is_logged_loudly_until_one_is_applied(
 ) -> None:
     install_whisper(settings.models_root)
     scratch = settings.batch_scratch(BATCH)
-    db_conn.execute("INSERT INTO batches (batch_id, s3_key, status) VALUES (%s, %s, 'unpacked')",
-                    (BATCH, f"archives/{BATCH}.tar"))  # fmt: skip
+    add_batch(db_conn, BATCH, "unpacked")
     jobs = [
         {"audio_id": insert_file(db_conn, name, speak(text, scratch / name), None),
          "opus_path": str(scratch / name)}

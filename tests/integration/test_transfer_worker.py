@@ -18,6 +18,7 @@ import redis
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_UNPACK
+from tests.support.rows import add_batch
 from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
@@ -175,10 +176,7 @@ def test_progress_is_logged_and_a_partial_copy_resumes(
 ):
     content = make_tar(collection / "big.tar", {"big.mp3": os.urandom(3 * 1024 * 1024)})
     # What a crash mid-copy leaves: a 'transferring' row and the first bytes staged.
-    db_conn.execute(
-        "INSERT INTO batches (batch_id, s3_key, status) "
-        "VALUES ('big', 'archives/big.tar', 'transferring')"
-    )
+    add_batch(db_conn, "big", "transferring")
     db_conn.commit()
     staging = Path(env["SCRATCH_ROOT"]) / "transfer"
     staging.mkdir()

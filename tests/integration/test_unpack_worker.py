@@ -23,6 +23,7 @@ from audio_pipeline.queue import PermanentJobError
 from audio_pipeline.workers.unpack_worker import UnpackRequest, UnpackSettings
 from devtools.sample import make_speech_batch
 from tests.support import malicious_tars as bad
+from tests.support.rows import add_batch
 from tests.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
@@ -325,10 +326,7 @@ def test_settings_from_env():
 def test_a_batch_already_done_is_skipped(pipeline_env, settings, db_conn, redis_client, s3_client,
                                          speech):  # fmt: skip
     put_archive(settings, s3_client, speech.tar_path, "b-odd")
-    db_conn.execute(
-        "INSERT INTO batches (batch_id, s3_key, status) VALUES ('b-odd', 'archives/b-odd.tar',"
-        " 'done')"
-    )
+    add_batch(db_conn, "b-odd", "done")
     db_conn.commit()
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-odd"))
 
