@@ -114,7 +114,7 @@ class Fleet:
     def playbook(self, name: str, *extra: str) -> PlaybookRun:
         args = [
             str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory),
-            f"playbooks/{name}", "-e", f"fleet_vault_file={self.vault_file}", *extra,
+            f"playbooks/{name}", *extra,
         ]  # fmt: skip
         return self._run(args)
 
@@ -326,11 +326,19 @@ def gpu_host_vars(fleet: Fleet, name: str) -> dict[str, object]:
 def write_inventory(fleet: Fleet) -> None:
     inv_dir = fleet.work / "inventory"
     inv_dir.mkdir(exist_ok=True)
-    # The repository's group_vars, as production uses them; only what differs
+    # The repository's group_vars, as production uses them, with this fleet's vault
+    # where production keeps its own (group_vars/all/vault.yml); only what differs
     # on these machines is set below (host vars outrank group_vars files).
     group_vars = inv_dir / "group_vars"
-    if not group_vars.exists():
-        group_vars.symlink_to(REPO / "group_vars")
+    if group_vars.is_symlink():  # a work dir of an earlier layout: never write into REPO
+        group_vars.unlink()
+    links = {group_vars / p.name: p for p in (REPO / "group_vars").iterdir() if p.name != "all"}
+    links |= {group_vars / "all" / p.name: p for p in (REPO / "group_vars" / "all").iterdir()}
+    links[group_vars / "all" / "vault.yml"] = fleet.vault_file
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
     hv: dict[str, dict[str, object]] = {
         name: {
             "ansible_connection": "community.docker.nsenter",
@@ -354,7 +362,7 @@ def write_inventory(fleet: Fleet) -> None:
             transfer_collection_dir=str(host_services.collection_dir),
             transfer_collection_known_hosts=(host_services.ssh_dir / "known_hosts").read_text(),
         )
-    # Set on every host, not under all:vars: group_vars/all.yml outranks the
+    # Set on every host, not under all:vars: group_vars/all/ outranks the
     # inventory file's group variables, host variables outrank both.
     fleet_wide = {
         "fleet_network_cidr": network.FLEET_CIDR,

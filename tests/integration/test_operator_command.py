@@ -1,7 +1,8 @@
 """The orchestrator's /usr/local/bin/audio-pipeline as the role renders it, on the real stack.
 
-Ansible renders the operator env file and the wrapper from the orchestrator role's
-own templates and defaults (only the fleet-wide values are the local stack's); the
+Ansible renders the operator env file (common's env template, with the variables
+operator_tools.yml includes it with) and the wrapper from the roles' own templates
+and defaults (only the fleet-wide values are the local stack's); the
 wrapper then runs the pipeline's command with exactly those settings.
 """
 
@@ -21,6 +22,16 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 ROLE = REPO / "roles" / "orchestrator"
+COMMON = REPO / "roles" / "common"
+
+
+def operator_env_include() -> dict:
+    """operator_tools.yml's include of common's env.yml: the variables it writes with."""
+    tasks = yaml.safe_load((ROLE / "tasks" / "operator_tools.yml").read_text())
+    [task] = [
+        t for t in tasks if t.get("ansible.builtin.include_role", {}).get("tasks_from") == "env"
+    ]
+    return task["vars"]
 
 
 @pytest.fixture
@@ -46,12 +57,16 @@ def operator_command(tmp_path: Path, pipeline_env: dict[str, str]) -> Path:
         "orchestrator_operator_code_root": str(root),
         "orchestrator_operator_env_file": str(env_file),
     }  # fmt: skip
+    include_vars = tmp_path / "include.yml"
+    include_vars.write_text(yaml.safe_dump(operator_env_include()))
     play = [{
         "name": "Render the operator command", "hosts": "localhost", "gather_facts": False,
-        "vars_files": [str(ROLE / "defaults" / "main.yml")],
+        # The include's vars outrank both roles' defaults, as at an include_role.
+        "vars_files": [str(COMMON / "defaults" / "main.yml"), str(ROLE / "defaults" / "main.yml"),
+                       str(include_vars)],
         "tasks": [
             {"name": "Env file", "ansible.builtin.template": {
-                "src": str(ROLE / "templates" / "audio-pipeline-operator.env.j2"),
+                "src": str(COMMON / "templates" / "env.j2"),
                 "dest": str(env_file), "mode": "0640"}},
             {"name": "Wrapper", "ansible.builtin.template": {
                 "src": str(ROLE / "templates" / "audio-pipeline.py.j2"),

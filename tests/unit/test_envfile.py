@@ -10,7 +10,8 @@ import pytest
 
 from audio_pipeline.envfile import EnvFileError, parse_env_file
 
-TEMPLATE = Path(__file__).parents[2] / "roles/gpu_worker/templates/pipeline.env.j2"
+# Every env file of the fleet (roles/common/tasks/env.yml), the gpu workers' included.
+TEMPLATE = Path(__file__).parents[2] / "roles/common/templates/env.j2"
 AWKWARD = {
     "REDIS_PASSWORD": 'rd-abc$x"y',
     "S3_SECRET_KEY": "back\\slash and spaces # not a comment",
@@ -20,13 +21,14 @@ AWKWARD = {
 
 
 def render_pipeline_env(values: dict[str, str]) -> str:
-    """pipeline.env.j2 through plain Jinja, with Ansible's combine filter."""
+    """env.j2 through plain Jinja, with Ansible's combine filter, as the gpu_worker role
+    fills it (roles/gpu_worker/tasks/env.yml)."""
     # an env file, not HTML: escaping would corrupt the values under test
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)  # noqa: S701
     env.filters["combine"] = lambda a, *more: {k: v for d in (a, *more) for k, v in d.items()}
     return env.from_string(TEMPLATE.read_text()).render(
-        ansible_managed="managed", gpu_worker_env=values, gpu_worker_extra_env={},
-        gpu_worker_backend_env={"NLTK_DATA": "/data/models/nltk"},
+        ansible_managed="managed", common_env_comment=["read by the workers"],
+        common_env_pipeline=values, common_env={"NLTK_DATA": "/data/models/nltk"},
     )  # fmt: skip
 
 

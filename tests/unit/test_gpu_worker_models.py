@@ -40,6 +40,7 @@ def load_vars(path: Path) -> dict[str, Any]:
 def render(**overrides: Any) -> tuple[list[str], dict[str, str]]:
     """gpu_worker_models and the worker environment (backend part included)."""
     variables = {
+        **load_vars(REPO / "roles/common/defaults/main.yml"),  # common_env_pipeline
         **load_vars(REPO / "roles/gpu_worker/defaults/main.yml"),
         **load_vars(REPO / "group_vars/gpu_workers.yml"),
         "models_root": MODELS_ROOT,
@@ -48,8 +49,10 @@ def render(**overrides: Any) -> tuple[list[str], dict[str, str]]:
     templar = Templar(loader=DataLoader(), variables=variables)
     models = templar.template(variables["gpu_worker_models"])
     backend_env = templar.template(variables["gpu_worker_backend_env"])
+    # What roles/gpu_worker/tasks/env.yml writes: the connection settings, then its own.
+    written = {**variables["common_env_pipeline"], **variables["gpu_worker_env"]}
     env = {
-        k: str(templar.template(variables["gpu_worker_env"][k]))
+        k: str(templar.template(written[k]))
         for k in ("MODELS_ROOT", "ASR_BACKEND", "ASR_MODEL", "ASR_BATCH_SIZE",
                   "CLASSIFIER_BACKEND", "CLASSIFIER_MODEL", "CLASSIFIER_BATCH_SIZE")
     }  # fmt: skip
