@@ -10,13 +10,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from psycopg import sql
 
 from devtools import devstack
 
@@ -85,21 +82,6 @@ def test_the_wheel_carries_no_developer_tools(wheel: Path):
     assert {line.split("=")[0].strip() for line in console.splitlines() if "=" in line} == (
         FLEET_SCRIPTS
     )
-
-
-@pytest.fixture
-def empty_database(stack: devstack.Stack) -> Iterator[str]:
-    """A database owned by the pipeline role with nothing in it (a fresh fleet)."""
-    name = f"pkg_{uuid.uuid4().hex[:12]}"
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER pipeline").format(sql.Identifier(name)))
-    with devstack.admin_connect(stack, name) as conn:
-        devstack.grant_ownership_model(conn)
-    yield name
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def test_init_db_from_a_non_editable_install(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -53,20 +54,42 @@ def redis_db(stack_env: dict[str, str]) -> int:
     return int(admin.incr("devstack:next-test-db")) % REDIS_TEST_DBS + 1
 
 
+@contextmanager
+def scratch_database(
+    stack: devstack.Stack, prefix: str, template: str | None = None
+) -> Iterator[str]:
+    """A database owned by the pipeline role, dropped afterwards: a copy of ``template``, or
+    empty with the stack's ownership model (what a fresh fleet's database is)."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    create = sql.SQL("CREATE DATABASE {} OWNER pipeline").format(sql.Identifier(name))
+    if template is not None:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with devstack.admin_connect(stack) as conn:
+        conn.execute(create)
+    try:
+        if template is None:
+            with devstack.admin_connect(stack, name) as conn:
+                devstack.grant_ownership_model(conn)
+        yield name
+    finally:
+        with devstack.admin_connect(stack) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(name)))
+
+
 @pytest.fixture(scope="session")
 def schema_template(stack: devstack.Stack) -> Iterator[str]:
     """A database holding the pipeline schema, cloned for each test."""
-    name = f"tmpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER pipeline").format(sql.Identifier(name)))
-    with devstack.admin_connect(stack, name) as conn:
-        devstack.grant_ownership_model(conn)
-    apply_schema(_pipeline_url(stack, name))
-    yield name
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with scratch_database(stack, "tmpl") as name:
+        apply_schema(_pipeline_url(stack, name))
+        yield name
+
+
+@pytest.fixture
+def empty_database(stack: devstack.Stack) -> Iterator[str]:
+    """Name of a database with nothing in it yet, as a new fleet starts."""
+    with scratch_database(stack, "empty") as name:
+        yield name
 
 
 def _pipeline_url(stack: devstack.Stack, dbname: str) -> str:
@@ -86,18 +109,8 @@ def _ra_url(stack: devstack.Stack, dbname: str) -> str:
 @pytest.fixture
 def database(stack: devstack.Stack, schema_template: str) -> Iterator[str]:
     """Name of a fresh database with the pipeline schema applied."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER pipeline").format(
-                sql.Identifier(name), sql.Identifier(schema_template)
-            )
-        )
-    yield name
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with scratch_database(stack, "test", schema_template) as name:
+        yield name
 
 
 @pytest.fixture

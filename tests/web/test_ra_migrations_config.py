@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from audio_pipeline.config import ConfigError
-from devtools import devstack
 from ra_app.config import load_ra_settings, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,25 +65,16 @@ def test_upgrade_on_the_pipeline_schema_creates_only_ra_tables(
 
 
 @pytest.fixture
-def empty_database(stack: devstack.Stack, stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    name = f"empty_{uuid.uuid4().hex[:10]}"
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER pipeline").format(sql.Identifier(name)))
-    with devstack.admin_connect(stack, name) as conn:
-        devstack.grant_ownership_model(conn)
-    url = stack_env["DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
-    yield {**stack_env, "DATABASE_URL": url}
-    with devstack.admin_connect(stack) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+def empty_env(stack_env: dict[str, str], empty_database: str) -> dict[str, str]:
+    url = stack_env["DATABASE_URL"].rsplit("/", 1)[0] + f"/{empty_database}"
+    return {**stack_env, "DATABASE_URL": url}
 
 
 @pytest.mark.integration
-def test_upgrade_on_an_empty_database(empty_database: dict[str, str]) -> None:
-    result = _upgrade(empty_database)
+def test_upgrade_on_an_empty_database(empty_env: dict[str, str]) -> None:
+    result = _upgrade(empty_env)
     assert result.returncode == 0, result.stderr
-    assert set(_tables(empty_database["DATABASE_URL"])) == RA_TABLES
+    assert set(_tables(empty_env["DATABASE_URL"])) == RA_TABLES
 
 
 def test_production_requires_database_url_and_secret_key() -> None:
@@ -126,11 +113,11 @@ def test_bad_queue_settings_are_named() -> None:
                 "RA_QUEUE_ORDER": "alphabetical",
                 "RA_DOUBLE_CODED_SHARE": "2",
                 "CODEBOOK_PATH": "/nonexistent.yml",
-                "RA_ASSIGNMENT_TTL": "5",
+                "RA_ASSIGNMENT_TTL_S": "5",
             }
         )
     message = str(err.value)
-    for name in ("RA_QUEUE_ORDER", "RA_DOUBLE_CODED_SHARE", "CODEBOOK_PATH", "RA_ASSIGNMENT_TTL"):
+    for name in ("RA_QUEUE_ORDER", "RA_DOUBLE_CODED_SHARE", "CODEBOOK_PATH", "RA_ASSIGNMENT_TTL_S"):
         assert name in message
     assert load_ra_settings({}).queue_order == "score"
     assert sqlalchemy_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
