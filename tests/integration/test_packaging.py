@@ -7,10 +7,12 @@ top-level schema.sql is only a symlink to the packaged copy.
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,26 @@ def test_the_wheel_carries_no_developer_tools(wheel: Path):
     assert {line.split("=")[0].strip() for line in console.splitlines() if "=" in line} == (
         FLEET_SCRIPTS
     )
+
+
+def imported_modules(path: Path) -> Iterator[str]:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def test_the_shipped_packages_import_no_developer_code():
+    """A host has the wheel only: an import of devtools (or tests, bench) would fail there."""
+    found = [
+        f"{path.relative_to(REPO)}: {name}"
+        for package in ("audio_pipeline", "ra_app")
+        for path in sorted((REPO / package).rglob("*.py"))
+        for name in imported_modules(path)
+        if name.split(".")[0] in {"devtools", "tests", "bench"}
+    ]
+    assert not found
 
 
 def test_init_db_from_a_non_editable_install(
