@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from audio_pipeline.config import ConfigError, load_settings
+from audio_pipeline.config import ConfigError, EnvReader
 from audio_pipeline.logs import configure_logging
-from audio_pipeline.queue import RetryPolicy
-from audio_pipeline.runtime.heartbeat import HeartbeatTimings
-from audio_pipeline.runtime.service import RunMode, Service
+from audio_pipeline.runtime.service import RunMode, Service, read_service_config
 
 
 def build_arg_parser(
@@ -25,7 +22,7 @@ def build_arg_parser(
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("LOG_LEVEL", "INFO"),
+        default=EnvReader().str("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
         help="default: $LOG_LEVEL or INFO",
@@ -42,11 +39,13 @@ def run_worker(worker_cls: type[Service], argv: Sequence[str] | None = None) -> 
     configure_logging(args.log_level)
     mode = RunMode.ONCE if args.once else RunMode.DRAIN if args.drain else RunMode.FOREVER
     try:
+        config = read_service_config(worker_cls)
         worker = worker_cls(
-            load_settings(),
+            config.settings,
             mode=mode,
-            timings=HeartbeatTimings.from_env(),
-            retry=RetryPolicy.from_env(),
+            timings=config.timings,
+            retry=config.retry,
+            stage_settings=config.stage,
         )
     except ConfigError as exc:
         print(f"{worker_cls.stage}-worker: {exc}", file=sys.stderr)

@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,7 +38,7 @@ from typing import Any
 import redis
 from psycopg_pool import ConnectionPool
 
-from audio_pipeline.config import Settings, load_settings
+from audio_pipeline.config import EnvReader, Settings, read_all
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import JobQueue, RetryPolicy, utc_now_iso
 from audio_pipeline.redis_conn import get_redis
@@ -68,6 +68,32 @@ class ShutdownForced(BaseException):
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """Everything a worker process reads from its environment, read once at start-up."""
+
+    settings: Settings
+    timings: HeartbeatTimings
+    retry: RetryPolicy
+    stage: Any  # the stage's own settings: ``read_stage_settings``
+
+
+def read_service_config(
+    service_cls: type[Service], environ: Mapping[str, str] | None = None
+) -> ServiceConfig:
+    """Read every setting ``service_cls`` needs with one reader, so a ConfigError
+    lists every missing or malformed variable of the process at once."""
+    env = EnvReader(environ)
+    config = ServiceConfig(
+        settings=Settings.read(env),
+        timings=HeartbeatTimings.read(env),
+        retry=RetryPolicy.read(env),
+        stage=service_cls.read_stage_settings(env),
+    )
+    env.raise_if_errors()
+    return config
+
+
+@dataclass(frozen=True)
 class InHand:
     """The work a service holds now, as heartbeats, `status` and stop lines show it."""
 
@@ -90,18 +116,23 @@ class Service:
         worker_id: str | None = None,
         timings: HeartbeatTimings | None = None,
         retry: RetryPolicy | None = None,
+        stage_settings: Any = None,
     ) -> None:
-        """With ``settings`` given, nothing is read from the environment: ``timings``
-        and ``retry`` not given are the built-in defaults. ``worker_id`` defaults to
-        ``{stage}:{host}:{pid}``; pass one only to run several workers in one process
-        (tests), since ids must be unique."""
+        """With ``settings`` given, nothing is read from the environment: ``timings``,
+        ``retry`` and ``stage_settings`` not given are the built-in defaults (what
+        ``read_stage_settings`` makes of an empty environment). Without, every one is
+        read from it. ``worker_id`` defaults to ``{stage}:{host}:{pid}``; pass one only
+        to run several workers in one process (tests), since ids must be unique."""
         if not self.stage:
             raise TypeError(f"{type(self).__name__} must set the class attribute 'stage'")
         if settings is None:
-            settings = load_settings()
-            timings = timings or HeartbeatTimings.from_env()
-            retry = retry or RetryPolicy.from_env()
+            config = read_service_config(type(self))
+            settings, timings, retry = config.settings, config.timings, config.retry
+            stage_settings = config.stage if stage_settings is None else stage_settings
+        elif stage_settings is None:
+            stage_settings = read_all(type(self).read_stage_settings, {})
         self.settings = settings
+        self.stage_settings = stage_settings
         self.mode = RunMode(mode)
         self.worker_id = worker_id or f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
         self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
@@ -123,6 +154,11 @@ class Service:
         )
 
     # -- what a service built on this one provides ---------------------------------
+
+    @classmethod
+    def read_stage_settings(cls, env: EnvReader) -> Any:
+        """The stage's own settings (read at start-up with the others); None: none."""
+        return None
 
     def iterate(self) -> bool:
         """One turn of the loop; True when it did (or tried) some work."""

@@ -42,7 +42,6 @@ number of files since, and ``event=gpu.policies_active`` once a policy is back.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -68,7 +67,7 @@ from audio_pipeline.classify import (
     TextSegment,
     load_classifier,
 )
-from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader
+from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader, read_all
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import results as records
@@ -90,22 +89,30 @@ NO_POLICY_HINT = (
 )
 
 
-def batch_size_from_env(environ: Mapping[str, str] | None = None) -> int:
-    env = EnvReader(os.environ if environ is None else environ, production=False)
-    value = env.int("BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1)
-    env.raise_if_errors()
-    return value
+@dataclass(frozen=True)
+class GpuSettings:
+    """The gpu stage's own settings: claim size, look-ahead, the two models."""
 
+    batch_size: int = DEFAULT_BATCH_SIZE  # files per claim and model call
+    prefetch: bool | None = None  # None: auto, decided once the model is loaded
+    asr: AsrSettings = field(default_factory=AsrSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
 
-def prefetch_from_env(environ: Mapping[str, str] | None = None) -> bool | None:
-    """PREFETCH as true/false, or None for ``auto`` (decided once the model is loaded)."""
-    environ = os.environ if environ is None else environ
-    if environ.get("PREFETCH", "").strip().lower() in ("", PREFETCH_AUTO):
-        return None
-    env = EnvReader(environ, production=False)
-    value = env.bool("PREFETCH", False)
-    env.raise_if_errors()
-    return value
+    @classmethod
+    def read(cls, env: EnvReader) -> GpuSettings:
+        prefetch = None
+        if env.raw("PREFETCH").lower() not in ("", PREFETCH_AUTO):
+            prefetch = env.bool("PREFETCH", False)
+        return cls(
+            batch_size=env.int("BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1),
+            prefetch=prefetch,
+            asr=AsrSettings.read(env),
+            classifier=ClassifierSettings.read(env),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GpuSettings:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)
@@ -133,12 +140,17 @@ class GpuWorker(QueueWorker):
 
     stage = "gpu"
 
+    @classmethod
+    def read_stage_settings(cls, env: EnvReader) -> GpuSettings:
+        return GpuSettings.read(env)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.batch_size = batch_size_from_env()
-        self.prefetch = prefetch_from_env()
-        self.asr_settings = AsrSettings.from_env()
-        self.classifier_settings = ClassifierSettings.from_env()
+        gpu: GpuSettings = self.stage_settings
+        self.batch_size = gpu.batch_size
+        self.prefetch = gpu.prefetch
+        self.asr_settings = gpu.asr
+        self.classifier_settings = gpu.classifier
         self.transcriber: Transcriber | None = None
         self.classifier: Classifier | None = None
         self._s3: Any = None
@@ -333,8 +345,7 @@ class GpuWorker(QueueWorker):
         try:
             s3_utils.download_file(self.s3, self.settings.s3_bucket, row.opus_s3_key, target)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in {"404", "NoSuchKey", "NotFound"}:
+            if s3_utils.is_not_found(exc):
                 raise self._fail_row(
                     row, f"{row.opus_path} is not on host {self.settings.worker_host} and "
                     f"s3://{self.settings.s3_bucket}/{row.opus_s3_key} does not exist",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -40,7 +39,7 @@ import botocore.exceptions
 
 from audio_pipeline import s3_utils
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
-from audio_pipeline.config import QUEUE_UNPACK, ConfigError, Settings
+from audio_pipeline.config import QUEUE_UNPACK, EnvReader, Settings, read_all
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import backoff_delay_s
 from audio_pipeline.records import batches
@@ -73,7 +72,7 @@ return 0
 
 
 class Completeness(StrEnum):
-    STABLE = "stable"  # size and mtime unchanged for TRANSFER_STABLE_SECONDS
+    STABLE = "stable"  # size and mtime unchanged for TRANSFER_STABLE_S
     MARKER = "marker"  # a {name}.tar.done file exists beside the archive
 
 
@@ -94,49 +93,33 @@ class TransferSettings:
     retry_base_s: float
     verify_remote_sha256: bool
 
+    collection: SshSettings
+
+    @classmethod
+    def read(cls, env: EnvReader) -> TransferSettings:
+        done_subdir = env.str("TRANSFER_DONE_SUBDIR", "transferred")
+        if "/" in done_subdir or done_subdir in {".", ".."}:
+            env.error(f"TRANSFER_DONE_SUBDIR={done_subdir!r} must be a plain directory name")
+        return cls(
+            completeness=env.choice("TRANSFER_COMPLETENESS", Completeness, Completeness.STABLE),
+            stable_s=env.seconds("TRANSFER_STABLE_S", DEFAULT_STABLE_S, allow_zero=True),
+            after=env.choice("TRANSFER_AFTER", AfterTransfer, AfterTransfer.MOVE),
+            done_subdir=done_subdir,
+            poll_s=env.seconds("TRANSFER_POLL_S", DEFAULT_POLL_S, allow_zero=True),
+            progress_every_s=env.seconds(
+                "TRANSFER_PROGRESS_S", DEFAULT_PROGRESS_EVERY_S, allow_zero=True
+            ),
+            max_failures=env.int("TRANSFER_MAX_FAILURES", DEFAULT_MAX_FAILURES, minimum=0),
+            retry_base_s=env.seconds(
+                "TRANSFER_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, allow_zero=True
+            ),
+            verify_remote_sha256=env.bool("TRANSFER_VERIFY_REMOTE_SHA256", True),
+            collection=SshSettings.read(env),
+        )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TransferSettings:
-        env = os.environ if environ is None else environ
-        errors: list[str] = []
-
-        def choice(name: str, enum: type[StrEnum], default: StrEnum) -> Any:
-            raw = env.get(name, "").strip().lower() or default.value
-            try:
-                return enum(raw)
-            except ValueError:
-                allowed = ", ".join(m.value for m in enum)
-                errors.append(f"{name}={raw!r} is not one of: {allowed}")
-                return default
-
-        def seconds(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            try:
-                value = float(raw) if raw else default
-            except ValueError:
-                errors.append(f"{name}={raw!r} is not a number of seconds")
-                return default
-            if value < 0:
-                errors.append(f"{name}={raw} must not be negative")
-            return value
-
-        done_subdir = env.get("TRANSFER_DONE_SUBDIR", "").strip() or "transferred"
-        if "/" in done_subdir or done_subdir in {".", ".."}:
-            errors.append(f"TRANSFER_DONE_SUBDIR={done_subdir!r} must be a plain directory name")
-        settings = cls(
-            completeness=choice("TRANSFER_COMPLETENESS", Completeness, Completeness.STABLE),
-            stable_s=seconds("TRANSFER_STABLE_SECONDS", DEFAULT_STABLE_S),
-            after=choice("TRANSFER_AFTER", AfterTransfer, AfterTransfer.MOVE),
-            done_subdir=done_subdir,
-            poll_s=seconds("TRANSFER_POLL_SECONDS", DEFAULT_POLL_S),
-            progress_every_s=seconds("TRANSFER_PROGRESS_SECONDS", DEFAULT_PROGRESS_EVERY_S),
-            max_failures=int(seconds("TRANSFER_MAX_FAILURES", DEFAULT_MAX_FAILURES)),
-            retry_base_s=seconds("TRANSFER_RETRY_BASE_SECONDS", DEFAULT_RETRY_BASE_S),
-            verify_remote_sha256=env.get("TRANSFER_VERIFY_REMOTE_SHA256", "true").strip().lower()
-            not in {"0", "false", "no", "off"},
-        )
-        if errors:
-            raise ConfigError("invalid transfer configuration:\n  " + "\n  ".join(errors))
-        return settings
+        return read_all(cls.read, environ)
 
 
 class TransferIntegrityError(RuntimeError):
@@ -161,10 +144,14 @@ class TransferWorker(Service):
 
     stage = "transfer"
 
+    @classmethod
+    def read_stage_settings(cls, env: EnvReader) -> TransferSettings:
+        return TransferSettings.read(env)
+
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
-        self.transfer = TransferSettings.from_env()
-        self.host = CollectionHost(SshSettings.from_env())
+        self.transfer: TransferSettings = self.stage_settings
+        self.host = CollectionHost(self.transfer.collection)
         self.staging = self.settings.scratch_root / "transfer"
         self.s3 = s3_utils.get_s3_client(self.settings)
         self._enqueue_once = self.redis.register_script(_ENQUEUE_ONCE_LUA)

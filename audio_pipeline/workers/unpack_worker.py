@@ -31,7 +31,6 @@ UNPACK_MIN_FREE_BYTES free, so archives flow to hosts with spare GPU time.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import time
@@ -59,7 +58,7 @@ from audio_pipeline.audio import (
     remove_stale_partials,
 )
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
-from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, Settings
+from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, Settings, read_all
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import audio_files, batches
@@ -87,16 +86,17 @@ class UnpackSettings:
     audio: AudioSettings = field(default_factory=AudioSettings)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> UnpackSettings:
-        environ = os.environ if environ is None else environ
-        env = EnvReader(environ, production=False)
-        max_queue = env.int("UNPACK_MAX_HOST_QUEUE", UNPACK_MAX_HOST_QUEUE, minimum=1)
-        min_free = env.int("UNPACK_MIN_FREE_BYTES", UNPACK_MIN_FREE_BYTES, minimum=0)
-        if env.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(env.errors))
+    def read(cls, env: EnvReader) -> UnpackSettings:
         return cls(
-            max_queue, min_free, ArchiveLimits.from_env(environ), AudioSettings.from_env(environ)
+            max_host_queue=env.int("UNPACK_MAX_HOST_QUEUE", UNPACK_MAX_HOST_QUEUE, minimum=1),
+            min_free_bytes=env.int("UNPACK_MIN_FREE_BYTES", UNPACK_MIN_FREE_BYTES, minimum=0),
+            limits=ArchiveLimits.read(env),
+            audio=AudioSettings.read(env),
         )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> UnpackSettings:
+        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,13 @@ class UnpackWorker(QueueWorker):
 
     stage = "unpack"
 
+    @classmethod
+    def read_stage_settings(cls, env: EnvReader) -> UnpackSettings:
+        return UnpackSettings.read(env)
+
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
-        self.unpack = UnpackSettings.from_env()
+        self.unpack: UnpackSettings = self.stage_settings
         missing = [tool for tool in (FFMPEG, FFPROBE) if shutil.which(tool) is None]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} not found on PATH (apt-get install ffmpeg)")

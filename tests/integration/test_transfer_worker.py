@@ -25,9 +25,9 @@ pytestmark = pytest.mark.integration
 
 MODULE = "audio_pipeline.workers.transfer_worker"
 FAST = {
-    "TRANSFER_STABLE_SECONDS": "0.3",
-    "TRANSFER_POLL_SECONDS": "0.2",
-    "TRANSFER_RETRY_BASE_SECONDS": "0.2",
+    "TRANSFER_STABLE_S": "0.3",
+    "TRANSFER_POLL_S": "0.2",
+    "TRANSFER_RETRY_BASE_S": "0.2",
     "TRANSFER_MAX_FAILURES": "2",
 }
 
@@ -152,7 +152,7 @@ def test_mark_mode_leaves_the_file_and_never_rescans_it(env, collection, redis_c
 def test_a_growing_file_waits_until_its_size_is_stable(
     env, collection, redis_client, s3_client, tmp_path
 ):
-    env = {**env, "TRANSFER_STABLE_SECONDS": "1.5"}
+    env = {**env, "TRANSFER_STABLE_S": "1.5"}
     target = collection / "growing.tar"
     content = make_tar(tmp_path / "full.tar", {"a.mp3": os.urandom(200_000)})
     proc = start_module(MODULE, env, log_path=tmp_path / "worker.log")
@@ -181,7 +181,7 @@ def test_progress_is_logged_and_a_partial_copy_resumes(
     staging = Path(env["SCRATCH_ROOT"]) / "transfer"
     staging.mkdir()
     (staging / "big.tar.part").write_bytes(content[:1_000_000])
-    code, out = run(env, TRANSFER_PROGRESS_SECONDS="0")
+    code, out = run(env, TRANSFER_PROGRESS_S="0")
     assert code == 0, out
     assert "event=transfer.resumed batch_id=big from_bytes=1000000" in out
     assert "event=transfer.progress batch_id=big" in out
@@ -244,7 +244,7 @@ def test_kill_9_mid_copy_then_restart_finishes_exactly_once(
 ):
     content = make_tar(collection / "k9.tar", {"big.mp3": os.urandom(24 * 1024 * 1024)})
     log = tmp_path / "first.log"
-    first = start_module(MODULE, env, extra_env={"TRANSFER_PROGRESS_SECONDS": "0"}, log_path=log)
+    first = start_module(MODULE, env, extra_env={"TRANSFER_PROGRESS_S": "0"}, log_path=log)
     wait_for(lambda: "event=transfer.progress" in log.read_text(), 30, "copy under way")
     first.kill()
     first.wait(timeout=10)

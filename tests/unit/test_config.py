@@ -63,13 +63,60 @@ def test_host_queue_is_derived_from_worker_host():
      ("0", False), ("off", False)],
 )  # fmt: skip
 def test_prefetch_is_on_off_or_auto(raw, expected) -> None:
-    from audio_pipeline.workers.gpu_worker import prefetch_from_env
+    from audio_pipeline.workers.gpu_worker import GpuSettings
 
-    assert prefetch_from_env({} if raw is None else {"PREFETCH": raw}) is expected
+    assert GpuSettings.from_env({} if raw is None else {"PREFETCH": raw}).prefetch is expected
 
 
 def test_a_bad_prefetch_value_names_the_variable() -> None:
-    from audio_pipeline.workers.gpu_worker import prefetch_from_env
+    from audio_pipeline.workers.gpu_worker import GpuSettings
 
     with pytest.raises(ConfigError, match="PREFETCH='sometimes' is not a boolean"):
-        prefetch_from_env({"PREFETCH": "sometimes"})
+        GpuSettings.from_env({"PREFETCH": "sometimes"})
+
+
+def test_a_gpu_worker_reports_every_bad_setting_in_one_message() -> None:
+    """Connections, heartbeat, queue, ASR and classifier settings are read together."""
+    from audio_pipeline.runtime.service import read_service_config
+    from audio_pipeline.workers.gpu_worker import GpuWorker
+
+    with pytest.raises(ConfigError) as caught:
+        read_service_config(
+            GpuWorker,
+            {
+                "APP_ENV": "production",
+                "REDIS_PORT": "many",
+                "WORKER_HEARTBEAT_TTL_S": "0",
+                "QUEUE_MAX_ATTEMPTS": "0",
+                "BATCH_SIZE": "x",
+                "ASR_DEVICE": "abacus",
+                "FLAG_THRESHOLD": "2",
+            },
+        )
+    message = str(caught.value)
+    for name in (
+        "REDIS_HOST must be set",
+        "REDIS_PORT='many'",
+        "WORKER_HEARTBEAT_TTL_S=0",
+        "QUEUE_MAX_ATTEMPTS=0",
+        "BATCH_SIZE='x'",
+        "ASR_DEVICE='abacus'",
+        "FLAG_THRESHOLD=2.0",
+    ):
+        assert name in message, message
+    assert message.count("invalid configuration") == 1
+
+
+def test_a_renamed_variable_is_read_under_its_old_name_with_a_warning(caplog) -> None:
+    from audio_pipeline.workers.transfer_worker import TransferSettings
+
+    env = {
+        "COLLECTION_SSH_HOST": "h",
+        "COLLECTION_SSH_USER": "u",
+        "COLLECTION_SSH_KEY": "/k",
+        "COLLECTION_DIR": "/d",
+        "TRANSFER_STABLE_SECONDS": "7",
+    }
+    assert TransferSettings.from_env(env).stable_s == 7.0
+    assert "old=TRANSFER_STABLE_SECONDS new=TRANSFER_STABLE_S" in caplog.text
+    assert TransferSettings.from_env({**env, "TRANSFER_STABLE_S": "3"}).stable_s == 3.0

@@ -6,7 +6,7 @@ group_vars/vault.example.yml as the vault, whose placeholder secrets are fine he
 Each process the roles install (systemd units, the operators' python wrappers) then
 gets the environment systemd or its wrapper would give it, and its settings are
 loaded by the calls the process itself makes at start (APP_ENV=production, as
-rendered): the workers' loaders, the gunicorn command line with the release's
+rendered): the workers' read_service_config, the gunicorn command line with the release's
 gunicorn.conf.py and the RA app it preloads, the flask and audio-pipeline commands.
 Then: the models the gpu workers open are the ones models.yml syncs; every Redis and
 PostgreSQL client passes the server's firewall, listen address, pg_hba and Redis
@@ -30,12 +30,10 @@ from __future__ import annotations
 import ast
 import fnmatch
 import hashlib
-import inspect
 import os
 import re
 import shlex
 import sys
-import textwrap
 import tomllib
 from argparse import Namespace
 from collections.abc import Callable, Iterator
@@ -56,14 +54,12 @@ from audio_pipeline.classify import ClassifierBackend, ClassifierSettings
 from audio_pipeline.cli import build_parser
 from audio_pipeline.config import Settings, load_settings
 from audio_pipeline.envfile import parse_env_file
-from audio_pipeline.queue import RetryPolicy
 from audio_pipeline.redis_conn import get_redis
-from audio_pipeline.runtime.heartbeat import HeartbeatTimings
-from audio_pipeline.runtime.service import Service
+from audio_pipeline.runtime.service import Service, read_service_config
 from audio_pipeline.ssh_source import SshSettings
-from audio_pipeline.workers.gpu_worker import GpuWorker, batch_size_from_env, prefetch_from_env
+from audio_pipeline.workers.gpu_worker import GpuSettings, GpuWorker
 from audio_pipeline.workers.transfer_worker import TransferSettings, TransferWorker
-from audio_pipeline.workers.unpack_worker import UnpackSettings, UnpackWorker
+from audio_pipeline.workers.unpack_worker import UnpackWorker
 from ra_app.config import RASettings, load_ra_settings
 from tests.support.ansible_render import REPO, HostConfig, render_site
 
@@ -250,43 +246,25 @@ def running_as(process: Process, environ: dict[str, str] | None = None) -> Itera
 # -- what each program loads at start ---------------------------------------------------
 
 
-# What each worker's constructor reads from the environment (Service.__init__ and its
-# own); test_the_loaders_here_are_the_workers_own keeps these lists complete.
-WORKER_LOADERS: dict[str, tuple[type[Service], dict[str, Callable[[], Any]]]] = {
-    "unpack-worker": (
-        UnpackWorker,
-        {"UnpackSettings.from_env": UnpackSettings.from_env},
-    ),
-    "gpu-worker": (
-        GpuWorker,
-        {
-            "batch_size_from_env": batch_size_from_env,
-            "prefetch_from_env": prefetch_from_env,
-            "AsrSettings.from_env": AsrSettings.from_env,
-            "ClassifierSettings.from_env": ClassifierSettings.from_env,
-        },
-    ),
-    "transfer-worker": (
-        TransferWorker,
-        {
-            "TransferSettings.from_env": TransferSettings.from_env,
-            "SshSettings.from_env": SshSettings.from_env,
-        },
-    ),
-}
-BASE_LOADERS: dict[str, Callable[[], Any]] = {
-    "load_settings": load_settings,
-    "HeartbeatTimings.from_env": HeartbeatTimings.from_env,
-    "RetryPolicy.from_env": RetryPolicy.from_env,
+# The worker each console script runs; run_worker reads its whole configuration with
+# runtime.service.read_service_config, the function called here.
+WORKERS: dict[str, type[Service]] = {
+    "unpack-worker": UnpackWorker,
+    "gpu-worker": GpuWorker,
+    "transfer-worker": TransferWorker,
 }
 
 
 def load_worker(process: Process, tmp_path: Path) -> dict[str, Any]:
-    # run_worker: worker_cls(load_settings(), mode=..., timings=HeartbeatTimings.from_env(),
-    # retry=RetryPolicy.from_env()); the constructors themselves cannot run here (the
-    # unpack worker creates SCRATCH_ROOT and wants ffmpeg).
-    _, own = WORKER_LOADERS[process.program]
-    return {name: load() for name, load in {**BASE_LOADERS, **own}.items()}
+    # The constructors themselves cannot run here (the unpack worker creates
+    # SCRATCH_ROOT and wants ffmpeg); what they are given is what is read here.
+    config = read_service_config(WORKERS[process.program])
+    loaded: dict[str, Any] = {"settings": config.settings, "stage": config.stage}
+    if isinstance(config.stage, GpuSettings):
+        loaded |= {"asr": config.stage.asr, "classifier": config.stage.classifier}
+    if isinstance(config.stage, TransferSettings):
+        loaded["ssh"] = config.stage.collection
+    return loaded
 
 
 def load_gunicorn(process: Process, tmp_path: Path) -> dict[str, Any]:
@@ -322,11 +300,11 @@ def load_flask(process: Process, tmp_path: Path) -> dict[str, Any]:
 
 
 def load_pipeline_cli(process: Process, tmp_path: Path) -> dict[str, Any]:
-    return {"load_settings": load_settings()}  # audio_pipeline.cli.main
+    return {"settings": load_settings()}  # audio_pipeline.cli.main
 
 
 PROGRAM_LOADERS: dict[str, Callable[[Process, Path], dict[str, Any]]] = {
-    **dict.fromkeys(WORKER_LOADERS, load_worker),
+    **dict.fromkeys(WORKERS, load_worker),
     "gunicorn": load_gunicorn,
     "flask": load_flask,
     "audio-pipeline": load_pipeline_cli,
@@ -398,7 +376,7 @@ def sandbox_problems(p: Process) -> list[str]:
         return []
     writable = [PurePosixPath(w) for ws in p.service.get("ReadWritePaths", []) for w in ws.split()]
     writes: list[str] = []
-    if p.program in WORKER_LOADERS:
+    if p.program in WORKERS:
         writes.append(p.environ.get("SCRATCH_ROOT", "<unset SCRATCH_ROOT>"))
     if p.program == "gunicorn" and p.environ.get("RA_ERROR_LOG_FILE"):
         writes.append(p.environ["RA_ERROR_LOG_FILE"])
@@ -424,8 +402,8 @@ def test_every_process_loads_its_settings_in_production(
             for name, value in result.items()
             if isinstance(value, Settings | RASettings) and not value.production
         ]
-        if "SshSettings.from_env" in result:
-            ssh: SshSettings = result["SshSettings.from_env"]
+        if "ssh" in result:
+            ssh: SshSettings = result["ssh"]
             written = p.host.files.keys() | p.host.copied
             problems += [
                 f"{p}: {path} is not a file the transfer role writes"
@@ -436,22 +414,10 @@ def test_every_process_loads_its_settings_in_production(
     assert not problems, "\n".join(["", *problems])
 
 
-def test_the_loaders_here_are_the_workers_own() -> None:
-    """A settings loader added to a worker's constructor must be exercised above too."""
-    loader_call = re.compile(r"\w+\.from_env|\w*_from_env|load_settings")
-    for program, (worker_cls, own) in WORKER_LOADERS.items():
+def test_each_worker_script_runs_the_worker_checked_here() -> None:
+    for program, worker_cls in WORKERS.items():
         module, _, _ = SCRIPTS[program].partition(":")
         assert worker_cls.__module__ == module, f"{program} runs {module}, not {worker_cls}"
-        called: set[str] = set()
-        for klass in worker_cls.__mro__:
-            if inspect.isfunction(init := vars(klass).get("__init__")):
-                source = textwrap.dedent(inspect.getsource(init))
-                called |= {
-                    ast.unparse(node.func)
-                    for node in ast.walk(ast.parse(source))
-                    if isinstance(node, ast.Call) and loader_call.fullmatch(ast.unparse(node.func))
-                }
-        assert called == {*BASE_LOADERS, *own}, program
 
 
 def test_ra_app_runs_the_one_gunicorn_config_on_loopback_behind_nginx(
@@ -575,8 +541,8 @@ def fleet_address(host: HostConfig) -> str:
 
 def connections(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """Where a started process connects, with what its client libraries were given."""
-    if "load_settings" in result:
-        settings: Settings = result["load_settings"]
+    if "settings" in result:
+        settings: Settings = result["settings"]
         redis_kwargs = get_redis(settings).connection_pool.connection_kwargs
         yield "redis", {**redis_kwargs, "key": "queue:unpack"}
         yield "postgresql", conninfo_to_dict(settings.database_url)
@@ -654,9 +620,9 @@ def test_every_model_a_gpu_worker_opens_is_one_its_host_syncs(
     problems = []
     for p in gpu_workers(procs):
         result = loaded(started, p)
-        root = result["load_settings"].models_root
-        asr: AsrSettings = result["AsrSettings.from_env"]
-        classifier: ClassifierSettings = result["ClassifierSettings.from_env"]
+        root = result["settings"].models_root
+        asr: AsrSettings = result["asr"]
+        classifier: ClassifierSettings = result["classifier"]
         opened = {f"ASR_MODEL={asr.model}": root / asr.model}
         if asr.backend is AsrBackend.WHISPERX:
             opened[f"ASR_ALIGN_MODEL={asr.align_model}"] = root / asr.align_model
