@@ -52,12 +52,12 @@ import shutil
 import stat
 import tarfile
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from audio_pipeline.config import EnvReader, read_all
+from audio_pipeline.config import EnvReader, EnvSettings
 
 _A = TypeVar("_A")
 _R = TypeVar("_R")
@@ -118,7 +118,7 @@ class NoAudioFilesError(EmptyArchiveError):
 
 
 @dataclass(frozen=True)
-class ArchiveLimits:
+class ArchiveLimits(EnvSettings):
     max_members: int = MAX_MEMBERS
     max_member_bytes: int = MAX_MEMBER_BYTES
     max_total_bytes: int = MAX_TOTAL_BYTES
@@ -136,10 +136,6 @@ class ArchiveLimits:
                 "UNPACK_MAX_HEADER_BYTES", MAX_HEADER_BYTES, minimum=tarfile.BLOCKSIZE
             ),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ArchiveLimits:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

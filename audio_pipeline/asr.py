@@ -39,7 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from audio_pipeline.config import ConfigError, EnvReader, read_all
+from audio_pipeline.config import ConfigError, EnvReader, EnvSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class AudioDecodeError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class AsrSettings:
+class AsrSettings(EnvSettings):
     """ASR_* variables; read with ``AsrSettings.from_env``."""
 
     backend: AsrBackend = AsrBackend.FASTER_WHISPER
@@ -113,10 +113,6 @@ class AsrSettings:
             cpu_threads=env.int("ASR_CPU_THREADS", 0, minimum=0),
             align_model=env.str("ASR_ALIGN_MODEL", cls.align_model),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsrSettings:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

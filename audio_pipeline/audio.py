@@ -28,12 +28,12 @@ import re
 import struct
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_pipeline.config import EnvReader, read_all
+from audio_pipeline.config import EnvReader, EnvSettings
 
 OPUS_BITRATE = "24k"  # speech at 16 kHz mono; ASR accuracy is flat above ~16k
 OPUS_SAMPLE_RATE = 16_000  # Hz, what Whisper models consume
@@ -84,7 +84,7 @@ class ConversionInterrupted(AudioError):
 
 
 @dataclass(frozen=True)
-class AudioSettings:
+class AudioSettings(EnvSettings):
     opus_bitrate: str = OPUS_BITRATE
     jobs: int = os.cpu_count() or 1
     timeout_s: float = FFMPEG_TIMEOUT_S
@@ -100,10 +100,6 @@ class AudioSettings:
             jobs=env.int("UNPACK_FFMPEG_JOBS", os.cpu_count() or 1, minimum=1),
             timeout_s=env.seconds("UNPACK_FFMPEG_TIMEOUT_S", FFMPEG_TIMEOUT_S),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AudioSettings:
-        return read_all(cls.read, environ)
 
 
 def _valid_bitrate(value: str) -> bool:

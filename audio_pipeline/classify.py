@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from audio_pipeline.config import ConfigError, EnvReader, read_all
+from audio_pipeline.config import ConfigError, EnvReader, EnvSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ClassifierDevice(StrEnum):
 
 
 @dataclass(frozen=True)
-class ClassifierSettings:
+class ClassifierSettings(EnvSettings):
     """CLASSIFIER_* and FLAG_THRESHOLD variables; read with ``from_env``."""
 
     backend: ClassifierBackend = ClassifierBackend.LEXICON
@@ -111,10 +111,6 @@ class ClassifierSettings:
                 "CLASSIFIER_MAX_WINDOWS", DEFAULT_MAX_WINDOWS, minimum=1, maximum=1 << 20
             ),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClassifierSettings:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 from urllib.parse import quote
 
 from audio_pipeline.logs import log_event
@@ -197,8 +197,22 @@ class EnvReader:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
 
 
+class EnvSettings:
+    """Base of a settings class: ``read(env)`` collects its problems in ``env``;
+    ``from_env`` reads it alone and raises them (for tests and tools; a process reads
+    all of its settings from one reader, see runtime.service.read_service_config)."""
+
+    @classmethod
+    def read(cls, env: EnvReader) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        return read_all(cls.read, environ)
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(EnvSettings):
     """Everything a pipeline process needs, resolved once at start-up."""
 
     app_env: str
@@ -298,7 +312,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     Raises ConfigError listing every missing or malformed variable at once, so an
     operator fixes a unit file in one pass rather than one restart per variable.
     """
-    return read_all(Settings.read, environ)
+    return Settings.from_env(environ)
 
 
 def settings_with_env_file(env_file: Path | None, current: Settings) -> Settings:

@@ -36,7 +36,7 @@ from typing import Any
 
 import redis
 
-from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, EnvReader, read_all
+from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, EnvReader, EnvSettings
 from audio_pipeline.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(EnvSettings):
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     base_s: float = DEFAULT_RETRY_BASE_S
     cap_s: float = DEFAULT_RETRY_CAP_S
@@ -126,10 +126,6 @@ class RetryPolicy:
             base_s=env.seconds("QUEUE_RETRY_BASE_S", DEFAULT_RETRY_BASE_S, allow_zero=True),
             cap_s=env.seconds("QUEUE_RETRY_CAP_S", DEFAULT_RETRY_CAP_S, allow_zero=True),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
-        return read_all(cls.read, environ)
 
     def delay_s(self, retries_so_far: int) -> float:
         return backoff_delay_s(self.base_s, self.cap_s, retries_so_far)

@@ -11,13 +11,13 @@ import posixpath
 import shlex
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 
-from audio_pipeline.config import EnvReader, read_all
+from audio_pipeline.config import EnvReader, EnvSettings
 
 CONNECT_TIMEOUT_S = 15.0
 READ_CHUNK = 1024 * 1024  # bytes per SFTP read; prefetch keeps many in flight
@@ -25,7 +25,7 @@ REMOTE_HASH_TIMEOUT_S = 3600.0  # sha256sum of a 40 GB archive on a slow disk
 
 
 @dataclass(frozen=True)
-class SshSettings:
+class SshSettings(EnvSettings):
     host: str
     port: int
     user: str
@@ -45,10 +45,6 @@ class SshSettings:
             ),
             remote_dir=env.str("COLLECTION_DIR", required=True),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> SshSettings:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from audio_pipeline.config import EnvReader, read_all
+from audio_pipeline.config import EnvReader, EnvSettings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import JobQueue
 
@@ -26,7 +26,7 @@ DEFAULT_REAPER_INTERVAL_S = 60.0  # between reaper runs (each also runs at start
 
 
 @dataclass(frozen=True)
-class HeartbeatTimings:
+class HeartbeatTimings(EnvSettings):
     """How often a worker proves it is alive and reaps the dead, in seconds."""
 
     interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
@@ -40,10 +40,6 @@ class HeartbeatTimings:
             ttl_s=env.seconds("WORKER_HEARTBEAT_TTL_S", DEFAULT_HEARTBEAT_TTL_S),
             reaper_interval_s=env.seconds("WORKER_REAPER_INTERVAL_S", DEFAULT_REAPER_INTERVAL_S),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> HeartbeatTimings:
-        return read_all(cls.read, environ)
 
 
 class Heartbeat:

@@ -67,7 +67,7 @@ from audio_pipeline.classify import (
     TextSegment,
     load_classifier,
 )
-from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader, read_all
+from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader, EnvSettings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import results as records
@@ -90,7 +90,7 @@ NO_POLICY_HINT = (
 
 
 @dataclass(frozen=True)
-class GpuSettings:
+class GpuSettings(EnvSettings):
     """The gpu stage's own settings: claim size, look-ahead, the two models."""
 
     batch_size: int = DEFAULT_BATCH_SIZE  # files per claim and model call
@@ -109,10 +109,6 @@ class GpuSettings:
             asr=AsrSettings.read(env),
             classifier=ClassifierSettings.read(env),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> GpuSettings:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)

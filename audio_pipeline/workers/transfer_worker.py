@@ -28,7 +28,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -39,7 +38,7 @@ import botocore.exceptions
 
 from audio_pipeline import s3_utils
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
-from audio_pipeline.config import QUEUE_UNPACK, EnvReader, Settings, read_all
+from audio_pipeline.config import QUEUE_UNPACK, EnvReader, EnvSettings, Settings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import backoff_delay_s
 from audio_pipeline.records import batches
@@ -82,7 +81,7 @@ class AfterTransfer(StrEnum):
 
 
 @dataclass(frozen=True)
-class TransferSettings:
+class TransferSettings(EnvSettings):
     completeness: Completeness
     stable_s: float
     after: AfterTransfer
@@ -116,10 +115,6 @@ class TransferSettings:
             verify_remote_sha256=env.bool("TRANSFER_VERIFY_REMOTE_SHA256", True),
             collection=SshSettings.read(env),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> TransferSettings:
-        return read_all(cls.read, environ)
 
 
 class TransferIntegrityError(RuntimeError):

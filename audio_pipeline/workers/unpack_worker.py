@@ -58,7 +58,7 @@ from audio_pipeline.audio import (
     remove_stale_partials,
 )
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
-from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, Settings, read_all
+from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, EnvSettings, Settings
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import audio_files, batches
@@ -79,7 +79,7 @@ class ConversionStopped(RuntimeError):
 
 
 @dataclass(frozen=True)
-class UnpackSettings:
+class UnpackSettings(EnvSettings):
     max_host_queue: int = UNPACK_MAX_HOST_QUEUE
     min_free_bytes: int = UNPACK_MIN_FREE_BYTES
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
@@ -93,10 +93,6 @@ class UnpackSettings:
             limits=ArchiveLimits.read(env),
             audio=AudioSettings.read(env),
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> UnpackSettings:
-        return read_all(cls.read, environ)
 
 
 @dataclass(frozen=True)
