@@ -469,14 +469,20 @@ class FasterWhisperTranscriber(Transcriber):
         self.model_name = settings.model
         # ctranslate2 rejects a Path: it must be str.
         self.model = WhisperModel(
-            str(path), device=device, compute_type=self.compute_type,
-            cpu_threads=settings.cpu_threads, local_files_only=True,
-        )  # fmt: skip
+            str(path),
+            device=device,
+            compute_type=self.compute_type,
+            cpu_threads=settings.cpu_threads,
+            local_files_only=True,
+        )
         self.pipeline = BatchedInferencePipeline(self.model)
         log.info(
             "asr model loaded: backend=%s model=%s device=%s compute_type=%s",
-            self.backend, path, device, self.compute_type,
-        )  # fmt: skip
+            self.backend,
+            path,
+            device,
+            self.compute_type,
+        )
 
     def prepare(self, paths: Sequence[Path]) -> PreparedAudio:
         started = time.perf_counter()
@@ -595,9 +601,13 @@ class WhisperXTranscriber(Transcriber):
         for audio, dur in zip(prepared.inputs, prepared.durations, strict=True):
             raw = self.model.transcribe(audio, batch_size=self.settings.batch_size)
             aligned = self.whisperx.align(
-                raw["segments"], self.align_model, self.align_metadata, audio, self.device,
+                raw["segments"],
+                self.align_model,
+                self.align_metadata,
+                audio,
+                self.device,
                 return_char_alignments=False,
-            )  # fmt: skip
+            )
             segments = [_whisperx_segment(s, dur) for s in aligned["segments"]]
             # whisperx does not report the language probability
             results.append((segments, raw.get("language"), None))

@@ -147,11 +147,21 @@ def probe(
     """
     forced = ["-f", input_format] if input_format else []
     cmd = [
-        FFPROBE, "-v", "error", "-protocol_whitelist", PROTOCOL_WHITELIST, *forced,
-        "-select_streams", "a:0",
-        "-show_entries", "stream=codec_name,sample_rate,channels:format=duration,format_name",
-        "-of", "json", "--", str(path),
-    ]  # fmt: skip
+        FFPROBE,
+        "-v",
+        "error",
+        "-protocol_whitelist",
+        PROTOCOL_WHITELIST,
+        *forced,
+        "-select_streams",
+        "a:0",
+        "-show_entries",
+        "stream=codec_name,sample_rate,channels:format=duration,format_name",
+        "-of",
+        "json",
+        "--",
+        str(path),
+    ]
     proc = _run(cmd, timeout_s, what="ffprobe")
     _check_signalled(proc, "ffprobe")
     if proc.returncode != 0:
@@ -188,15 +198,45 @@ def input_format(source: Path) -> str:
 def opus_command(source: Path, output: Path, bitrate: str = OPUS_BITRATE) -> list[str]:
     """The ffmpeg command line: first audio stream -> Ogg Opus, 16 kHz mono."""
     return [
-        FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-        "-threads", "1", "-filter_threads", "1",
-        "-f", input_format(source), "-protocol_whitelist", PROTOCOL_WHITELIST,
-        "-i", str(source),
-        "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
-        "-ac", str(OPUS_CHANNELS), "-ar", str(OPUS_SAMPLE_RATE),
-        "-c:a", "libopus", "-b:a", bitrate, "-threads", "1",
-        "-f", "ogg", "-protocol_whitelist", PROTOCOL_WHITELIST, str(output),
-    ]  # fmt: skip
+        FFMPEG,
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-threads",
+        "1",
+        "-filter_threads",
+        "1",
+        "-f",
+        input_format(source),
+        "-protocol_whitelist",
+        PROTOCOL_WHITELIST,
+        "-i",
+        str(source),
+        "-map",
+        "0:a:0",
+        "-vn",
+        "-sn",
+        "-dn",
+        "-map_metadata",
+        "-1",
+        "-ac",
+        str(OPUS_CHANNELS),
+        "-ar",
+        str(OPUS_SAMPLE_RATE),
+        "-c:a",
+        "libopus",
+        "-b:a",
+        bitrate,
+        "-threads",
+        "1",
+        "-f",
+        "ogg",
+        "-protocol_whitelist",
+        PROTOCOL_WHITELIST,
+        str(output),
+    ]
 
 
 def convert_to_opus(
@@ -240,14 +280,22 @@ def convert_one(job: Conversion, settings: AudioSettings) -> ConversionResult:
         )
     except AudioError as exc:
         return ConversionResult(
-            job.key, job.source, job.output, ok=False, error=_clip(str(exc)),
+            job.key,
+            job.source,
+            job.output,
+            ok=False,
+            error=_clip(str(exc)),
             elapsed_s=time.monotonic() - start,
             interrupted=isinstance(exc, ConversionInterrupted),
-        )  # fmt: skip
+        )
     return ConversionResult(
-        job.key, job.source, job.output, ok=True, duration_s=duration,
+        job.key,
+        job.source,
+        job.output,
+        ok=True,
+        duration_s=duration,
         elapsed_s=time.monotonic() - start,
-    )  # fmt: skip
+    )
 
 
 def convert_many(

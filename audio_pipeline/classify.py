@@ -427,10 +427,12 @@ class CopeAClassifier:
         for (item, policy), w in zip(pairs, windows, strict=True):
             if w.truncated:
                 log.warning(
-                    "event=classify.truncated audio_id=%s policy_id=%s windows=%s "
-                    "max_tokens=%s",
-                    item.key, policy.id, len(w.texts), self.settings.max_tokens,
-                )  # fmt: skip
+                    "event=classify.truncated audio_id=%s policy_id=%s windows=%s max_tokens=%s",
+                    item.key,
+                    policy.id,
+                    len(w.texts),
+                    self.settings.max_tokens,
+                )
         # Every window of every pair in one batched pass, then the max per pair.
         flat = self.score_prompts(
             [

@@ -147,10 +147,15 @@ def print_status(status: dict[str, Any]) -> None:
     print("\nWORKERS")
     if status["workers"]:
         rows = [
-            (w["worker"], w["state"], _age(w["heartbeat_age_s"]), _clip(w["job"] or "-", 60),
-             w["look_ahead"] or "-")
+            (
+                w["worker"],
+                w["state"],
+                _age(w["heartbeat_age_s"]),
+                _clip(w["job"] or "-", 60),
+                w["look_ahead"] or "-",
+            )
             for w in status["workers"]
-        ]  # fmt: skip
+        ]
         print(render_table(["worker", "state", "heartbeat", "current job", "ahead"], rows))
     else:
         print("(none)")
@@ -166,10 +171,17 @@ def print_status(status: dict[str, Any]) -> None:
     if batches["in_flight"]:
         print("\nIN FLIGHT")
         rows = [
-            (b["batch_id"], b["status"], b["file_count"], b["files_done"], b["files_failed"],
-             b["unpack_host"], _age(b["idle_s"]))
+            (
+                b["batch_id"],
+                b["status"],
+                b["file_count"],
+                b["files_done"],
+                b["files_failed"],
+                b["unpack_host"],
+                _age(b["idle_s"]),
+            )
             for b in batches["in_flight"]
-        ]  # fmt: skip
+        ]
         print(render_table(["batch", "status", "files", "done", "failed", "host", "idle"], rows))
 
 
@@ -206,9 +218,16 @@ def cmd_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> 
             rows.append((index, "-", "-", "-", "-", "unreadable dead letter", _clip(raw, 40)))
             continue
         rows.append(
-            (index, e.get("failed_at"), e.get("stage"), e.get("queue"), e.get("attempts"),
-             _clip(e.get("error", "")), _clip(str(e.get("job", "")), 40))
-        )  # fmt: skip
+            (
+                index,
+                e.get("failed_at"),
+                e.get("stage"),
+                e.get("queue"),
+                e.get("attempts"),
+                _clip(e.get("error", "")),
+                _clip(str(e.get("job", "")), 40),
+            )
+        )
     print(render_table(["index", "failed_at", "stage", "queue", "tries", "error", "job"], rows))
     print(f"\n{len(shown)} of {total} dead letters shown (newest last)")
     return 0
@@ -308,10 +327,16 @@ def cmd_policy(args: argparse.Namespace, settings: Settings, r: redis.Redis | No
                 print("no policies")
             else:
                 rows = [
-                    (p["id"], p["name"], p["version"], "yes" if p["active"] else "no",
-                     _clip(", ".join(p["lexicon"]), 30), _clip(p["text"], 50))
+                    (
+                        p["id"],
+                        p["name"],
+                        p["version"],
+                        "yes" if p["active"] else "no",
+                        _clip(", ".join(p["lexicon"]), 30),
+                        _clip(p["text"], 50),
+                    )
                     for p in policies
-                ]  # fmt: skip
+                ]
                 print(render_table(["id", "name", "version", "active", "lexicon", "text"], rows))
         else:
             if not policy_records.set_active(conn, args.name, args.version, False):

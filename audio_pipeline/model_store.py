@@ -251,9 +251,11 @@ def publish(local_dir: Path, name: str, settings: Settings | None = None) -> Man
         name=name, files=entries, published_at=datetime.now(UTC).isoformat(timespec="seconds")
     )
     client.put_object(
-        Bucket=bucket, Key=manifest_key(name), Body=manifest.to_json().encode(),
+        Bucket=bucket,
+        Key=manifest_key(name),
+        Body=manifest.to_json().encode(),
         ContentType="application/json",
-    )  # fmt: skip
+    )
     wanted = {model_prefix(name) + rel for rel in entries} | {manifest_key(name)}
     for key in existing:
         if key not in wanted:
@@ -266,8 +268,9 @@ def _stored_digest(client: Any, bucket: str, key: str) -> tuple[str | None, int]
     return head["Metadata"].get(s3_utils.SHA256_METADATA_KEY), int(head["ContentLength"])
 
 
-def read_manifest(name: str, settings: Settings | None = None, *, client: Any = None,
-                  bucket: str | None = None) -> Manifest:  # fmt: skip
+def read_manifest(
+    name: str, settings: Settings | None = None, *, client: Any = None, bucket: str | None = None
+) -> Manifest:
     """The published manifest of ``name``; ManifestMissingError when there is none."""
     validate_name(name)
     if client is None or bucket is None:
@@ -373,15 +376,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _fetch_model(client: Any, bucket: str, manifest: Manifest, target: Path, temp: Path,
-                 modes: _Modes) -> None:  # fmt: skip
+def _fetch_model(
+    client: Any, bucket: str, manifest: Manifest, target: Path, temp: Path, modes: _Modes
+) -> None:
     """Every file of ``manifest`` into ``temp``, verified; reused from ``target`` if unchanged."""
     name = manifest.name
     old = local_manifest(target)
     reusable = {
-        rel for rel, entry in manifest.files.items()
+        rel
+        for rel, entry in manifest.files.items()
         if old is not None and old.files.get(rel) == entry and (target / rel).is_file()
-    }  # fmt: skip
+    }
     needed = sum(e.size for rel, e in manifest.files.items() if rel not in reusable)
     free = shutil.disk_usage(temp.parent).free
     if needed > free:
@@ -467,8 +472,12 @@ def sync_one(client: Any, bucket: str, name: str, dest_root: Path, modes: _Modes
     finally:
         if temp.exists():
             shutil.rmtree(temp)
-    log.info("event=models.synced model=%s files=%d bytes=%d", name, len(manifest.files),
-             manifest.total_size)  # fmt: skip
+    log.info(
+        "event=models.synced model=%s files=%d bytes=%d",
+        name,
+        len(manifest.files),
+        manifest.total_size,
+    )
     return True
 
 

@@ -115,9 +115,13 @@ def load_policy_file(path: Path) -> PolicyFile:
     if not isinstance(description, str):
         raise fail("'description' must be a string")
     return PolicyFile(
-        path=path, name=name.strip(), text=text.strip(), lexicon=terms, active=active,
+        path=path,
+        name=name.strip(),
+        text=text.strip(),
+        lexicon=terms,
+        active=active,
         description=description.strip(),
-    )  # fmt: skip
+    )
 
 
 def load_policy_files(paths: Sequence[Path]) -> list[PolicyFile]:
@@ -149,10 +153,12 @@ def apply_policy(conn: psycopg.Connection, policy: PolicyFile) -> dict[str, Any]
         for version in switched_off:
             records.set_active(conn, policy.name, version, False)
         return {
-            **outcome, "result": "deactivated" if switched_off else "unchanged",
-            "version": latest.version if latest else None, "deactivated": switched_off,
+            **outcome,
+            "result": "deactivated" if switched_off else "unchanged",
+            "version": latest.version if latest else None,
+            "deactivated": switched_off,
             "changed": bool(switched_off),
-        }  # fmt: skip
+        }
 
     if latest is not None and latest.same_wording(policy.text, policy.lexicon):
         version = latest.version
@@ -176,9 +182,12 @@ def apply_policy(conn: psycopg.Connection, policy: PolicyFile) -> dict[str, Any]
     if switched_off and result == "unchanged":
         result = "activated"  # alone now: other versions had been switched on by hand
     return {
-        **outcome, "result": result, "version": version, "deactivated": switched_off,
+        **outcome,
+        "result": result,
+        "version": version,
+        "deactivated": switched_off,
         "changed": result != "unchanged",
-    }  # fmt: skip
+    }
 
 
 def apply(conn: psycopg.Connection, policies: Sequence[PolicyFile]) -> dict[str, Any]:

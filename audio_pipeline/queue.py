@@ -225,12 +225,24 @@ def return_crashed(
     """Run _RETURN_CRASHED_LUA on one processing list: (returned, dead-lettered)."""
     returned, failed = script(
         keys=[key, destination, QUEUE_FAILED],
-        args=[max_attempts, ATTEMPTS_FIELD, source, worker_id.split(":", 1)[0], worker_id,
-              utc_now_iso()],
-    )  # fmt: skip
+        args=[
+            max_attempts,
+            ATTEMPTS_FIELD,
+            source,
+            worker_id.split(":", 1)[0],
+            worker_id,
+            utc_now_iso(),
+        ],
+    )
     if failed:
-        log_event(log, "reaper.dead_lettered", level=logging.ERROR, worker=worker_id,
-                  source=source, jobs=int(failed))  # fmt: skip
+        log_event(
+            log,
+            "reaper.dead_lettered",
+            level=logging.ERROR,
+            worker=worker_id,
+            source=source,
+            jobs=int(failed),
+        )
     return int(returned), int(failed)
 
 
@@ -364,9 +376,16 @@ class JobQueue:
             self._lost(job, "retry")
             return True
         log_event(
-            log, "job.retry", level=logging.WARNING, stage=self.stage, queue=job.queue,
-            job=job.short_id, attempt=job.attempts + 1, delay_s=delay, error=text,
-        )  # fmt: skip
+            log,
+            "job.retry",
+            level=logging.WARNING,
+            stage=self.stage,
+            queue=job.queue,
+            job=job.short_id,
+            attempt=job.attempts + 1,
+            delay_s=delay,
+            error=text,
+        )
         return True
 
     def dead_letter(self, job: Job, error: str) -> None:
@@ -400,21 +419,37 @@ class JobQueue:
         )
         if moved:
             log_event(
-                log, "job.failed", level=logging.ERROR, stage=self.stage, queue=queue,
-                job=short_job_id(raw), attempts=attempts,
+                log,
+                "job.failed",
+                level=logging.ERROR,
+                stage=self.stage,
+                queue=queue,
+                job=short_job_id(raw),
+                attempts=attempts,
                 error=entry["error"],
-            )  # fmt: skip
+            )
         else:
-            log_event(log, "job.lost_ownership", level=logging.WARNING, stage=self.stage,
-                      queue=queue, action="dead_letter")  # fmt: skip
+            log_event(
+                log,
+                "job.lost_ownership",
+                level=logging.WARNING,
+                stage=self.stage,
+                queue=queue,
+                action="dead_letter",
+            )
 
     def _lost(self, job: Job, action: str) -> None:
         # The reaper returned this job while we held it (our heartbeat lapsed): someone
         # else may be running it now; idempotent writes make the overlap harmless.
         log_event(
-            log, "job.lost_ownership", level=logging.WARNING, stage=self.stage,
-            queue=job.queue, job=job.short_id, action=action,
-        )  # fmt: skip
+            log,
+            "job.lost_ownership",
+            level=logging.WARNING,
+            stage=self.stage,
+            queue=job.queue,
+            job=job.short_id,
+            action=action,
+        )
 
     # -- delayed retries -----------------------------------------------------------
 
@@ -465,11 +500,23 @@ class JobQueue:
         pattern = processing_key(self.worker_id, "*")
         for key in self.redis.scan_iter(match=pattern, count=100):
             _, source = parse_processing_key(key)
-            n, _ = return_crashed(self._return_crashed, key, source, source, self.worker_id,
-                                  self.retry_policy.max_attempts)  # fmt: skip
+            n, _ = return_crashed(
+                self._return_crashed,
+                key,
+                source,
+                source,
+                self.worker_id,
+                self.retry_policy.max_attempts,
+            )
             if n:
-                log_event(log, "worker.recovered", level=logging.WARNING, stage=self.stage,
-                          queue=source, jobs=n)  # fmt: skip
+                log_event(
+                    log,
+                    "worker.recovered",
+                    level=logging.WARNING,
+                    stage=self.stage,
+                    queue=source,
+                    jobs=n,
+                )
             moved += n
         return moved
 
@@ -509,8 +556,15 @@ def reap_dead_workers(
             dead.add(worker_id)
             if n:
                 reaped.append((worker_id, destination, n))
-                log_event(log, "reaper.returned", level=logging.WARNING, worker=worker_id,
-                          source=source, queue=destination, jobs=n)  # fmt: skip
+                log_event(
+                    log,
+                    "reaper.returned",
+                    level=logging.WARNING,
+                    worker=worker_id,
+                    source=source,
+                    queue=destination,
+                    jobs=n,
+                )
         for member in redis_client.smembers(WORKERS_KEY):
             if not redis_client.exists(heartbeat_key(member)):
                 dead.add(member)

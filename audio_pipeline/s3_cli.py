@@ -145,9 +145,12 @@ def add_parser(sub: Any) -> None:
 
     ls = ssub.add_parser("ls", help="keys under PREFIX with time and size (or --count)")
     ls.add_argument(
-        "prefix", nargs="?", default="", metavar="PREFIX",
+        "prefix",
+        nargs="?",
+        default="",
+        metavar="PREFIX",
         help="e.g. archives/ or s3://BUCKET/archives/ (default: the whole bucket)",
-    )  # fmt: skip
+    )
     ls.add_argument("--count", action="store_true", help="only the number of objects and bytes")
     ls.add_argument("--env-file", type=Path, help=env_help)
 

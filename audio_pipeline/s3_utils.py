@@ -93,9 +93,11 @@ def get_s3_client(settings: Settings | None = None, *, max_attempts: int = 5) ->
 def client_from_env(env: Mapping[str, str]) -> Any:
     """A client from an environment mapping (the devstack's, a test's)."""
     return make_client(
-        env["S3_ENDPOINT"], env["S3_ACCESS_KEY"], env["S3_SECRET_KEY"],
+        env["S3_ENDPOINT"],
+        env["S3_ACCESS_KEY"],
+        env["S3_SECRET_KEY"],
         env.get("S3_REGION", "us-east-1"),
-    )  # fmt: skip
+    )
 
 
 def ensure_bucket(client: Any, bucket: str) -> None:
@@ -195,8 +197,9 @@ def upload_archive(local_path: Path, batch_id: str, settings: Settings | None = 
     """Upload an archive to S3, return its key (archives/{batch_id}.tar)."""
     s = settings or load_settings()
     key = archive_key(batch_id)
-    upload_file(get_s3_client(s), s.s3_bucket, Path(local_path), key,
-                content_type="application/x-tar")  # fmt: skip
+    upload_file(
+        get_s3_client(s), s.s3_bucket, Path(local_path), key, content_type="application/x-tar"
+    )
     return key
 
 

@@ -87,10 +87,16 @@ class CollectionHost:
         client.load_host_keys(str(s.known_hosts))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         client.connect(
-            s.host, port=s.port, username=s.user, key_filename=str(s.key_path),
-            timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S,
-            auth_timeout=CONNECT_TIMEOUT_S, allow_agent=False, look_for_keys=False,
-        )  # fmt: skip
+            s.host,
+            port=s.port,
+            username=s.user,
+            key_filename=str(s.key_path),
+            timeout=CONNECT_TIMEOUT_S,
+            banner_timeout=CONNECT_TIMEOUT_S,
+            auth_timeout=CONNECT_TIMEOUT_S,
+            allow_agent=False,
+            look_for_keys=False,
+        )
         self._client = client
         self._sftp = client.open_sftp()
 

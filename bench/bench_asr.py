@@ -79,8 +79,10 @@ def make_corpus(
     work: Path, n_clips: int, min_s: float, max_s: float
 ) -> tuple[list[Path], list[str]]:
     batch, mp3s = benchlib.speech_corpus(work, n_clips, CORPUS_SEED, min_s, max_s)
-    jobs = [Conversion(rel, mp3, work / "opus" / f"{i:04d}.opus") for i, (rel, mp3) in
-            enumerate(sorted(mp3s.items()))]  # fmt: skip
+    jobs = [
+        Conversion(rel, mp3, work / "opus" / f"{i:04d}.opus")
+        for i, (rel, mp3) in enumerate(sorted(mp3s.items()))
+    ]
     results = {r.key: r for r in convert_many(jobs, AudioSettings())}
     bad = [r for r in results.values() if not r.ok]
     if bad:
@@ -113,14 +115,18 @@ def look_ahead_pass(transcriber: Transcriber, groups: list[list[Path]]) -> tuple
 def main(argv: Sequence[str] | None = None) -> int:
     def corpus_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--corpus", choices=sorted(CORPORA), default="mixed",
+            "--corpus",
+            choices=sorted(CORPORA),
+            default="mixed",
             help="clip lengths: mixed 3-30 s (default) or short 2-8 s",
-        )  # fmt: skip
+        )
         parser.add_argument(
-            "--models-root", type=Path, metavar="DIR",
+            "--models-root",
+            type=Path,
+            metavar="DIR",
             help="load ASR_MODEL from DIR as the worker would (e.g. /data/models on a GPU "
             "host); default: a scratch directory with the bundled tiny.en",
-        )  # fmt: skip
+        )
 
     args = benchlib.parse_args(__doc__.split("\n\n")[0], argv, corpus_option)
     report_name = "asr" if args.corpus == "mixed" else f"asr-{args.corpus}"
@@ -174,8 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Transcriber (VAD + batched pipeline) handed one file per call.
             single_texts.extend(transcriber.transcribe_many([p])[0].text for p in group)
 
-        passes = [("baseline", run_baseline), ("candidate", run_candidate),
-                  ("single", run_single)]  # fmt: skip
+        passes = [("baseline", run_baseline), ("candidate", run_candidate), ("single", run_single)]
         for n, i in enumerate(range(0, len(paths), batch_size)):
             group = paths[i : i + batch_size]
             for name, run in passes if n % 2 == 0 else passes[::-1]:
@@ -210,24 +215,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.data.update(
         {
             "corpus": {
-                "name": args.corpus, "clips": len(paths), "audio_s": round(audio_s, 1),
+                "name": args.corpus,
+                "clips": len(paths),
+                "audio_s": round(audio_s, 1),
                 "clip_s_range": [min_s, max_s],
                 "mean_clip_s": round(audio_s / len(paths), 2),
                 "source": "espeak-ng via devtools.sample, Opus 16 kHz mono",
             },
             "settings": {
-                "model": settings.model, "backend": transcriber.backend,
+                "model": settings.model,
+                "backend": transcriber.backend,
                 "device": transcriber.device,  # type: ignore[attr-defined]
                 "compute_type": transcriber.compute_type,  # type: ignore[attr-defined]
-                "beam_size": settings.beam_size, "asr_batch_size": settings.batch_size,
-                "files_per_call": batch_size, "sample_rate": SAMPLE_RATE,
+                "beam_size": settings.beam_size,
+                "asr_batch_size": settings.batch_size,
+                "files_per_call": batch_size,
+                "sample_rate": SAMPLE_RATE,
             },
-            "baseline": {"wall_s": round(base_wall, 2), "audio_s_per_s": round(base_rtf, 2),
-                         "wer": base_wer},
-            "candidate": {"wall_s": round(cand_wall, 2), "audio_s_per_s": round(cand_rtf, 2),
-                          "wer": cand_wer},
+            "baseline": {
+                "wall_s": round(base_wall, 2),
+                "audio_s_per_s": round(base_rtf, 2),
+                "wer": base_wer,
+            },
+            "candidate": {
+                "wall_s": round(cand_wall, 2),
+                "audio_s_per_s": round(cand_rtf, 2),
+                "wer": cand_wer,
+            },
             "candidate_one_file_per_call": {
-                "wall_s": round(single_wall, 2), "audio_s_per_s": round(single_rtf, 2),
+                "wall_s": round(single_wall, 2),
+                "audio_s_per_s": round(single_rtf, 2),
                 "wer": single_wer,
             },
             "speedup": speedup,
@@ -235,10 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wer_delta": round(cand_wer - base_wer, 4),
             "look_ahead": look_ahead,
             "targets": {"speedup_min": TARGET_SPEEDUP, "wer_delta_max": TARGET_WER_LOSS},
-            "meets_targets": speedup >= TARGET_SPEEDUP
-            and cand_wer - base_wer <= TARGET_WER_LOSS,
+            "meets_targets": speedup >= TARGET_SPEEDUP and cand_wer - base_wer <= TARGET_WER_LOSS,
         }
-    )  # fmt: skip
+    )
     report.row("clips / audio", f"{len(paths)} / {audio_s:.0f} s")
     report.row("baseline (file by file)", f"{base_rtf:.1f} x rt", f"WER {base_wer:.3f}")
     report.row("gpu worker (batched)", f"{cand_rtf:.1f} x rt", f"WER {cand_wer:.3f}")

@@ -75,9 +75,13 @@ def run_stage(module: str, env: dict[str, str]) -> StageRun:
     """Run a worker with --drain, stamping its job events as they are printed."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--drain"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace",
-    )  # fmt: skip
+        [sys.executable, "-m", module, "--drain"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     job_durations: list[float] = []
     first_start: float | None = None
     last_done: float | None = None
@@ -127,10 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         s3 = s3_utils.get_s3_client(settings)
         key = s3_utils.archive_key(BATCH_ID)
         s3_utils.upload_file(s3, settings.s3_bucket, batch.tar_path, key)
-        iso.redis().rpush(QUEUE_UNPACK, json.dumps({
-            "batch_id": BATCH_ID, "s3_key": key, "file_count": n_files,
-            "transferred_at": "2025-01-01T00:00:00+00:00",
-        }))  # fmt: skip
+        iso.redis().rpush(
+            QUEUE_UNPACK,
+            json.dumps(
+                {
+                    "batch_id": BATCH_ID,
+                    "s3_key": key,
+                    "file_count": n_files,
+                    "transferred_at": "2025-01-01T00:00:00+00:00",
+                }
+            ),
+        )
 
         unpack = run_stage("audio_pipeline.workers.unpack_worker", env)
         gpu = run_stage("audio_pipeline.workers.gpu_worker", env)
@@ -143,13 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_transcripts = conn.execute("SELECT count(*) AS n FROM transcripts").fetchone()["n"]
         not_done = [r for r in rows if r["status"] != "done"]
         if len(rows) != n_files or not_done or n_transcripts != n_files:
-            raise SystemExit(f"pipeline incomplete: {len(rows)} rows, {len(not_done)} not done, "
-                             f"{n_transcripts} transcripts")  # fmt: skip
+            raise SystemExit(
+                f"pipeline incomplete: {len(rows)} rows, {len(not_done)} not done, "
+                f"{n_transcripts} transcripts"
+            )
         ids = {r["rel_path"]: r["id"] for r in rows}
 
         # -- bare parts, same files and settings --------------------------------
-        conversions = [Conversion(rel, mp3, work / "bare" / f"{i:04d}.opus")
-                       for i, (rel, mp3) in enumerate(sorted(mp3s.items()))]  # fmt: skip
+        conversions = [
+            Conversion(rel, mp3, work / "bare" / f"{i:04d}.opus")
+            for i, (rel, mp3) in enumerate(sorted(mp3s.items()))
+        ]
         transcriber = load_transcriber(settings.models_root, AsrSettings.from_env(env))
         classifier = load_classifier(settings.models_root, ClassifierSettings.from_env(env))
         with psycopg.connect(iso.pipeline_url, row_factory=dict_row) as conn:
@@ -166,16 +181,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = keys[i : i + batch_size]
             transcripts += transcriber.transcribe_many([converted[k].output for k in group])
         t2 = time.perf_counter()
-        items = [ClassifyItem(key=ids[k], text=t.text,
-                              segments=[TextSegment(s.start, s.end, s.text) for s in t.segments])
-                 for k, t in zip(keys, transcripts, strict=True)]  # fmt: skip
+        items = [
+            ClassifyItem(
+                key=ids[k],
+                text=t.text,
+                segments=[TextSegment(s.start, s.end, s.text) for s in t.segments],
+            )
+            for k, t in zip(keys, transcripts, strict=True)
+        ]
         verdicts = classifier.classify(items, policies)
         t3 = time.perf_counter()
         by_audio: dict[int, list[object]] = {}
         for v in verdicts:
             by_audio.setdefault(v.key, []).append(v)
-        results = [records.FileResult(ids[k], t, by_audio.get(ids[k], []))  # type: ignore[arg-type]
-                   for k, t in zip(keys, transcripts, strict=True)]  # fmt: skip
+        results = [
+            records.FileResult(ids[k], t, by_audio.get(ids[k], []))  # type: ignore[arg-type]
+            for k, t in zip(keys, transcripts, strict=True)
+        ]
         with psycopg.connect(iso.pipeline_url, row_factory=dict_row) as conn:
             records.save_results(conn, results)
         t4 = time.perf_counter()
@@ -189,30 +211,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "batch": {"files": n_files, "audio_s": round(audio_s, 1), "files_per_call": batch_size},
             "pipeline": {
-                "job_s": round(pipeline_s, 3), "unpack_job_s": round(unpack.job_s, 3),
+                "job_s": round(pipeline_s, 3),
+                "unpack_job_s": round(unpack.job_s, 3),
                 "gpu_jobs_s": round(gpu.job_s, 3),
                 "unpack_handler_s": unpack.batch_s,
                 "gpu_batch_handler_s": gpu.batch_s,
                 "end_to_end_wall_s": round(unpack.wall_s + gpu.wall_s, 3),
-                "process_start_and_model_load_s": round(
-                    unpack.wall_s + gpu.wall_s - pipeline_s, 3),
+                "process_start_and_model_load_s": round(unpack.wall_s + gpu.wall_s - pipeline_s, 3),
             },
-            "baseline": {"bare_s": round(bare_total, 3),
-                         **{k: round(v, 3) for k, v in bare.items()}},
+            "baseline": {
+                "bare_s": round(bare_total, 3),
+                **{k: round(v, 3) for k, v in bare.items()},
+            },
             "overhead": round(overhead, 4),
             "pipeline_vs_bare": benchlib.ratio(pipeline_s, bare_total),
             "targets": {"overhead_max": TARGET_OVERHEAD},
             "meets_targets": overhead < TARGET_OVERHEAD,
         }
-    )  # fmt: skip
+    )
     report.row("files / audio", f"{n_files} / {audio_s:.0f} s")
-    report.row("bare parts", f"{bare_total:.2f} s",
-               " + ".join(f"{k[:-2]} {v:.2f}" for k, v in bare.items()))  # fmt: skip
-    report.row("pipeline (jobs)", f"{pipeline_s:.2f} s",
-               f"unpack {unpack.job_s:.2f} + gpu {gpu.job_s:.2f}")  # fmt: skip
+    report.row(
+        "bare parts",
+        f"{bare_total:.2f} s",
+        " + ".join(f"{k[:-2]} {v:.2f}" for k, v in bare.items()),
+    )
+    report.row(
+        "pipeline (jobs)", f"{pipeline_s:.2f} s", f"unpack {unpack.job_s:.2f} + gpu {gpu.job_s:.2f}"
+    )
     report.row("overhead", f"{overhead * 100:+.1f} %", f"target < {TARGET_OVERHEAD * 100:.0f} %")
-    report.row("end to end incl. start", f"{unpack.wall_s + gpu.wall_s:.2f} s",
-               "process start + model load, once per service")  # fmt: skip
+    report.row(
+        "end to end incl. start",
+        f"{unpack.wall_s + gpu.wall_s:.2f} s",
+        "process start + model load, once per service",
+    )
     report.write(args.out)
     return 0
 

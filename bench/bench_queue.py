@@ -76,9 +76,12 @@ def run_ours(iso: benchlib.Isolated, n_jobs: int, batch_size: int) -> float:
         pipe.rpush(BENCH_QUEUE, f'{{"n":{i}}}')
     pipe.execute()
     worker = EmptyJobWorker(
-        load_settings(iso.env), mode=RunMode.FOREVER, worker_id=f"bench-{batch_size}",
-        expected=n_jobs, batch_size=batch_size,
-    )  # fmt: skip
+        load_settings(iso.env),
+        mode=RunMode.FOREVER,
+        worker_id=f"bench-{batch_size}",
+        expected=n_jobs,
+        batch_size=batch_size,
+    )
     started = time.perf_counter()
     worker.work()
     wall = time.perf_counter() - started
@@ -127,25 +130,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "jobs": n,
             "rounds_wall_s": {k: [round(w, 3) for w in v] for k, v in rounds.items()},
-            "baseline": {"name": "rq.SimpleWorker burst", "wall_s": round(rq_wall, 3),
-                         "jobs_per_s": round(n / rq_wall, 1), "ms_per_job": per_job["rq"]},
-            "candidate": {"name": "JobQueue + Worker, batch 1", "wall_s": round(ours_wall, 3),
-                          "jobs_per_s": round(n / ours_wall, 1), "ms_per_job": per_job["ours"]},
-            "candidate_batch8": {"name": "JobQueue + Worker, batch 8",
-                                 "wall_s": round(ours_batch_wall, 3),
-                                 "jobs_per_s": round(n / ours_batch_wall, 1),
-                                 "ms_per_job": per_job["ours_batch8"]},
+            "baseline": {
+                "name": "rq.SimpleWorker burst",
+                "wall_s": round(rq_wall, 3),
+                "jobs_per_s": round(n / rq_wall, 1),
+                "ms_per_job": per_job["rq"],
+            },
+            "candidate": {
+                "name": "JobQueue + Worker, batch 1",
+                "wall_s": round(ours_wall, 3),
+                "jobs_per_s": round(n / ours_wall, 1),
+                "ms_per_job": per_job["ours"],
+            },
+            "candidate_batch8": {
+                "name": "JobQueue + Worker, batch 8",
+                "wall_s": round(ours_batch_wall, 3),
+                "jobs_per_s": round(n / ours_batch_wall, 1),
+                "ms_per_job": per_job["ours_batch8"],
+            },
             "speedup": vs_rq,
             "speedup_batch8": vs_rq_batch,
             "targets": {"ms_per_job_max": TARGET_MS_PER_JOB, "speedup_min": TARGET_VS_RQ},
             "meets_targets": per_job["ours"] < TARGET_MS_PER_JOB and vs_rq >= TARGET_VS_RQ,
         }
-    )  # fmt: skip
+    )
     report.row("jobs", str(n))
     report.row("RQ SimpleWorker", f"{per_job['rq']:.3f} ms/job", f"{n / rq_wall:.0f} jobs/s")
     report.row("ours, batch 1", f"{per_job['ours']:.3f} ms/job", f"{n / ours_wall:.0f} jobs/s")
-    report.row("ours, batch 8", f"{per_job['ours_batch8']:.3f} ms/job",
-               f"{n / ours_batch_wall:.0f} jobs/s")  # fmt: skip
+    report.row(
+        "ours, batch 8", f"{per_job['ours_batch8']:.3f} ms/job", f"{n / ours_batch_wall:.0f} jobs/s"
+    )
     report.row("vs RQ (batch 1)", f"{vs_rq:.2f}x", f"target >= {TARGET_VS_RQ}x, < 1 ms/job")
     report.row("vs RQ (batch 8)", f"{vs_rq_batch:.2f}x")
     report.write(args.out)

@@ -74,10 +74,21 @@ def free_port() -> int:
 def seed(url: str, env: dict[str, str], size: dict[str, int]) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "bench.seed_ra_db", url, "--files", str(size["files"]),
-         "--classifications", str(size["classifications"])],
-        env=env, check=True, stdout=subprocess.DEVNULL, cwd=benchlib.REPO_ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.seed_ra_db",
+            url,
+            "--files",
+            str(size["files"]),
+            "--classifications",
+            str(size["classifications"]),
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=benchlib.REPO_ROOT,
+    )
     return time.perf_counter() - started
 
 
@@ -85,8 +96,11 @@ def prepare_app(env: dict[str, str]) -> tuple[list[tuple[str, str]], int]:
     """RA accounts logged in ((cookie, csrf) each) and the synced queue size."""
     subprocess.run(
         [str(Path(sys.executable).parent / "flask"), "--app", "ra_app", "db", "upgrade"],
-        env=env, check=True, capture_output=True, cwd=benchlib.REPO_ROOT,
-    )  # fmt: skip
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=benchlib.REPO_ROOT,
+    )
     from ra_app.assignment import sync_queue
     from ra_app.extensions import db
     from ra_app.factory import create_app
@@ -126,12 +140,23 @@ def _csrf(html: str) -> str:
 
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "ra_app/gunicorn.conf.py",
-         "ra_app:create_app()"],
-        cwd=benchlib.REPO_ROOT, env={**env, "RA_BIND": f"127.0.0.1:{port}",
-                                     "RA_ACCESS_LOG": str(log), "RA_ERROR_LOG": str(log)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "-c",
+            "ra_app/gunicorn.conf.py",
+            "ra_app:create_app()",
+        ],
+        cwd=benchlib.REPO_ROOT,
+        env={
+            **env,
+            "RA_BIND": f"127.0.0.1:{port}",
+            "RA_ACCESS_LOG": str(log),
+            "RA_ERROR_LOG": str(log),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -162,13 +187,28 @@ def run_wrk(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     done = subprocess.run(
-        ["wrk", f"-t{CLIENTS}", f"-c{CLIENTS}", f"-d{duration_s}s", f"--timeout={WRK_TIMEOUT}",
-         "-s", str(LUA), f"http://127.0.0.1:{port}"],
-        env={**os.environ, "BENCH_MODE": mode, "BENCH_SESSIONS": str(sessions_file),
-             "BENCH_OUT": str(out), "BENCH_THINK_MS": str(think_ms),
-             "BENCH_THINK_SPREAD": " ".join(map(str, THINK_SPREAD))},
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            "wrk",
+            f"-t{CLIENTS}",
+            f"-c{CLIENTS}",
+            f"-d{duration_s}s",
+            f"--timeout={WRK_TIMEOUT}",
+            "-s",
+            str(LUA),
+            f"http://127.0.0.1:{port}",
+        ],
+        env={
+            **os.environ,
+            "BENCH_MODE": mode,
+            "BENCH_SESSIONS": str(sessions_file),
+            "BENCH_OUT": str(out),
+            "BENCH_THINK_MS": str(think_ms),
+            "BENCH_THINK_SPREAD": " ".join(map(str, THINK_SPREAD)),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - started
     samples: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
@@ -192,11 +232,15 @@ def run_wrk(
     }
     total = sum(k["requests"] for k in kinds.values())
     return {
-        "duration_s": duration_s, "think_ms": think_ms, "think_spread": list(THINK_SPREAD),
+        "duration_s": duration_s,
+        "think_ms": think_ms,
+        "think_spread": list(THINK_SPREAD),
         "wall_s": round(wall, 2),
-        "requests": total, "rps": round(total / duration_s, 1),
-        "timeouts": int(timeouts.group(1)) if timeouts else 0, "kinds": kinds,
-    }  # fmt: skip
+        "requests": total,
+        "rps": round(total / duration_s, 1),
+        "timeouts": int(timeouts.group(1)) if timeouts else 0,
+        "kinds": kinds,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": {**size, "seconds": round(seed_s, 1), "ra_items": items},
             "clients": CLIENTS,
             "server": "gunicorn -c ra_app/gunicorn.conf.py (defaults: gthread, "
-                      f"{os.environ.get('RA_WORKERS', 'min(4, 2*cpus+1)')} workers x 4 threads)",
+            f"{os.environ.get('RA_WORKERS', 'min(4, 2*cpus+1)')} workers x 4 threads)",
             "baseline": health,
             "candidate": loop,
             "candidate_paced": paced,
@@ -246,19 +290,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             "meets_targets": p95_paced < TARGET_P95_MS,
             "meets_targets_flat_out": p95_worst < TARGET_P95_MS,
         }
-    )  # fmt: skip
-    report.row("seeded", f"{size['files']} files", f"{size['classifications']} classifications, "
-               f"{items} queue items, {seed_s:.0f} s")  # fmt: skip
+    )
+    report.row(
+        "seeded",
+        f"{size['files']} files",
+        f"{size['classifications']} classifications, {items} queue items, {seed_s:.0f} s",
+    )
     first_next = loop["kinds"].get("next", {})
-    for name, k in (("healthz (baseline)", hk), ("next item (skip + claim)", nk),
-                    ("GET /review/<id>", rk), ("first POST /next", first_next)):  # fmt: skip
+    for name, k in (
+        ("healthz (baseline)", hk),
+        ("next item (skip + claim)", nk),
+        ("GET /review/<id>", rk),
+        ("first POST /next", first_next),
+    ):
         if k:
-            report.row(name, f"{k['rps']:.0f} req/s",
-                       f"p50 {k['p50_ms']:.1f} / p95 {k['p95_ms']:.1f} / p99 {k['p99_ms']:.1f} ms"
-                       + (f", {k['unexpected_status']} bad status" if k["unexpected_status"]
-                          else ""))  # fmt: skip
-    report.row("RA loop total", f"{loop['rps']:.0f} req/s",
-               f"{benchlib.ratio(loop['rps'], health['rps']):.2f}x of healthz")  # fmt: skip
+            report.row(
+                name,
+                f"{k['rps']:.0f} req/s",
+                f"p50 {k['p50_ms']:.1f} / p95 {k['p95_ms']:.1f} / p99 {k['p99_ms']:.1f} ms"
+                + (f", {k['unexpected_status']} bad status" if k["unexpected_status"] else ""),
+            )
+    report.row(
+        "RA loop total",
+        f"{loop['rps']:.0f} req/s",
+        f"{benchlib.ratio(loop['rps'], health['rps']):.2f}x of healthz",
+    )
     report.row("worst p95, flat out", f"{p95_worst:.1f} ms", f"target < {TARGET_P95_MS} ms")
     for name, k in (("paced: next item", pn), ("paced: GET /review/<id>", pr)):
         if k:
@@ -267,8 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{k['rps']:.0f} req/s",
                 f"p50 {k['p50_ms']:.1f} / p95 {k['p95_ms']:.1f} / p99 {k['p99_ms']:.1f} ms",
             )
-    report.row(f"worst p95, paced (~{paced['think_ms']} ms think)", f"{p95_paced:.1f} ms",
-               f"target < {TARGET_P95_MS} ms")  # fmt: skip
+    report.row(
+        f"worst p95, paced (~{paced['think_ms']} ms think)",
+        f"{p95_paced:.1f} ms",
+        f"target < {TARGET_P95_MS} ms",
+    )
     report.write(args.out)
     return 0
 

@@ -32,8 +32,10 @@ TARGET_SPEEDUP_2_CORES = 1.8
 def run_once(mp3s: dict[str, Path], out: Path, jobs: int) -> tuple[float, float]:
     """(wall seconds, audio seconds) of converting every file with ``jobs`` processes."""
     shutil.rmtree(out, ignore_errors=True)
-    conversions = [Conversion(rel, src, out / f"{i:04d}.opus")
-                   for i, (rel, src) in enumerate(sorted(mp3s.items()))]  # fmt: skip
+    conversions = [
+        Conversion(rel, src, out / f"{i:04d}.opus")
+        for i, (rel, src) in enumerate(sorted(mp3s.items()))
+    ]
     started = time.perf_counter()
     results = list(convert_many(conversions, AudioSettings(jobs=jobs)))
     wall = time.perf_counter() - started
@@ -67,17 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "corpus": {"files": n_files, "audio_s": round(audio_s, 1)},
             "rounds": rounds,
-            "baseline": {"jobs": 1, "wall_s": round(one, 3), "walls_s": walls[1],
-                         "audio_s_per_s": round(audio_s / one, 1),
-                         "files_per_s": round(n_files / one, 2)},
-            "candidate": {"jobs": cores, "wall_s": round(many, 3), "walls_s": walls[cores],
-                          "audio_s_per_s": round(audio_s / many, 1),
-                          "files_per_s": round(n_files / many, 2)},
+            "baseline": {
+                "jobs": 1,
+                "wall_s": round(one, 3),
+                "walls_s": walls[1],
+                "audio_s_per_s": round(audio_s / one, 1),
+                "files_per_s": round(n_files / one, 2),
+            },
+            "candidate": {
+                "jobs": cores,
+                "wall_s": round(many, 3),
+                "walls_s": walls[cores],
+                "audio_s_per_s": round(audio_s / many, 1),
+                "files_per_s": round(n_files / many, 2),
+            },
             "speedup": speedup,
             "targets": {"speedup_min_on_2_cores": TARGET_SPEEDUP_2_CORES},
             "meets_targets": speedup >= TARGET_SPEEDUP_2_CORES if cores == 2 else None,
         }
-    )  # fmt: skip
+    )
     report.row("files / audio", f"{n_files} / {audio_s:.0f} s")
     report.row("1 ffmpeg process", f"{audio_s / one:.0f} x rt", f"{n_files / one:.1f} files/s")
     report.row(f"{cores} processes", f"{audio_s / many:.0f} x rt", f"{n_files / many:.1f} files/s")

@@ -149,9 +149,12 @@ class Isolated:
 
     def redis(self, decode: bool = True) -> redis.Redis:
         return redis.Redis(
-            host="127.0.0.1", port=int(self.env["REDIS_PORT"]),
-            password=self.env["REDIS_PASSWORD"], db=self.redis_db, decode_responses=decode,
-        )  # fmt: skip
+            host="127.0.0.1",
+            port=int(self.env["REDIS_PORT"]),
+            password=self.env["REDIS_PASSWORD"],
+            db=self.redis_db,
+            decode_responses=decode,
+        )
 
 
 @contextmanager
@@ -206,9 +209,11 @@ def isolated_stack(name: str, *, database: bool = True, bucket: bool = True) -> 
     finally:
         try:
             redis.Redis(
-                host="127.0.0.1", port=int(base["REDIS_PORT"]),
-                password=base["REDIS_PASSWORD"], db=redis_db,
-            ).flushdb()  # fmt: skip
+                host="127.0.0.1",
+                port=int(base["REDIS_PORT"]),
+                password=base["REDIS_PASSWORD"],
+                db=redis_db,
+            ).flushdb()
         finally:
             if made_bucket:
                 _drop_bucket(s3, bucket_name)
@@ -237,9 +242,14 @@ def speech_corpus(out_dir: Path, n_files: int, seed: int, min_s: float, max_s: f
     from devtools.sample import make_speech_batch
 
     batch = make_speech_batch(
-        out_dir, f"corpus-{seed}", n_files, seed, min_s, max_s,
+        out_dir,
+        f"corpus-{seed}",
+        n_files,
+        seed,
+        min_s,
+        max_s,
         cache_dir=DEFAULT_OUT_DIR / "espeak-cache",
-    )  # fmt: skip
+    )
     files_dir = out_dir / "mp3"
     with tarfile.open(batch.tar_path) as tf:
         tf.extractall(files_dir, filter="data")

@@ -284,10 +284,14 @@ def classification_rows(
     nsegs = files.segments.tolist()
     for k, (a, c, s, f, seg) in enumerate(
         zip(
-            audio_index.tolist(), combo.tolist(), score.tolist(), flagged.tolist(),
-            evidence_seg.tolist(), strict=True,
+            audio_index.tolist(),
+            combo.tolist(),
+            score.tolist(),
+            flagged.tolist(),
+            evidence_seg.tolist(),
+            strict=True,
         )
-    ):  # fmt: skip
+    ):
         if f:
             start, end = _segment_bounds(durations[a], nsegs[a], seg)
             evidence = (

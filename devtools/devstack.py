@@ -263,20 +263,30 @@ def start_redis(stack: Stack) -> None:
     subprocess.run(
         [
             server,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(stack.redis_dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "yes",
-            "--pidfile", str(stack.redis_dir / "redis.pid"),
-            "--logfile", str(stack.log_dir / "redis.log"),
-            "--requirepass", DEV_REDIS_PASSWORD,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(stack.redis_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(stack.redis_dir / "redis.pid"),
+            "--logfile",
+            str(stack.log_dir / "redis.log"),
+            "--requirepass",
+            DEV_REDIS_PASSWORD,
             # test sessions pick their own database number for isolation
-            "--databases", "64",
+            "--databases",
+            "64",
         ],
         check=True,
-    )  # fmt: skip
+    )
     _wait_for("redis", lambda: _port_open(port), log=stack.log_dir / "redis.log")
 
 
@@ -309,12 +319,23 @@ def start_postgres(stack: Stack) -> None:
         shutil.chown(pwfile, "postgres", "postgres")
         _as_postgres(
             [
-                str(PG_BIN / "initdb"), "-D", str(stack.pg_data), "-U", "postgres",
-                "--pwfile", str(pwfile), "-A", "scram-sha-256", "--auth-local=trust",
-                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(stack.pg_data),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(pwfile),
+                "-A",
+                "scram-sha-256",
+                "--auth-local=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
             ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         pwfile.unlink()
     # Durability settings are off: this cluster is disposable and speed matters.
     opts = (
@@ -323,10 +344,21 @@ def start_postgres(stack: Stack) -> None:
         "-c max_connections=300 -c shared_buffers=256MB"
     )
     _as_postgres(
-        [str(PG_BIN / "pg_ctl"), "-D", str(stack.pg_data), "-l", str(log), "-o", opts,
-         "-w", "-t", str(int(START_TIMEOUT)), "start"],
+        [
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(stack.pg_data),
+            "-l",
+            str(log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT)),
+            "start",
+        ],
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     if first_run:
         bootstrap_database(stack)
 
@@ -334,9 +366,12 @@ def start_postgres(stack: Stack) -> None:
 def admin_connect(stack: Stack, dbname: str = "postgres") -> psycopg.Connection:
     """A superuser connection over the stack's unix socket (trust auth)."""
     return psycopg.connect(
-        host=str(stack.pg_dir), port=stack.ports.postgres, user="postgres",
-        dbname=dbname, autocommit=True,
-    )  # fmt: skip
+        host=str(stack.pg_dir),
+        port=stack.ports.postgres,
+        user="postgres",
+        dbname=dbname,
+        autocommit=True,
+    )
 
 
 def bootstrap_database(stack: Stack) -> None:
@@ -402,21 +437,34 @@ def start_seaweedfs(stack: Stack) -> None:
         )
     )
     args = [
-        weed, f"-logdir={stack.log_dir}", "mini", f"-dir={data}",
-        f"-ip={stack.host}", f"-ip.bind={stack.host}", f"-s3.port={port}",
-        f"-s3.config={config}", "-master.telemetry=false", "-webdav=false",
-        "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        weed,
+        f"-logdir={stack.log_dir}",
+        "mini",
+        f"-dir={data}",
+        f"-ip={stack.host}",
+        f"-ip.bind={stack.host}",
+        f"-s3.port={port}",
+        f"-s3.config={config}",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.localSocket={stack.s3_dir / 's3.sock'}",
         f"-filer.localSocket={stack.s3_dir / 'filer.sock'}",
-    ]  # fmt: skip
+    ]
     args += [f"-{k}={v}" for k, v in stack.ports.seaweed_internal().items()]
     log = stack.log_dir / "seaweedfs.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=stack.s3_dir,
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=stack.s3_dir,
             env={**os.environ, "TMPDIR": str(stack.s3_dir)},
-        )  # fmt: skip
+        )
     (stack.s3_dir / "weed.pid").write_text(str(proc.pid))
     _wait_for("seaweedfs s3", lambda: _s3_ready(stack), log=log)
 
@@ -512,9 +560,13 @@ def down(stack: Stack, purge: bool = False) -> None:
     if (stack.pg_data / "postmaster.pid").exists():
         subprocess.run(
             [str(PG_BIN / "pg_ctl"), "-D", str(stack.pg_data), "-m", "fast", "-w", "stop"],
-            user="postgres", group="postgres", extra_groups=[], check=False,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            user="postgres",
+            group="postgres",
+            extra_groups=[],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     _stop_pid(stack.redis_dir / "redis.pid")
     if purge:
         shutil.rmtree(stack.root, ignore_errors=True)

@@ -227,9 +227,16 @@ def _speak(utterance: _Utterance, cache: Path) -> None:
         return
     partial = target.with_name(f".{target.name}.{os.getpid()}.{id(utterance)}.partial")
     cmd = [
-        "espeak-ng", "-v", utterance.voice, "-s", str(utterance.speed),
-        "-w", str(partial), "--", utterance.sentence,
-    ]  # fmt: skip
+        "espeak-ng",
+        "-v",
+        utterance.voice,
+        "-s",
+        str(utterance.speed),
+        "-w",
+        str(partial),
+        "--",
+        utterance.sentence,
+    ]
     _run(cmd, ESPEAK_TIMEOUT_S)
     partial.replace(target)
 
@@ -261,10 +268,28 @@ def _assemble(plan: _FilePlan, cache: Path, work: Path, min_seconds: float) -> t
         w.writeframes(pcm)
     mp3 = wav.with_suffix(".mp3")
     cmd = [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(wav),
-        "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact",
-        "-c:a", "libmp3lame", "-b:a", MP3_BITRATE, "-f", "mp3", str(mp3),
-    ]  # fmt: skip
+        "ffmpeg",
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-i",
+        str(wav),
+        "-map_metadata",
+        "-1",
+        "-fflags",
+        "+bitexact",
+        "-flags:a",
+        "+bitexact",
+        "-c:a",
+        "libmp3lame",
+        "-b:a",
+        MP3_BITRATE,
+        "-f",
+        "mp3",
+        str(mp3),
+    ]
     _run(cmd, FFMPEG_TIMEOUT_S)
     data = mp3.read_bytes()
     wav.unlink()
@@ -335,9 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         batch = make_speech_batch(
-            args.out, args.batch_id, args.files, args.seed, args.min_seconds, args.max_seconds,
+            args.out,
+            args.batch_id,
+            args.files,
+            args.seed,
+            args.min_seconds,
+            args.max_seconds,
             cache_dir=args.cache_dir,
-        )  # fmt: skip
+        )
     except (SampleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

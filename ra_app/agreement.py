@@ -333,10 +333,19 @@ def measure(
             else f"no item has two codings ({unpaired} coded once or left empty)"
         )
         return Agreement(
-            items=0, units=0, coders=0, codings=0, unpaired_items=unpaired,
-            observed_agreement=None, alpha=None, alpha_reason=reason,
-            kappa=None, kappa_method=None, kappa_reason=reason, pairs=(),
-        )  # fmt: skip
+            items=0,
+            units=0,
+            coders=0,
+            codings=0,
+            unpaired_items=unpaired,
+            observed_agreement=None,
+            alpha=None,
+            alpha_reason=reason,
+            kappa=None,
+            kappa_method=None,
+            kappa_reason=reason,
+            pairs=(),
+        )
     categories = sorted({v for c in pairable.values() for v in c.values()}, key=_order)
     counts = np.array(
         [[Counter(c.values())[k] for k in categories] for c in pairable.values()], dtype=np.int64

@@ -59,9 +59,19 @@ def stream_opus(key: str) -> Response:
         obj = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         headers["Content-Length"] = str(stop - start)
-        return Response(_relay(obj["Body"]), status=206, mimetype=OPUS_MIME, headers=headers,
-                        direct_passthrough=True)  # fmt: skip
+        return Response(
+            _relay(obj["Body"]),
+            status=206,
+            mimetype=OPUS_MIME,
+            headers=headers,
+            direct_passthrough=True,
+        )
     obj = client.get_object(Bucket=bucket, Key=key)
     headers["Content-Length"] = str(size)
-    return Response(_relay(obj["Body"]), status=200, mimetype=OPUS_MIME, headers=headers,
-                    direct_passthrough=True)  # fmt: skip
+    return Response(
+        _relay(obj["Body"]),
+        status=200,
+        mimetype=OPUS_MIME,
+        headers=headers,
+        direct_passthrough=True,
+    )

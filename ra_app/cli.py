@@ -26,10 +26,17 @@ def _user(username: str) -> User:
 @click.command("create-user")
 @with_appcontext
 @click.argument("username")
-@click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.RA.value,
-              show_default=True)  # fmt: skip
-@click.option("--password", envvar="RA_NEW_PASSWORD", prompt=True, hide_input=True,
-              confirmation_prompt=True, help="prompted for if not given")  # fmt: skip
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), default=Role.RA.value, show_default=True
+)
+@click.option(
+    "--password",
+    envvar="RA_NEW_PASSWORD",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    help="prompted for if not given",
+)
 def create_user(username: str, role: str, password: str) -> None:
     """Create a user, e.g. the first admin: flask --app ra_app create-user alice --role admin"""
     try:
@@ -57,8 +64,14 @@ def deactivate_user(username: str) -> None:
 @click.command("reset-password")
 @with_appcontext
 @click.argument("username")
-@click.option("--password", envvar="RA_NEW_PASSWORD", prompt="New password", hide_input=True,
-              confirmation_prompt=True, help="prompted for if not given")  # fmt: skip
+@click.option(
+    "--password",
+    envvar="RA_NEW_PASSWORD",
+    prompt="New password",
+    hide_input=True,
+    confirmation_prompt=True,
+    help="prompted for if not given",
+)
 def reset_password(username: str, password: str) -> None:
     """Set a new password for USERNAME and log them out everywhere (API tokens stay)."""
     user = _user(username)
@@ -135,6 +148,15 @@ def assign_batch(batch_id: str, username: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    for command in (create_user, deactivate_user, reset_password, create_token, list_tokens,
-                    revoke_token, sync_queue, expire_assignments, assign_batch):  # fmt: skip
+    for command in (
+        create_user,
+        deactivate_user,
+        reset_password,
+        create_token,
+        list_tokens,
+        revoke_token,
+        sync_queue,
+        expire_assignments,
+        assign_batch,
+    ):
         app.cli.add_command(command)

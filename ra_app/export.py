@@ -81,12 +81,31 @@ LEFT JOIN transcripts t ON t.audio_id = c.audio_id
 ORDER BY l.id
 """
 BASE_COLUMNS = [
-    "label_id", "assignment_id", "classification_id", "audio_id", "batch_id", "rel_path",
-    "duration_s", "opus_s3_key", "policy_name", "policy_version", "classifier_model", "score",
-    "threshold", "coder", "assignment_source", "coders_needed", "codebook_version",
-    "time_on_task_ms", "assigned_at", "labeled_at", "language", "asr_model", "transcript",
+    "label_id",
+    "assignment_id",
+    "classification_id",
+    "audio_id",
+    "batch_id",
+    "rel_path",
+    "duration_s",
+    "opus_s3_key",
+    "policy_name",
+    "policy_version",
+    "classifier_model",
+    "score",
+    "threshold",
+    "coder",
+    "assignment_source",
+    "coders_needed",
+    "codebook_version",
+    "time_on_task_ms",
+    "assigned_at",
+    "labeled_at",
+    "language",
+    "asr_model",
+    "transcript",
     "pipeline_deleted",
-]  # fmt: skip
+]
 
 
 def _rows() -> Iterator[dict[str, Any]]:

@@ -29,11 +29,12 @@ class ResetPasswordForm(FlaskForm):
         validators=[
             DataRequired(),
             Length(
-                min=MIN_PASSWORD_LENGTH, max=1024,
+                min=MIN_PASSWORD_LENGTH,
+                max=1024,
                 message=f"The password must be {MIN_PASSWORD_LENGTH} to 1024 characters long.",
             ),
         ],
-    )  # fmt: skip
+    )
     confirm = PasswordField(
         "Repeat it", validators=[DataRequired(), EqualTo("password", "The passwords differ.")]
     )

@@ -51,10 +51,14 @@ def record_label(
     # Read in this transaction, so the label keeps what the pipeline held as it was made.
     facts = pipeline.label_facts(found.classification_id) or {}
     label = Label(
-        assignment_id=found.id, classification_id=found.classification_id, user_id=user.id,
-        answer=cleaned, time_on_task_ms=_time_on_task(time_on_task_ms, found.assigned_at, now),
-        codebook_version=codebook.version, **facts,
-    )  # fmt: skip
+        assignment_id=found.id,
+        classification_id=found.classification_id,
+        user_id=user.id,
+        answer=cleaned,
+        time_on_task_ms=_time_on_task(time_on_task_ms, found.assigned_at, now),
+        codebook_version=codebook.version,
+        **facts,
+    )
     db.session.add(label)
     found.status = AssignmentStatus.DONE.value
     found.completed_at = now

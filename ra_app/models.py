@@ -125,8 +125,9 @@ class Item(db.Model):
         Index("ra_items_batch_idx", "batch_id"),
     )
 
-    classification_id: Mapped[int] = mapped_column(BigInteger, primary_key=True,
-                                                   autoincrement=False)  # fmt: skip
+    classification_id: Mapped[int] = mapped_column(
+        BigInteger, primary_key=True, autoincrement=False
+    )
     audio_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     batch_id: Mapped[str] = mapped_column(Text, nullable=False)
     policy_id: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -98,8 +98,9 @@ def item_detail(classification_id: int) -> ItemDetail | None:
     Reads the base tables rather than ra_queue, so an item already handed out
     still shows if a re-run has since unflagged it.
     """
-    row = db.session.execute(
-        text("""
+    row = (
+        db.session.execute(
+            text("""
         SELECT c.id AS classification_id, c.audio_id, a.batch_id, a.rel_path, a.opus_s3_key,
                a.duration_s, p.name AS policy_name, p.version AS policy_version, c.model,
                c.score, c.threshold, c.evidence, t.text AS transcript_text, t.language,
@@ -110,8 +111,11 @@ def item_detail(classification_id: int) -> ItemDetail | None:
         LEFT JOIN transcripts t ON t.audio_id = c.audio_id
         WHERE c.id = :cid
         """),
-        {"cid": classification_id},
-    ).mappings().first()  # fmt: skip
+            {"cid": classification_id},
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         return None
     return ItemDetail(
@@ -141,15 +145,26 @@ def opus_key_for(classification_id: int) -> str | None:
 
 
 LABEL_FACTS = (
-    "audio_id", "batch_id", "rel_path", "duration_s", "opus_s3_key", "policy_name",
-    "policy_version", "classifier_model", "score", "threshold", "language", "asr_model",
-)  # fmt: skip
+    "audio_id",
+    "batch_id",
+    "rel_path",
+    "duration_s",
+    "opus_s3_key",
+    "policy_name",
+    "policy_version",
+    "classifier_model",
+    "score",
+    "threshold",
+    "language",
+    "asr_model",
+)
 
 
 def label_facts(classification_id: int) -> dict[str, Any] | None:
     """What a label keeps of its item (models.Label says why); None once deleted."""
-    row = db.session.execute(
-        text("""
+    row = (
+        db.session.execute(
+            text("""
         SELECT c.audio_id, f.batch_id, f.rel_path, f.duration_s, f.opus_s3_key,
                p.name AS policy_name, p.version AS policy_version,
                c.model AS classifier_model, c.score, c.threshold, t.language,
@@ -160,6 +175,9 @@ def label_facts(classification_id: int) -> dict[str, Any] | None:
         LEFT JOIN transcripts t ON t.audio_id = c.audio_id
         WHERE c.id = :cid
         """),
-        {"cid": classification_id},
-    ).mappings().first()  # fmt: skip
+            {"cid": classification_id},
+        )
+        .mappings()
+        .first()
+    )
     return {k: row[k] for k in LABEL_FACTS} if row is not None else None

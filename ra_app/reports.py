@@ -139,10 +139,13 @@ def disagreement_page(codebook: Codebook, page: int, size: int) -> DisagreementP
     for d in agreement.disagreements(rows, codebook):
         by_item.setdefault(d.item_id, []).append(d)
     items = [
-        {"classification_id": r.classification_id, "batch_id": r.batch_id,
-         "fields": by_item.get(r.classification_id, [])}
+        {
+            "classification_id": r.classification_id,
+            "batch_id": r.batch_id,
+            "fields": by_item.get(r.classification_id, []),
+        }
         for r in found[:size]
-    ]  # fmt: skip
+    ]
     return DisagreementPage(items=items, has_next=len(found) > size)
 
 

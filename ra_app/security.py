@@ -60,10 +60,12 @@ def issue_token(user: User, name: str, days: int) -> str:
     token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     db.session.add(
         ApiToken(
-            user_id=user.id, name=name, token_hash=hash_token(token),
+            user_id=user.id,
+            name=name,
+            token_hash=hash_token(token),
             expires_at=datetime.now(UTC) + timedelta(days=days),
         )
-    )  # fmt: skip
+    )
     return token
 
 

@@ -207,9 +207,14 @@ def status_summary(conn: psycopg.Connection, in_flight_limit: int) -> dict[str, 
         ).fetchall()
     in_flight = [
         {
-            "batch_id": b, "status": s, "file_count": fc, "unpack_host": h,
-            "files_done": d, "files_failed": f, "idle_s": float(idle),
+            "batch_id": b,
+            "status": s,
+            "file_count": fc,
+            "unpack_host": h,
+            "files_done": d,
+            "files_failed": f,
+            "idle_s": float(idle),
         }
         for b, s, fc, h, d, f, idle in rows
-    ]  # fmt: skip
+    ]
     return {"by_status": counts, "in_flight": in_flight}

@@ -150,13 +150,20 @@ def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> lis
                    processing_seconds = EXCLUDED.processing_seconds, updated_at = now()
             """,
             [
-                (r.audio_id, r.transcript.text, r.transcript.language,
-                 r.transcript.language_probability, Jsonb(r.transcript.segments_json()),
-                 r.transcript.model, r.transcript.backend, r.transcript.audio_seconds,
-                 r.transcript.processing_seconds)
+                (
+                    r.audio_id,
+                    r.transcript.text,
+                    r.transcript.language,
+                    r.transcript.language_probability,
+                    Jsonb(r.transcript.segments_json()),
+                    r.transcript.model,
+                    r.transcript.backend,
+                    r.transcript.audio_seconds,
+                    r.transcript.processing_seconds,
+                )
                 for r in results
             ],
-        )  # fmt: skip
+        )
         cur.executemany(
             """
             INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold,
@@ -169,12 +176,21 @@ def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> lis
                    updated_at = now()
             """,
             [
-                (r.audio_id, v.policy_id, v.model, v.score, v.label, v.threshold,
-                 Jsonb(v.evidence_json()), v.windows, v.truncated)
+                (
+                    r.audio_id,
+                    v.policy_id,
+                    v.model,
+                    v.score,
+                    v.label,
+                    v.threshold,
+                    Jsonb(v.evidence_json()),
+                    v.windows,
+                    v.truncated,
+                )
                 for r in results
                 for v in r.verdicts
             ],
-        )  # fmt: skip
+        )
         rows = cur.execute(
             """
             UPDATE audio_files SET status = 'done', error = NULL, updated_at = now()

@@ -83,5 +83,4 @@ class Heartbeat:
                     next_reap = time.monotonic() + self.timings.reaper_interval_s
                     self.queue.reap()
             except redis.exceptions.RedisError as exc:
-                log_event(self.log, "worker.heartbeat_failed", level=logging.ERROR,
-                          error=str(exc))  # fmt: skip
+                log_event(self.log, "worker.heartbeat_failed", level=logging.ERROR, error=str(exc))

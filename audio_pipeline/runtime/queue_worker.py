@@ -254,8 +254,13 @@ class QueueWorker(Service):
                 jobs = []
             if jobs:
                 self._ahead = LookAhead(jobs, self.prepare_batch, name=f"prepare-{self.stage}")
-                log_event(self.log, "worker.look_ahead", level=logging.DEBUG, stage=self.stage,
-                          jobs=",".join(j.short_id for j in jobs))  # fmt: skip
+                log_event(
+                    self.log,
+                    "worker.look_ahead",
+                    level=logging.DEBUG,
+                    stage=self.stage,
+                    jobs=",".join(j.short_id for j in jobs),
+                )
 
     def _drop_look_ahead(self) -> None:
         """Hand the look-ahead back unprocessed (a stop): after its preparation ends,

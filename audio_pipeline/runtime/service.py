@@ -214,8 +214,14 @@ class Service:
             self.on_start()
             self.queue.reap()
             self.setup()
-            log_event(self.log, "worker.started", stage=self.stage, worker=self.worker_id,
-                      mode=self.mode.value, **self.describe())  # fmt: skip
+            log_event(
+                self.log,
+                "worker.started",
+                stage=self.stage,
+                worker=self.worker_id,
+                mode=self.mode.value,
+                **self.describe(),
+            )
             while not self.stopping:
                 did_work = self.iterate()
                 if self.mode is RunMode.ONCE and (did_work or self.drained()):
@@ -228,8 +234,13 @@ class Service:
         finally:
             self.state = ServiceState.STOPPING
             self._shutdown()
-        log_event(self.log, "worker.stopped", stage=self.stage, worker=self.worker_id,
-                  exit_code=self.exit_code)  # fmt: skip
+        log_event(
+            self.log,
+            "worker.stopped",
+            stage=self.stage,
+            worker=self.worker_id,
+            exit_code=self.exit_code,
+        )
         return self.exit_code
 
     def sleep(self, seconds: float) -> None:
@@ -246,8 +257,9 @@ class Service:
             try:
                 self.queue.unregister()
             except redis.exceptions.RedisError as exc:
-                log_event(self.log, "worker.unregister_failed", level=logging.WARNING,
-                          error=str(exc))  # fmt: skip
+                log_event(
+                    self.log, "worker.unregister_failed", level=logging.WARNING, error=str(exc)
+                )
             if self._db is not None:
                 self._db.close()
 
@@ -301,20 +313,25 @@ class Service:
         if not self.stopping:
             self.stopping = True
             self.state = ServiceState.STOPPING  # shown in the heartbeat / `status`
-            log_event(self.log, "worker.stop_requested", stage=self.stage, signal=name,
-                      jobs_in_hand=held)  # fmt: skip
+            log_event(
+                self.log, "worker.stop_requested", stage=self.stage, signal=name, jobs_in_hand=held
+            )
             return
         self._stop_forced = True
-        log_event(self.log, "worker.stop_forced", stage=self.stage, signal=name,
-                  jobs_in_hand=held)  # fmt: skip
+        log_event(self.log, "worker.stop_forced", stage=self.stage, signal=name, jobs_in_hand=held)
         if self._interruptible:
             raise ShutdownForced
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         held = self.in_hand()
         return {
-            "stage": self.stage, "host": self.settings.worker_host, "pid": os.getpid(),
-            "state": self.state.value, "started_at": self._started_at, "job": held.ids,
-            "job_raw": held.excerpt[:JOB_EXCERPT_CHARS], "look_ahead": held.ahead,
+            "stage": self.stage,
+            "host": self.settings.worker_host,
+            "pid": os.getpid(),
+            "state": self.state.value,
+            "started_at": self._started_at,
+            "job": held.ids,
+            "job_raw": held.excerpt[:JOB_EXCERPT_CHARS],
+            "look_ahead": held.ahead,
             **self.describe(),
-        }  # fmt: skip
+        }

@@ -165,9 +165,15 @@ class GpuWorker(QueueWorker):
             self.look_ahead = self.transcriber.device == "cuda"
         else:
             self.look_ahead = self.prefetch
-        log_event(self.log, "gpu.models_loaded", asr=self.transcriber.model_name,
-                  asr_backend=self.transcriber.backend, classifier=self.classifier.model_name,
-                  batch_size=self.batch_size, prefetch=self.look_ahead)  # fmt: skip
+        log_event(
+            self.log,
+            "gpu.models_loaded",
+            asr=self.transcriber.model_name,
+            asr_backend=self.transcriber.backend,
+            classifier=self.classifier.model_name,
+            batch_size=self.batch_size,
+            prefetch=self.look_ahead,
+        )
         self._check_policies_at_start()
 
     @property
@@ -260,9 +266,16 @@ class GpuWorker(QueueWorker):
         for w, r in zip(work, results, strict=True):
             outcomes[w.job.raw] = None
             flagged = sum(v.label for v in r.verdicts)
-            log_event(self.log, "gpu.file_done", audio_id=w.row.id, batch_id=w.row.batch_id,
-                      audio_s=r.transcript.audio_seconds, words=len(r.transcript.text.split()),
-                      policies=len(r.verdicts), flagged=flagged)  # fmt: skip
+            log_event(
+                self.log,
+                "gpu.file_done",
+                audio_id=w.row.id,
+                batch_id=w.row.batch_id,
+                audio_s=r.transcript.audio_seconds,
+                words=len(r.transcript.text.split()),
+                policies=len(r.verdicts),
+                flagged=flagged,
+            )
             self._delete_local(w)
         self._clean_finished(finished)
         return outcomes
@@ -274,13 +287,17 @@ class GpuWorker(QueueWorker):
             with self.db.connection() as conn:
                 count = len(active_policies(conn))
         except Exception as exc:  # the claims will meet the same outage and retry
-            log_event(self.log, "gpu.policy_check_failed", level=logging.WARNING,
-                      error=str(exc))  # fmt: skip
+            log_event(self.log, "gpu.policy_check_failed", level=logging.WARNING, error=str(exc))
             return
         if count == 0:
             self._policy_missing = True
-            log_event(self.log, "gpu.no_active_policy", level=logging.WARNING, phase="start",
-                      detail=NO_POLICY_HINT)  # fmt: skip
+            log_event(
+                self.log,
+                "gpu.no_active_policy",
+                level=logging.WARNING,
+                phase="start",
+                detail=NO_POLICY_HINT,
+            )
         else:
             log_event(self.log, "gpu.policies_active", policies=count)
 
@@ -288,8 +305,12 @@ class GpuWorker(QueueWorker):
         """Warn while claims are stored without a verdict (rate-limited); say when it ends."""
         if count:
             if self._policy_missing:
-                log_event(self.log, "gpu.policies_active", policies=count,
-                          files_without_verdict=self._files_without_verdict)  # fmt: skip
+                log_event(
+                    self.log,
+                    "gpu.policies_active",
+                    policies=count,
+                    files_without_verdict=self._files_without_verdict,
+                )
                 self._policy_missing = False
                 self._no_policy_warned_at = None
                 self._files_without_verdict = 0
@@ -299,9 +320,14 @@ class GpuWorker(QueueWorker):
         now = time.monotonic()
         last = self._no_policy_warned_at
         if last is None or now - last >= NO_POLICY_WARN_INTERVAL_S:
-            log_event(self.log, "gpu.no_active_policy", level=logging.WARNING, phase="claim",
-                      files_without_verdict=self._files_without_verdict,
-                      detail=NO_POLICY_HINT)  # fmt: skip
+            log_event(
+                self.log,
+                "gpu.no_active_policy",
+                level=logging.WARNING,
+                phase="claim",
+                files_without_verdict=self._files_without_verdict,
+                detail=NO_POLICY_HINT,
+            )
             self._no_policy_warned_at = now
             self._files_without_verdict = 0
 
@@ -319,8 +345,13 @@ class GpuWorker(QueueWorker):
                 row = records.audio_by_opus_path(conn, opus_path)
             if row is None:
                 row = records.register_adhoc(conn, opus_path, self.settings.worker_host)
-                log_event(self.log, "gpu.registered_adhoc", audio_id=audio_id,
-                          registered_audio_id=row.id, opus_path=opus_path)  # fmt: skip
+                log_event(
+                    self.log,
+                    "gpu.registered_adhoc",
+                    audio_id=audio_id,
+                    registered_audio_id=row.id,
+                    opus_path=opus_path,
+                )
         if row.status == "done" and row.has_transcript:
             log_event(self.log, "gpu.already_done", audio_id=row.id, batch_id=row.batch_id)
             self._delete_local_path(Path(opus_path), fetched=False)
@@ -330,9 +361,10 @@ class GpuWorker(QueueWorker):
             return _Work(job, row, local, fetched=False)
         if not row.opus_s3_key:
             raise self._fail_row(
-                row, f"{opus_path} is not on host {self.settings.worker_host} and no S3 copy "
+                row,
+                f"{opus_path} is not on host {self.settings.worker_host} and no S3 copy "
                 "is recorded for it (audio_files.opus_s3_key is empty)",
-            )  # fmt: skip
+            )
         return _Work(job, row, self._fetch(row), fetched=True)
 
     def _fetch(self, row: records.AudioRow) -> Path:
@@ -343,9 +375,10 @@ class GpuWorker(QueueWorker):
         except ClientError as exc:
             if s3_utils.is_not_found(exc):
                 raise self._fail_row(
-                    row, f"{row.opus_path} is not on host {self.settings.worker_host} and "
+                    row,
+                    f"{row.opus_path} is not on host {self.settings.worker_host} and "
                     f"s3://{self.settings.s3_bucket}/{row.opus_s3_key} does not exist",
-                ) from exc  # fmt: skip
+                ) from exc
             raise  # transient: the queue retries
         except s3_utils.IntegrityError as exc:
             raise self._fail_row(row, str(exc)) from exc
@@ -375,8 +408,9 @@ class GpuWorker(QueueWorker):
             if ours:
                 path.unlink(missing_ok=True)
         except OSError as exc:
-            log_event(self.log, "gpu.delete_failed", level=logging.WARNING, path=str(path),
-                      error=str(exc))  # fmt: skip
+            log_event(
+                self.log, "gpu.delete_failed", level=logging.WARNING, path=str(path), error=str(exc)
+            )
 
     def _clean_finished(self, batch_ids: list[str]) -> None:
         for batch_id in batch_ids:

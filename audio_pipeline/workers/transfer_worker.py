@@ -174,8 +174,13 @@ class TransferWorker(Service):
         try:
             ready, pending = self._scan()
         except CONNECTION_ERRORS as exc:
-            log_event(self.log, "transfer.scan_failed", level=logging.ERROR,
-                      host=self.host.label, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            log_event(
+                self.log,
+                "transfer.scan_failed",
+                level=logging.ERROR,
+                host=self.host.label,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             self.host.close()
             if self.mode is not RunMode.FOREVER:
                 # An operator's --once/--drain must not report success it did not have.
@@ -245,10 +250,14 @@ class TransferWorker(Service):
             return
         self._reported_bad.add(name)
         log_event(
-            self.log, "transfer.bad_name", level=logging.ERROR, host=self.host.label, file=name,
+            self.log,
+            "transfer.bad_name",
+            level=logging.ERROR,
+            host=self.host.label,
+            file=name,
             error=f"archive name is not a valid batch_id ({BATCH_ID_RULE}): "
             "skipped, never transferred",
-        )  # fmt: skip
+        )
 
     # -- one archive --------------------------------------------------------------
 
@@ -260,15 +269,26 @@ class TransferWorker(Service):
             with self.interruptible():  # every step is safe to repeat: a later run resumes
                 self._copy_and_publish(info, batch_id)
         except InterruptedError as exc:
-            log_event(self.log, "transfer.paused", level=logging.WARNING, batch_id=batch_id,
-                      reason=str(exc))  # fmt: skip
+            log_event(
+                self.log,
+                "transfer.paused",
+                level=logging.WARNING,
+                batch_id=batch_id,
+                reason=str(exc),
+            )
         except Exception as exc:  # reported; the worker goes on with other archives
             self._record_failure(info.name, batch_id, exc)
         else:
             self._failures.pop(info.name, None)
             self._seen.pop(info.name, None)
-            log_event(self.log, "job.done", stage=self.stage, batch_id=batch_id,
-                      bytes=info.size, duration_s=time.monotonic() - started)  # fmt: skip
+            log_event(
+                self.log,
+                "job.done",
+                stage=self.stage,
+                batch_id=batch_id,
+                bytes=info.size,
+                duration_s=time.monotonic() - started,
+            )
         finally:
             self._current = ""
 
@@ -280,18 +300,34 @@ class TransferWorker(Service):
                 # Copied before: a crash fell before the remote was put aside, or the
                 # same name was dropped again. Never copy twice; finish the bookkeeping.
                 self._enqueue(batch_id, s3_key, state["transferred_at"])
-                log_event(self.log, "transfer.already_done", level=logging.WARNING,
-                          batch_id=batch_id, file=info.name, status=state["status"])  # fmt: skip
+                log_event(
+                    self.log,
+                    "transfer.already_done",
+                    level=logging.WARNING,
+                    batch_id=batch_id,
+                    file=info.name,
+                    status=state["status"],
+                )
                 self._put_aside(info.name)
                 return
             started = batches.begin_transfer(
-                conn, batch_id, s3_key, self.host.settings.host, self.host.path(info.name),
+                conn,
+                batch_id,
+                s3_key,
+                self.host.settings.host,
+                self.host.path(info.name),
                 info.size,
-            )  # fmt: skip
+            )
         if not started:
-            log_event(self.log, "transfer.duplicate", level=logging.ERROR, batch_id=batch_id,
-                      file=info.name, error="batch already known in another state "
-                      "(injected by hand?): put aside, not transferred")  # fmt: skip
+            log_event(
+                self.log,
+                "transfer.duplicate",
+                level=logging.ERROR,
+                batch_id=batch_id,
+                file=info.name,
+                error="batch already known in another state "
+                "(injected by hand?): put aside, not transferred",
+            )
             self._put_aside(info.name)
             return
 
@@ -323,8 +359,13 @@ class TransferWorker(Service):
         if self.transfer.verify_remote_sha256:
             remote_sha = self.host.sha256(info.name)
             if remote_sha is None:
-                log_event(self.log, "transfer.no_remote_sha256", level=logging.WARNING,
-                          batch_id=batch_id, host=self.host.label)  # fmt: skip
+                log_event(
+                    self.log,
+                    "transfer.no_remote_sha256",
+                    level=logging.WARNING,
+                    batch_id=batch_id,
+                    host=self.host.label,
+                )
             elif remote_sha != sha256:
                 local.unlink(missing_ok=True)  # a bad partial: start over next time
                 raise TransferIntegrityError(
@@ -339,8 +380,12 @@ class TransferWorker(Service):
             head = self.s3.head_object(Bucket=bucket, Key=s3_key)
             stored = head.get("Metadata", {}).get(s3_utils.SHA256_METADATA_KEY)
             if stored == sha256 and head["ContentLength"] == local.stat().st_size:
-                log_event(self.log, "transfer.upload_skipped", batch_id=batch_id,
-                          reason="identical object already in S3")  # fmt: skip
+                log_event(
+                    self.log,
+                    "transfer.upload_skipped",
+                    batch_id=batch_id,
+                    reason="identical object already in S3",
+                )
                 return
         except botocore.exceptions.ClientError:
             pass  # not there yet
@@ -350,17 +395,23 @@ class TransferWorker(Service):
     def _enqueue(self, batch_id: str, s3_key: str, transferred_at: datetime | None) -> bool:
         when = (transferred_at or datetime.now(UTC)).astimezone(UTC)
         payload = {
-            "batch_id": batch_id, "s3_key": s3_key, "file_count": None,
+            "batch_id": batch_id,
+            "s3_key": s3_key,
+            "file_count": None,
             "transferred_at": when.isoformat(),
-        }  # fmt: skip
+        }
         pushed = bool(
             self._enqueue_once(
                 keys=[ENQUEUED_KEY.format(batch_id=batch_id), QUEUE_UNPACK],
                 args=[self.worker_id, json.dumps(payload), ENQUEUED_TTL_S],
             )
         )
-        log_event(self.log, "transfer.enqueued" if pushed else "transfer.already_enqueued",
-                  batch_id=batch_id, queue=QUEUE_UNPACK)  # fmt: skip
+        log_event(
+            self.log,
+            "transfer.enqueued" if pushed else "transfer.already_enqueued",
+            batch_id=batch_id,
+            queue=QUEUE_UNPACK,
+        )
         return pushed
 
     def _put_aside(self, name: str) -> None:
@@ -379,9 +430,15 @@ class TransferWorker(Service):
         error = f"{type(exc).__name__}: {exc}"
         gave_up = count >= self.transfer.max_failures
         log_event(
-            self.log, "job.failed" if gave_up else "job.retry", level=logging.ERROR,
-            stage=self.stage, batch_id=batch_id, attempt=count, delay_s=delay, error=error,
-        )  # fmt: skip
+            self.log,
+            "job.failed" if gave_up else "job.retry",
+            level=logging.ERROR,
+            stage=self.stage,
+            batch_id=batch_id,
+            attempt=count,
+            delay_s=delay,
+            error=error,
+        )
         if gave_up:
             try:
                 with self.db.connection() as conn:
@@ -426,10 +483,15 @@ class _ProgressLog:
         rate = (done - self.first_bytes) / max(now - self.started, 1e-6)
         eta = (total - done) / rate if rate > 0 else None
         log_event(
-            self.log, "transfer.progress", batch_id=self.batch_id, bytes=done, total=total,
+            self.log,
+            "transfer.progress",
+            batch_id=self.batch_id,
+            bytes=done,
+            total=total,
             percent=round(100 * done / total, 1) if total else 100.0,
-            mib_per_s=round(rate / 2**20, 2), eta_s=eta,
-        )  # fmt: skip
+            mib_per_s=round(rate / 2**20, 2),
+            eta_s=eta,
+        )
 
 
 def main() -> int:

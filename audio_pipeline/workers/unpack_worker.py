@@ -210,8 +210,13 @@ class UnpackWorker(QueueWorker):
                 conn, request.batch_id, request.s3_key, self.settings.worker_host
             )
         if previous is batches.BatchStatus.DONE:
-            log_event(self.log, "unpack.skipped", stage=self.stage, batch_id=request.batch_id,
-                      reason="batch already done")  # fmt: skip
+            log_event(
+                self.log,
+                "unpack.skipped",
+                stage=self.stage,
+                batch_id=request.batch_id,
+                reason="batch already done",
+            )
             return
         try:
             found = self._fetch_and_extract(request, paths)
@@ -223,11 +228,17 @@ class UnpackWorker(QueueWorker):
             paths.remove_inputs()
         self._finish(request, outcome)
         log_event(
-            self.log, "unpack.batch", stage=self.stage, batch_id=request.batch_id,
-            files=outcome.found, converted=len(outcome.converted), failed=outcome.failed,
-            already_taken=outcome.already_taken, audio_s=round(outcome.audio_seconds, 1),
+            self.log,
+            "unpack.batch",
+            stage=self.stage,
+            batch_id=request.batch_id,
+            files=outcome.found,
+            converted=len(outcome.converted),
+            failed=outcome.failed,
+            already_taken=outcome.already_taken,
+            audio_s=round(outcome.audio_seconds, 1),
             duration_s=time.monotonic() - started,
-        )  # fmt: skip
+        )
 
     def _fetch_and_extract(self, request: UnpackRequest, paths: BatchPaths) -> list[ExtractedFile]:
         bucket = self.settings.s3_bucket
@@ -239,9 +250,15 @@ class UnpackWorker(QueueWorker):
         except ArchiveError as exc:
             raise PermanentJobError(f"{_archive_problem(exc)} archive: {exc}") from exc
         if request.file_count is not None and request.file_count != len(extracted.files):
-            log_event(self.log, "unpack.file_count_mismatch", level=logging.WARNING,
-                      stage=self.stage, batch_id=request.batch_id,
-                      expected=request.file_count, found=len(extracted.files))  # fmt: skip
+            log_event(
+                self.log,
+                "unpack.file_count_mismatch",
+                level=logging.WARNING,
+                stage=self.stage,
+                batch_id=request.batch_id,
+                expected=request.file_count,
+                found=len(extracted.files),
+            )
         return extracted.files
 
     def _convert_and_record(
@@ -283,24 +300,40 @@ class UnpackWorker(QueueWorker):
                     audio_files.mark_failed(conn, batch_id, rel, result.error or "failed", host)
                     conn.commit()
                     outcome.failed += 1
-                    log_event(self.log, "unpack.file_failed", level=logging.WARNING,
-                              stage=self.stage, batch_id=batch_id, rel_path=rel,
-                              error=result.error)  # fmt: skip
+                    log_event(
+                        self.log,
+                        "unpack.file_failed",
+                        level=logging.WARNING,
+                        stage=self.stage,
+                        batch_id=batch_id,
+                        rel_path=rel,
+                        error=result.error,
+                    )
                     continue
                 key = s3_utils.opus_key(batch_id, rel)
                 s3_utils.upload_file(
                     self.s3, bucket, result.output, key, content_type=OPUS_CONTENT_TYPE
                 )
                 audio_files.mark_converted(
-                    conn, batch_id, rel, duration_s=result.duration_s, opus_s3_key=key,
-                    opus_path=str(result.output), host=host,
-                )  # fmt: skip
+                    conn,
+                    batch_id,
+                    rel,
+                    duration_s=result.duration_s,
+                    opus_s3_key=key,
+                    opus_path=str(result.output),
+                    host=host,
+                )
                 conn.commit()
                 outcome.audio_seconds += result.duration_s
-                outcome.converted.append({
-                    "audio_id": states[rel].id, "opus_path": str(result.output),
-                    "batch_id": batch_id, "opus_s3_key": key, "host": host,
-                })  # fmt: skip
+                outcome.converted.append(
+                    {
+                        "audio_id": states[rel].id,
+                        "opus_path": str(result.output),
+                        "batch_id": batch_id,
+                        "opus_s3_key": key,
+                        "host": host,
+                    }
+                )
         return outcome
 
     def _finish(self, request: UnpackRequest, outcome: BatchOutcome) -> None:
@@ -336,8 +369,14 @@ class UnpackWorker(QueueWorker):
         with self.db.connection() as conn:
             batches.mark_unpack_failed(conn, batch_id, reason)
         s3_utils.cleanup_scratch(batch_id, self.settings)
-        log_event(self.log, "unpack.batch_failed", level=logging.WARNING, stage=self.stage,
-                  batch_id=batch_id, error=reason)  # fmt: skip
+        log_event(
+            self.log,
+            "unpack.batch_failed",
+            level=logging.WARNING,
+            stage=self.stage,
+            batch_id=batch_id,
+            error=reason,
+        )
 
 
 def _archive_problem(exc: ArchiveError) -> str:

@@ -34,9 +34,12 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 @admin_required
 def index() -> Any:
     return render_template(
-        "admin/index.html", progress=reports.ra_progress(), counts=assignment.queue_counts(),
-        assign_form=AssignBatchForm(), form=ActionForm(),
-    )  # fmt: skip
+        "admin/index.html",
+        progress=reports.ra_progress(),
+        counts=assignment.queue_counts(),
+        assign_form=AssignBatchForm(),
+        form=ActionForm(),
+    )
 
 
 @bp.get("/batches")
@@ -44,16 +47,18 @@ def index() -> Any:
 def batches() -> Any:
     page, size = page_arg(), current_app.config["PAGE_SIZE"]
     rows = reports.batch_progress(page, size)
-    return render_template("admin/batches.html", rows=rows[:size], page=page,
-                           has_next=len(rows) > size)  # fmt: skip
+    return render_template(
+        "admin/batches.html", rows=rows[:size], page=page, has_next=len(rows) > size
+    )
 
 
 @bp.get("/agreement")
 @admin_required
 def agreement_page() -> Any:
     codebook = get_codebook()
-    return render_template("admin/agreement.html", report=reports.agreement_figures(codebook),
-                           codebook=codebook)  # fmt: skip
+    return render_template(
+        "admin/agreement.html", report=reports.agreement_figures(codebook), codebook=codebook
+    )
 
 
 @bp.get("/disagreements")
@@ -70,8 +75,12 @@ def item(classification_id: int) -> Any:
     detail = pipeline.item_detail(classification_id)
     if detail is None:
         abort(404)
-    return render_template("admin/item.html", item=detail, labels=reports.item_labels(
-        classification_id), codebook=get_codebook())  # fmt: skip
+    return render_template(
+        "admin/item.html",
+        item=detail,
+        labels=reports.item_labels(classification_id),
+        codebook=get_codebook(),
+    )
 
 
 @bp.post("/assign")
@@ -104,8 +113,13 @@ def sync() -> Any:
 @admin_required
 def user_list() -> Any:
     rows = db.session.execute(db.select(User).order_by(User.username)).scalars().all()
-    return render_template("admin/users.html", users=rows, new_form=NewUserForm(),
-                           token_form=TokenForm(), form=ActionForm())  # fmt: skip
+    return render_template(
+        "admin/users.html",
+        users=rows,
+        new_form=NewUserForm(),
+        token_form=TokenForm(),
+        form=ActionForm(),
+    )
 
 
 @bp.post("/users")
@@ -139,9 +153,13 @@ def _target(user_id: int) -> User:
 def user_detail(user_id: int) -> Any:
     user = _target(user_id)
     return render_template(
-        "admin/user.html", user=user, tokens=users.live_tokens(user),
-        password_form=ResetPasswordForm(), token_form=TokenForm(), form=ActionForm(),
-    )  # fmt: skip
+        "admin/user.html",
+        user=user,
+        tokens=users.live_tokens(user),
+        password_form=ResetPasswordForm(),
+        token_form=TokenForm(),
+        form=ActionForm(),
+    )
 
 
 def _back(user: User) -> Any:
@@ -186,8 +204,11 @@ def user_reset_password(user_id: int) -> Any:
         # Every session of the admin ended, this one too; this one re-logs in with
         # the new number, since the admin just proved who they are.
         login_user(user)
-    flash(f"New password set for {user.username}; their open sessions are ended. "
-          "API tokens are unchanged: revoke them below if they may be known.", "info")  # fmt: skip
+    flash(
+        f"New password set for {user.username}; their open sessions are ended. "
+        "API tokens are unchanged: revoke them below if they may be known.",
+        "info",
+    )
     return redirect(url_for("admin.user_detail", user_id=user.id))
 
 
@@ -244,6 +265,7 @@ def export(fmt: str) -> Any:
 def export_response(kind: ExportFormat) -> Response:
     lines = export_lines(kind, get_codebook())
     return Response(
-        stream_with_context(lines), mimetype=MIME[kind],
+        stream_with_context(lines),
+        mimetype=MIME[kind],
         headers={"Content-Disposition": f'attachment; filename="ra_labels.{kind.value}"'},
-    )  # fmt: skip
+    )

@@ -67,8 +67,9 @@ def label(assignment_id: int) -> Any:
         return jsonify(error="invalid answer", fields=exc.errors), 422
     except LabelError as exc:
         return jsonify(error=str(exc)), 409
-    return jsonify(label_id=saved.id, answer=saved.answer,
-                   time_on_task_ms=saved.time_on_task_ms), 201  # fmt: skip
+    return jsonify(
+        label_id=saved.id, answer=saved.answer, time_on_task_ms=saved.time_on_task_ms
+    ), 201
 
 
 @bp.post("/assignments/<int:assignment_id>/skip")

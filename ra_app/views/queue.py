@@ -35,17 +35,29 @@ def index() -> Any:
     size = current_app.config["PAGE_SIZE"]
     # Only this RA's own labels: an RA never sees another RA's work.
     recent = db.session.execute(
-        db.select(Label.id, Label.classification_id, Label.answer, Label.created_at,
-                  Label.assignment_id, Label.time_on_task_ms)
+        db.select(
+            Label.id,
+            Label.classification_id,
+            Label.answer,
+            Label.created_at,
+            Label.assignment_id,
+            Label.time_on_task_ms,
+        )
         .where(Label.user_id == current_user.id)
         .order_by(Label.id.desc())
         .limit(size + 1)
         .offset((page - 1) * size)
-    ).all()  # fmt: skip
+    ).all()
     return render_template(
-        "queue.html", counts=counts, current=current, recent=recent[:size], page=page,
-        has_next=len(recent) > size, form=ActionForm(), AssignmentStatus=AssignmentStatus,
-    )  # fmt: skip
+        "queue.html",
+        counts=counts,
+        current=current,
+        recent=recent[:size],
+        page=page,
+        has_next=len(recent) > size,
+        form=ActionForm(),
+        AssignmentStatus=AssignmentStatus,
+    )
 
 
 @bp.post("/next")

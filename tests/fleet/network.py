@@ -82,9 +82,11 @@ class FleetNetwork:
         shutil.chown(log, "nobody", "nogroup")
         self.proxy = subprocess.Popen(
             ["tinyproxy", "-d", "-c", str(conf)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _listening(HOST_ADDRESS, PROXY_PORT):
             if self.proxy.poll() is not None or time.monotonic() > deadline:

@@ -88,9 +88,13 @@ def test_services_active_and_enabled(fleet: Fleet, host: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "unit"),
-    [("gpu-01", "gpu-worker"), ("gpu-01", "unpack-worker"), ("transfer-01", "transfer-worker"),
-     ("orch", "ra-app")],
-)  # fmt: skip
+    [
+        ("gpu-01", "gpu-worker"),
+        ("gpu-01", "unpack-worker"),
+        ("transfer-01", "transfer-worker"),
+        ("orch", "ra-app"),
+    ],
+)
 def test_units_are_sandboxed_and_restart_on_failure(fleet: Fleet, host: str, unit: str) -> None:
     wanted = "NoNewPrivileges,ProtectSystem,PrivateTmp,Restart,TimeoutStopUSec,User,"
     wanted += "ReadWritePaths,KillSignal"
@@ -126,9 +130,12 @@ def test_fleet_members_reach_redis_and_postgres_but_not_gunicorn(fleet: Fleet) -
     not because nothing listens: a worker host reaches Redis and PostgreSQL, and
     nobody but the orchestrator itself reaches gunicorn."""
     reached = fleet.probe(
-        "gpu-01", "ports", address=fleet.address("orch"), ports=[6379, 5432, 8000],
+        "gpu-01",
+        "ports",
+        address=fleet.address("orch"),
+        ports=[6379, 5432, 8000],
         timeout_s=CONNECT_TIMEOUT_S,
-    )  # fmt: skip
+    )
     assert reached == {"6379": True, "5432": True, "8000": False}
     listening = fleet.machines["orch"].exec(["ss", "-Htln", "sport = :8000"]).stdout
     assert "127.0.0.1:8000" in listening, listening
@@ -139,25 +146,36 @@ def test_fleet_members_reach_redis_and_postgres_but_not_gunicorn(fleet: Fleet) -
 # Credentials -----------------------------------------------------------------
 def test_redis_requires_its_password_and_the_ra_app_user_is_fenced(fleet: Fleet) -> None:
     found = fleet.probe(
-        "gpu-01", "redis_access", address=fleet.address("orch"),
-        password=fleet.secrets["vault_redis_password"], ra_user="ra-app",
+        "gpu-01",
+        "redis_access",
+        address=fleet.address("orch"),
+        password=fleet.secrets["vault_redis_password"],
+        ra_user="ra-app",
         ra_password=fleet.secrets["vault_ra_app_redis_password"],
-    )  # fmt: skip
+    )
     assert found == {
-        "anonymous": "refused", "wrong": "refused", "pipeline": True, "appendonly": "yes",
-        "ra_ping": True, "ra_limits_key": True,
-        "LLEN": "denied", "KEYS": "denied", "FLUSHALL": "denied",
-    }  # fmt: skip
+        "anonymous": "refused",
+        "wrong": "refused",
+        "pipeline": True,
+        "appendonly": "yes",
+        "ra_ping": True,
+        "ra_limits_key": True,
+        "LLEN": "denied",
+        "KEYS": "denied",
+        "FLUSHALL": "denied",
+    }
 
 
 def test_postgres_credentials_and_ownership(fleet: Fleet) -> None:
     """scram passwords, no superuser over the network, the pipeline owns its
     tables, the RA app reads them and cannot write them."""
     found = fleet.probe(
-        "gpu-01", "postgres_access", address=fleet.address("orch"),
+        "gpu-01",
+        "postgres_access",
+        address=fleet.address("orch"),
         pipeline_password=fleet.secrets["vault_postgres_password"],
         ra_password=fleet.secrets["vault_ra_app_db_password"],
-    )  # fmt: skip
+    )
     assert "password authentication failed" in found["wrong"]
     # the superuser has no network entry in pg_hba at all: refused before any password
     assert re.search(r'no pg_hba\.conf entry .* user "postgres"', found["superuser"]), found
@@ -230,13 +248,16 @@ def test_operator_tools_on_the_orchestrator(fleet: Fleet) -> None:
 def _spki_pin(cert: Path) -> str:
     """The base64 SHA-256 of the certificate's public key, as Chromium pins it."""
     der = subprocess.run(
-        ["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"], check=True,
+        ["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"],
+        check=True,
         capture_output=True,
-    ).stdout  # fmt: skip
+    ).stdout
     spki = subprocess.run(
-        ["openssl", "pkey", "-pubin", "-outform", "der"], input=der, check=True,
+        ["openssl", "pkey", "-pubin", "-outform", "der"],
+        input=der,
+        check=True,
         capture_output=True,
-    ).stdout  # fmt: skip
+    ).stdout
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
@@ -256,9 +277,13 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
     active = fleet.sql(f"SELECT version FROM policies WHERE name = '{name}' AND active")
     assert active == [["1"]]
     batch = sample.make_speech_batch(
-        fleet.work / "outgoing", BATCH_ID, n_files=BATCH_FILES, seed=5,
-        min_seconds=2.0, max_seconds=6.0,
-    )  # fmt: skip
+        fleet.work / "outgoing",
+        BATCH_ID,
+        n_files=BATCH_FILES,
+        seed=5,
+        min_seconds=2.0,
+        max_seconds=6.0,
+    )
     lab.drop_on_collection_host(fleet, batch.tar_path)
     fleet.wait_for_batch(batch.batch_id, BATCH_FILES, BATCH_TIMEOUT_S)
     flagged = int(fleet.sql("SELECT count(*) FROM ra_queue")[0][0])
@@ -328,9 +353,16 @@ def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
     """A stopped worker, a dead letter and a worker host whose Redis password is
     wrong each make the health check fail, naming host and cause."""
     dead_letter = json.dumps(
-        {"job": {"batch_id": "health-probe"}, "queue": "queue:unpack", "stage": "unpack",
-         "worker": "test", "error": "probe", "attempts": 1, "failed_at": "2026-01-01T00:00:00Z"}
-    )  # fmt: skip
+        {
+            "job": {"batch_id": "health-probe"},
+            "queue": "queue:unpack",
+            "stage": "unpack",
+            "worker": "test",
+            "error": "probe",
+            "attempts": 1,
+            "failed_at": "2026-01-01T00:00:00Z",
+        }
+    )
     pushed = fleet.adhoc("orchestrator", "-a", f"redis-cli RPUSH queue:failed '{dead_letter}'")
     assert pushed.returncode == 0, pushed.describe()
     stopped = fleet.adhoc("transfer", "-a", "systemctl stop transfer-worker")
@@ -388,9 +420,11 @@ def test_login_limit_holds_across_gunicorn_workers(fleet: Fleet) -> None:
     assert 400 not in statuses, statuses
     keys = "\n".join(
         fleet.probe(
-            "gpu-01", "limiter_keys", address=fleet.address("orch"),
+            "gpu-01",
+            "limiter_keys",
+            address=fleet.address("orch"),
             password=fleet.secrets["vault_redis_password"],
         )
-    )  # fmt: skip
+    )
     assert network.HOST_ADDRESS in keys, keys
     assert "127.0.0.1" not in keys, keys

@@ -278,9 +278,15 @@ def systemd(fleet: Fleet, pattern: str, unit: str, state: str) -> PlaybookRun:
     """The guide's emergency-stop form: ``ansible PATTERN -m systemd -a "name=UNIT
     state=STATE" --become``."""
     return fleet.adhoc(
-        pattern, "-m", "systemd", "-a", f"name={unit} state={state}", "--become",
-        "--task-timeout", str(TASK_TIMEOUT_S),
-    )  # fmt: skip
+        pattern,
+        "-m",
+        "systemd",
+        "-a",
+        f"name={unit} state={state}",
+        "--become",
+        "--task-timeout",
+        str(TASK_TIMEOUT_S),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -293,12 +299,16 @@ def probes(fleet: Fleet) -> Iterator[None]:
         archive = Path(tmp) / "test.tar"
         archive.write_bytes(os.urandom(TEST_ARCHIVE_BYTES))
         s3_utils.upload_file(client, fleet.bucket, archive, TEST_ARCHIVE_KEY)
-    on(fleet, GPU, f"""
+    on(
+        fleet,
+        GPU,
+        f"""
         mkdir -p {PROBE_OLD} {PROBE_NEW}
         head -c 1048576 /dev/zero > {PROBE_OLD}/audio.opus
         chown -R audio:audio {PROBE_OLD} {PROBE_NEW}
         touch -d '3 days ago' {PROBE_OLD}/audio.opus {PROBE_OLD} {SCRATCH}
-    """)  # fmt: skip
+    """,
+    )
     yield
     on(fleet, GPU, f"rm -rf {PROBE_OLD} {PROBE_NEW} /tmp/test.tar")
     client.delete_object(Bucket=fleet.bucket, Key=TEST_ARCHIVE_KEY)
@@ -321,8 +331,11 @@ def test_guide_command(fleet: Fleet, name: str) -> None:
 
 
 # 2. Commands that change the fleet, each restoring it ----------------------------
-WORKER_UNITS = (("gpu_workers", "gpu-worker"), ("gpu_workers", "unpack-worker"),
-                ("transfer", "transfer-worker"))  # fmt: skip
+WORKER_UNITS = (
+    ("gpu_workers", "gpu-worker"),
+    ("gpu_workers", "unpack-worker"),
+    ("transfer", "transfer-worker"),
+)
 
 
 def test_emergency_stop_then_start_again(fleet: Fleet) -> None:
@@ -350,11 +363,16 @@ def test_gpu_worker_by_hand_while_its_unit_is_stopped(fleet: Fleet) -> None:
     assert stopped.returncode == 0, stopped.describe()
     try:
         command = Command(
-            GPU, ("-b", "-a", f"{WITH_ENV}{PIPELINE_ENV} /opt/audio-pipeline/venv/bin/python "
-                  "-m audio_pipeline.workers.gpu_worker --drain"),
+            GPU,
+            (
+                "-b",
+                "-a",
+                f"{WITH_ENV}{PIPELINE_ENV} /opt/audio-pipeline/venv/bin/python "
+                "-m audio_pipeline.workers.gpu_worker --drain",
+            ),
             (r"event=worker\.started stage=gpu", r"event=worker\.stopped .*exit_code=0"),
             timeout_s=WORKER_BY_HAND_TIMEOUT_S,
-        )  # fmt: skip
+        )
         check(adhoc(fleet, command), command)
     finally:
         started = systemd(fleet, GPU, "gpu-worker", "started")
@@ -375,10 +393,13 @@ def test_scratch_cleanup_keeps_scratch_and_fresh_batches(fleet: Fleet) -> None:
         on(fleet, GPU, setup)
         command = Command(
             "gpu_workers",
-            ("-b", "-a",
-             f"find {SCRATCH} -mindepth 1 -maxdepth 1 -type d -mtime +1 -exec rm -rf {{}} +"),
+            (
+                "-b",
+                "-a",
+                f"find {SCRATCH} -mindepth 1 -maxdepth 1 -type d -mtime +1 -exec rm -rf {{}} +",
+            ),
             (),
-        )  # fmt: skip
+        )
         check(adhoc(fleet, command), command)
         left = on(fleet, GPU, f"ls -a {SCRATCH}; stat -c '%U:%G %a' {SCRATCH}").split()
         assert "guide-cleanup-old" not in left, left
@@ -415,9 +436,10 @@ def test_rollback_to_the_running_commit_changes_nothing(fleet: Fleet) -> None:
 def _batch_sizes(fleet: Fleet) -> dict[str, str]:
     """ASR_BATCH_SIZE and CLASSIFIER_BATCH_SIZE as the running gpu-worker has them."""
     environ = on(
-        fleet, GPU,
+        fleet,
+        GPU,
         "tr '\\0' '\\n' < /proc/$(systemctl show -p MainPID --value gpu-worker)/environ",
-    )  # fmt: skip
+    )
     pairs = (line.split("=", 1) for line in environ.splitlines() if "=" in line)
     return {k: v for k, v in pairs if k in {"ASR_BATCH_SIZE", "CLASSIFIER_BATCH_SIZE"}}
 
@@ -434,9 +456,13 @@ def test_cuda_out_of_memory_batch_sizes_reach_the_gpu_worker(fleet: Fleet) -> No
         assert run.returncode == 0, run.describe()
         assert run.recap[GPU]["changed"] >= 1, run.describe()
         rendered = fleet.adhoc(
-            GPU, "-b", "-a", f"grep -E '^(ASR|CLASSIFIER)_BATCH_SIZE=' {PIPELINE_ENV}",
-            "--task-timeout", str(TASK_TIMEOUT_S),
-        )  # fmt: skip
+            GPU,
+            "-b",
+            "-a",
+            f"grep -E '^(ASR|CLASSIFIER)_BATCH_SIZE=' {PIPELINE_ENV}",
+            "--task-timeout",
+            str(TASK_TIMEOUT_S),
+        )
         assert 'ASR_BATCH_SIZE="2"' in rendered.output, rendered.describe()
         assert 'CLASSIFIER_BATCH_SIZE="1"' in rendered.output, rendered.describe()
         assert _batch_sizes(fleet) == {"ASR_BATCH_SIZE": "2", "CLASSIFIER_BATCH_SIZE": "1"}
@@ -452,8 +478,9 @@ def test_setup_new_worker_on_a_configured_worker_changes_nothing(fleet: Fleet) -
     set up it must change nothing (its volume is never formatted again)."""
     run = fleet.playbook("setup-new-worker.yml", "--limit", GPU)
     assert run.returncode == 0, run.describe()
-    assert run.recap == {GPU: {"ok": run.recap[GPU]["ok"], "changed": 0, "unreachable": 0,
-                               "failed": 0}}, run.describe()  # fmt: skip
+    assert run.recap == {
+        GPU: {"ok": run.recap[GPU]["ok"], "changed": 0, "unreachable": 0, "failed": 0}
+    }, run.describe()
 
 
 # 3. The fleet is whole again -----------------------------------------------------

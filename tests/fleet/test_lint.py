@@ -13,9 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 PLAYBOOKS = sorted((REPO / "playbooks").glob("*.yml"))
 GUIDE_PLAYBOOKS = {
-    "site.yml", "deploy-pipeline.yml", "deploy-ra-app.yml", "health-check.yml",
-    "setup-new-worker.yml", "sync-models.yml",
-}  # fmt: skip
+    "site.yml",
+    "deploy-pipeline.yml",
+    "deploy-ra-app.yml",
+    "health-check.yml",
+    "setup-new-worker.yml",
+    "sync-models.yml",
+}
 
 
 def _env() -> dict[str, str]:
@@ -35,18 +39,31 @@ def test_the_guides_playbooks_exist() -> None:
 def test_ansible_lint_production_profile_is_clean() -> None:
     proc = subprocess.run(
         [str(VENV_BIN / "ansible-lint"), "--profile", "production", "--offline", "--nocolor"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("inventory", ["inventory/production.yml", "inventory/staging.yml"])
 def test_every_playbook_passes_the_syntax_check(inventory: str) -> None:
     proc = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", inventory,
-         *map(str, PLAYBOOKS)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "ansible-playbook"),
+            "--syntax-check",
+            "-i",
+            inventory,
+            *map(str, PLAYBOOKS),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for playbook in PLAYBOOKS:
         assert f"playbook: {playbook}" in proc.stdout
@@ -55,8 +72,13 @@ def test_every_playbook_passes_the_syntax_check(inventory: str) -> None:
 def test_inventories_have_the_guides_groups_and_hosts() -> None:
     proc = subprocess.run(
         [str(VENV_BIN / "ansible-inventory"), "-i", "inventory/production.yml", "--list"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     import json
 
     inv = json.loads(proc.stdout)
@@ -74,9 +96,12 @@ def test_vault_example_names_every_secret_and_holds_none() -> None:
 
     example = yaml.safe_load((REPO / "group_vars" / "vault.example.yml").read_text())
     for name in (
-        "vault_postgres_password", "vault_ra_app_secret_key", "vault_s3_access_key",
-        "vault_s3_secret_key", "vault_redis_password",
-    ):  # fmt: skip
+        "vault_postgres_password",
+        "vault_ra_app_secret_key",
+        "vault_s3_access_key",
+        "vault_s3_secret_key",
+        "vault_redis_password",
+    ):
         assert name in example
         assert "change-me" in example[name] or "replace" in example[name]
     # Where the inventory finds it: encrypted whole, or value by value (encrypt_string).

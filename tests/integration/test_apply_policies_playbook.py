@@ -35,12 +35,27 @@ def run_playbook(
         "ansible_python_interpreter": sys.executable,
     }
     return subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"),
-         "-e", json.dumps(extra), str(REPO / "playbooks" / "apply-policies.yml")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-             "ANSIBLE_LOCALHOST_WARNING": "0", "NO_COLOR": "1", **env},
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "ansible-playbook"),
+            "-i",
+            str(tmp_path / "inventory.yml"),
+            "-e",
+            json.dumps(extra),
+            str(REPO / "playbooks" / "apply-policies.yml"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+            "ANSIBLE_LOCALHOST_WARNING": "0",
+            "NO_COLOR": "1",
+            **env,
+        },
+    )
 
 
 def changed(proc: subprocess.CompletedProcess) -> int:

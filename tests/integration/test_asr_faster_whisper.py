@@ -54,20 +54,50 @@ def speak(text: str, path: Path, pad_s: float = 0.3) -> Path:
     wav = path.with_suffix(".wav")
     subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-af", f"adelay={int(pad_s * 1000)}",
-         "-ac", "1", "-ar", "16000", "-c:a", "libopus", "-b:a", "24k", str(path)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(wav),
+            "-af",
+            f"adelay={int(pad_s * 1000)}",
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "24k",
+            str(path),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     wav.unlink()
     return path
 
 
 def silence(path: Path, seconds: float = 3.0) -> Path:
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-         "anullsrc=r=16000:cl=mono", "-t", str(seconds), "-c:a", "libopus", str(path)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "anullsrc=r=16000:cl=mono",
+            "-t",
+            str(seconds),
+            "-c:a",
+            "libopus",
+            str(path),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return path
 
 

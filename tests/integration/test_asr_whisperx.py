@@ -37,8 +37,24 @@ TEXTS = {
 def speak(text: str, path: Path) -> Path:
     wav = path.with_suffix(".wav")
     subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-ac", "1", "-ar",
-                    "16000", "-c:a", "libopus", str(path)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(wav),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "libopus",
+            str(path),
+        ],
+        check=True,
+    )
     return path
 
 

@@ -33,11 +33,23 @@ def speech_mp3(path: Path, text: str = "The birch canoe slid on the smooth plank
 
 def tone_mp3(path: Path, seconds: float) -> Path:
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi",
-         "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}",
-         "-ac", "2", "-c:a", "libmp3lame", str(path)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:sample_rate=44100:duration={seconds}",
+            "-ac",
+            "2",
+            "-c:a",
+            "libmp3lame",
+            str(path),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return path
 
 
@@ -65,10 +77,20 @@ def test_probe_refuses_a_file_without_audio(tmp_path):
         audio.probe(text)
     image = tmp_path / "pic.png"
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16",
-         "-frames:v", "1", str(image)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=red:s=16x16",
+            "-frames:v",
+            "1",
+            str(image),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     with pytest.raises(audio.AudioError, match="no audio stream"):
         audio.probe(image)
 
@@ -110,10 +132,22 @@ def test_failed_conversion_leaves_nothing_and_keeps_an_existing_output(tmp_path)
 def test_an_input_without_audio_is_reported_as_unreadable(tmp_path):
     image = tmp_path / "picture.mp3"
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16",
-         "-frames:v", "1", "-f", "image2", str(image)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=red:s=16x16",
+            "-frames:v",
+            "1",
+            "-f",
+            "image2",
+            str(image),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*picture\.mp3"):
         audio.convert_to_opus(image, tmp_path / "picture.opus")
     assert not list(tmp_path.glob("*.opus"))
@@ -163,8 +197,11 @@ def test_playlist_named_mp3_never_contacts_the_url_it_lists(tmp_path, kind):
 def test_output_is_held_to_local_files(tmp_path):
     cmd = audio.opus_command(Path("/s/in.mp3"), Path("/s/out.opus"))
     assert cmd[cmd.index("-i") - 4 : cmd.index("-i")] == [
-        "-f", "mp3", "-protocol_whitelist", "file",
-    ]  # fmt: skip
+        "-f",
+        "mp3",
+        "-protocol_whitelist",
+        "file",
+    ]
     assert cmd[-4:] == ["ogg", "-protocol_whitelist", "file", "/s/out.opus"]
     source = tone_mp3(tmp_path / "t.mp3", 1.0)
     with RecordingServer() as server:

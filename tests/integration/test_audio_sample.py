@@ -21,9 +21,14 @@ pytestmark = pytest.mark.integration
 def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("collection")
     return sample.make_speech_batch(
-        out, "b-odd", n_files=8, seed=7, min_seconds=2, max_seconds=6,
+        out,
+        "b-odd",
+        n_files=8,
+        seed=7,
+        min_seconds=2,
+        max_seconds=6,
         extra_members={"broken/really text.mp3": b"not audio at all\n" * 20},
-    )  # fmt: skip
+    )
 
 
 def test_batch_has_odd_names_in_nested_folders(batch):
@@ -61,10 +66,15 @@ def test_files_are_real_mp3_speech_of_the_stated_length(batch, tmp_path):
 
 def test_same_seed_same_bytes_other_seed_other_speech(batch, tmp_path):
     again = sample.make_speech_batch(
-        tmp_path / "a", "b-odd", n_files=8, seed=7, min_seconds=2, max_seconds=6,
+        tmp_path / "a",
+        "b-odd",
+        n_files=8,
+        seed=7,
+        min_seconds=2,
+        max_seconds=6,
         extra_members={"broken/really text.mp3": b"not audio at all\n" * 20},
         cache_dir=tmp_path / "cache",
-    )  # fmt: skip
+    )
     assert again.manifest == batch.manifest
     assert again.tar_path.read_bytes() == batch.tar_path.read_bytes()
     other = sample.make_speech_batch(tmp_path / "b", "b-other", n_files=8, seed=8)
@@ -72,17 +82,32 @@ def test_same_seed_same_bytes_other_seed_other_speech(batch, tmp_path):
 
 
 def test_lengths_span_the_requested_range(tmp_path):
-    long = sample.make_speech_batch(tmp_path, "long", n_files=3, seed=1, min_seconds=20,
-                                    max_seconds=30)  # fmt: skip
+    long = sample.make_speech_batch(
+        tmp_path, "long", n_files=3, seed=1, min_seconds=20, max_seconds=30
+    )
     assert all(15 <= s <= 33 for s in long.durations.values()), long.durations
 
 
 def test_cli_prints_a_json_summary(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "devtools.sample", "--out", str(tmp_path),
-         "--batch-id", "cli-1", "--files", "2", "--max-seconds", "4", "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "devtools.sample",
+            "--out",
+            str(tmp_path),
+            "--batch-id",
+            "cli-1",
+            "--files",
+            "2",
+            "--max-seconds",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(proc.stdout)
     assert summary["files"] == 2
     assert summary["tar_path"] == str(tmp_path / "cli-1.tar")

@@ -25,9 +25,13 @@ TIMEOUT_S = 300  # per benchmark; smoke sizes take well under a minute on 2 idle
 def run_bench(module: str, out: Path, stack_env: dict[str, str]) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{module}", "--smoke", "--out", str(out)],
-        env={**os.environ, **stack_env}, cwd=REPO,
-        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-    )  # fmt: skip
+        env={**os.environ, **stack_env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert str(out) in done.stdout  # the table ends by naming the report
     report = json.loads(out.read_text())

@@ -16,9 +16,12 @@ CLI = Path(sys.executable).parent / "audio-pipeline"
 
 def check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(CLI), "check-connections", *args], env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [str(CLI), "check-connections", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def failures(result: subprocess.CompletedProcess) -> dict[str, str]:

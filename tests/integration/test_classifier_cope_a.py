@@ -233,10 +233,13 @@ def test_the_classification_row_records_windows_and_truncation(models_root: Path
         return FileResult(audio_id, transcript, [v for vs in verdicts for v in vs])
 
     item = ClassifyItem(0, text)
-    save_results(db_conn, [
-        result(ids[0], windowed.classify([item], policies), lexicon.classify([item], policies)),
-        result(ids[1], capped.classify([item], policies)),
-    ])  # fmt: skip
+    save_results(
+        db_conn,
+        [
+            result(ids[0], windowed.classify([item], policies), lexicon.classify([item], policies)),
+            result(ids[1], capped.classify([item], policies)),
+        ],
+    )
 
     rows = db_conn.execute(
         "SELECT audio_id, model, windows, truncated, label FROM classifications "

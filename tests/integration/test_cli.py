@@ -23,9 +23,13 @@ CLI = Path(sys.executable).parent / "audio-pipeline"
 
 def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(CLI), *args], env={"PATH": "/usr/bin:/bin", **env}, input=stdin,
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [str(CLI), *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def dead_letter(r: redis.Redis, stage: str, queue: str, payload: dict, attempts: int = 0) -> None:
@@ -182,13 +186,31 @@ def test_policy_add_list_deactivate(pipeline_env, db_conn, tmp_path):
     text = tmp_path / "hate.txt"
     text.write_text("Flag content that attacks people for who they are.\n")
     added = cli(
-        pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file", str(text),
-        "--lexicon", "slur, attack ,",
-    )  # fmt: skip
+        pipeline_env,
+        "policy",
+        "add",
+        "hate-speech",
+        "--version",
+        "1",
+        "--file",
+        str(text),
+        "--lexicon",
+        "slur, attack ,",
+    )
     assert added.returncode == 0, added.stderr
     assert "added" in added.stdout
-    again = cli(pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file",
-                str(text), "--lexicon", "slur,attack")  # fmt: skip
+    again = cli(
+        pipeline_env,
+        "policy",
+        "add",
+        "hate-speech",
+        "--version",
+        "1",
+        "--file",
+        str(text),
+        "--lexicon",
+        "slur,attack",
+    )
     assert "unchanged" in again.stdout
     text.write_text("A different wording.")
     clash = cli(pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file", str(text))
@@ -202,8 +224,13 @@ def test_policy_add_list_deactivate(pipeline_env, db_conn, tmp_path):
     }
     listed = cli(pipeline_env, "policy", "list")
     assert listed.stdout.splitlines()[0].split() == [
-        "id", "name", "version", "active", "lexicon", "text",
-    ]  # fmt: skip
+        "id",
+        "name",
+        "version",
+        "active",
+        "lexicon",
+        "text",
+    ]
     assert "hate-speech" in listed.stdout
     off = cli(pipeline_env, "policy", "deactivate", "hate-speech", "1")
     assert off.returncode == 0, off.stderr

@@ -51,9 +51,11 @@ class Models:
 def make_adapter(base: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(base))
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM",
-    )  # fmt: skip
+    )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -124,9 +126,19 @@ def test_cli_merges_and_publishes(
     env_file.write_text("".join(f'{k}="{v}"\n' for k, v in pipeline_env.items()))
     out = tmp_path / "cope-a-merged"
     argv = [
-        "models", "merge-cope-a", "--base", str(models.base), "--adapter", str(models.adapter),
-        "--out", str(out), "--publish", "classifier/cope-a-test", "--env-file", str(env_file),
-    ]  # fmt: skip
+        "models",
+        "merge-cope-a",
+        "--base",
+        str(models.base),
+        "--adapter",
+        str(models.adapter),
+        "--out",
+        str(out),
+        "--publish",
+        "classifier/cope-a-test",
+        "--env-file",
+        str(env_file),
+    ]
     assert cli.main(argv) == 0
     assert "published classifier/cope-a-test" in capsys.readouterr().out
 

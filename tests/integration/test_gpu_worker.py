@@ -19,7 +19,7 @@ from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
 from devtools.dev_models import install_whisper
 from tests.support.rows import add_batch
-from tests.workerkit.procs import finish, start_module, wait_for
+from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,8 +37,26 @@ def speak(text: str, path: Path) -> Path:
     wav = path.with_suffix(".wav")
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-ac", "1", "-ar",
-                    "16000", "-c:a", "libopus", "-b:a", "24k", str(path)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(wav),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "24k",
+            str(path),
+        ],
+        check=True,
+    )
     wav.unlink()
     return path
 
@@ -124,8 +142,11 @@ def test_gpu_worker_batch_with_every_kind_of_job(
 
     transcripts = {r["audio_id"]: r for r in db.execute("SELECT * FROM transcripts").fetchall()}
     assert set(transcripts) == {local_id, s3_id, adhoc["id"]}
-    for audio_id, name in ((local_id, "local.opus"), (s3_id, "in_s3.opus"),
-                           (adhoc["id"], "adhoc.opus")):  # fmt: skip
+    for audio_id, name in (
+        (local_id, "local.opus"),
+        (s3_id, "in_s3.opus"),
+        (adhoc["id"], "adhoc.opus"),
+    ):
         t = transcripts[audio_id]
         error = jiwer.wer(NORMALISE(TEXTS[name]), NORMALISE(t["text"]) or "<empty>")
         assert error <= WER_BOUND, (name, t["text"])
@@ -158,8 +179,9 @@ def test_gpu_worker_batch_with_every_kind_of_job(
     assert all(f["stage"] == "gpu" for f in failed)
 
     # Every file of the batch is done or failed: batch done, its scratch gone.
-    batch = db.execute("SELECT status, completed_at FROM batches WHERE batch_id = %s",
-                       (BATCH,)).fetchone()  # fmt: skip
+    batch = db.execute(
+        "SELECT status, completed_at FROM batches WHERE batch_id = %s", (BATCH,)
+    ).fetchone()
     assert batch["status"] == "done"
     assert batch["completed_at"] is not None
     assert not scratch.exists()
@@ -217,8 +239,12 @@ def _setup_look_ahead_batch(db, settings, s3_client, tmp_path) -> dict[str, int]
 
 def _push_jobs(redis_client, settings, ids: dict[str, int]) -> None:
     host_q = host_transcribe_queue("testhost")
-    paths = {"first": "first.opus", "in_s3": "in_s3.opus", "garbage": "garbage.opus",
-             "last": "last.opus"}  # fmt: skip
+    paths = {
+        "first": "first.opus",
+        "in_s3": "in_s3.opus",
+        "garbage": "garbage.opus",
+        "last": "last.opus",
+    }
     for name, audio_id in ids.items():
         opus = settings.batch_scratch(BATCH) / paths[name]
         redis_client.rpush(host_q, json.dumps({"audio_id": audio_id, "opus_path": str(opus)}))
@@ -238,11 +264,16 @@ def test_one_file_per_claim_with_and_without_look_ahead(
 
     rows = {r["id"]: r for r in db_conn.execute("SELECT * FROM audio_files").fetchall()}
     assert [rows[ids[n]]["status"] for n in ("first", "in_s3", "garbage", "last")] == [
-        "done", "done", "failed", "done"
-    ]  # fmt: skip
+        "done",
+        "done",
+        "failed",
+        "done",
+    ]
     assert "undecodable audio" in rows[ids["garbage"]]["error"]
-    transcripts = {r["audio_id"]: r["text"] for r in db_conn.execute(
-        "SELECT audio_id, text FROM transcripts").fetchall()}  # fmt: skip
+    transcripts = {
+        r["audio_id"]: r["text"]
+        for r in db_conn.execute("SELECT audio_id, text FROM transcripts").fetchall()
+    }
     assert set(transcripts) == {ids["first"], ids["in_s3"], ids["last"]}
     error = jiwer.wer(NORMALISE(TEXTS["in_s3.opus"]), NORMALISE(transcripts[ids["in_s3"]]))
     assert error <= WER_BOUND, transcripts[ids["in_s3"]]
@@ -280,8 +311,10 @@ def test_sigterm_hands_back_the_look_ahead_and_deletes_its_download(
     assert rows[ids["in_s3"]]["status"] == "converted"
     fetched_dir = settings.batch_scratch(BATCH) / "fetched"
     assert not list(fetched_dir.glob("*.opus"))
-    queued = [json.loads(x)["audio_id"] for x in
-              redis_client.lrange(host_transcribe_queue("testhost"), 0, -1)]  # fmt: skip
+    queued = [
+        json.loads(x)["audio_id"]
+        for x in redis_client.lrange(host_transcribe_queue("testhost"), 0, -1)
+    ]
     assert queued == [ids["in_s3"], ids["garbage"], ids["last"]]
     assert not [k for k in redis_client.scan_iter("processing:*") if redis_client.llen(k)]
     assert redis_client.llen(QUEUE_FAILED) == 0
@@ -297,10 +330,12 @@ def test_no_active_policy_is_logged_loudly_until_one_is_applied(
     scratch = settings.batch_scratch(BATCH)
     add_batch(db_conn, BATCH, "unpacked")
     jobs = [
-        {"audio_id": insert_file(db_conn, name, speak(text, scratch / name), None),
-         "opus_path": str(scratch / name)}
+        {
+            "audio_id": insert_file(db_conn, name, speak(text, scratch / name), None),
+            "opus_path": str(scratch / name),
+        }
         for name, text in TEXTS.items()
-    ]  # fmt: skip
+    ]
     db_conn.commit()
     host_q = host_transcribe_queue("testhost")
     for job in jobs[:2]:
@@ -318,8 +353,10 @@ def test_no_active_policy_is_logged_loudly_until_one_is_applied(
     assert "phase=claim files_without_verdict=1" in claim
     assert db_conn.execute("SELECT count(*) AS n FROM classifications").fetchone()["n"] == 0
 
-    db_conn.execute("INSERT INTO policies (name, version, text, lexicon) VALUES "
-                    "('boats', 1, 'Boats.', ARRAY['canoe'])")  # fmt: skip
+    db_conn.execute(
+        "INSERT INTO policies (name, version, text, lexicon) VALUES "
+        "('boats', 1, 'Boats.', ARRAY['canoe'])"
+    )
     db_conn.commit()
     redis_client.rpush(host_q, json.dumps(jobs[2]))
     output = run_drain(pipeline_env)

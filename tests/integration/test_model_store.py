@@ -185,7 +185,10 @@ def test_cli_reads_the_worker_env_file_and_prints_json(
 
     missing = subprocess.run(
         [*cli, "--env-file", str(env_file), "--dest", str(dest), "classifier/absent"],
-        env=bare, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1
     assert "model classifier/absent: no manifest" in missing.stderr

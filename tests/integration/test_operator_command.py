@@ -44,44 +44,80 @@ def operator_command(tmp_path: Path, pipeline_env: dict[str, str]) -> Path:
     env_file.parent.mkdir()
     wrapper = tmp_path / "audio-pipeline"
     group_vars = {
-        "app_env": "production", "redis_port": int(pipeline_env["REDIS_PORT"]),
+        "app_env": "production",
+        "redis_port": int(pipeline_env["REDIS_PORT"]),
         "redis_password": pipeline_env["REDIS_PASSWORD"],
         "postgres_port": int(pipeline_env["POSTGRES_PORT"]),
         "postgres_db": pipeline_env["POSTGRES_DB"],
         "postgres_user": pipeline_env["POSTGRES_USER"],
         "postgres_password": pipeline_env["POSTGRES_PASSWORD"],
-        "s3_endpoint": pipeline_env["S3_ENDPOINT"], "s3_bucket": pipeline_env["S3_BUCKET"],
+        "s3_endpoint": pipeline_env["S3_ENDPOINT"],
+        "s3_bucket": pipeline_env["S3_BUCKET"],
         "s3_access_key": pipeline_env["S3_ACCESS_KEY"],
         "s3_secret_key": pipeline_env["S3_SECRET_KEY"],
-        "scratch_root": "/data/scratch", "models_root": "/data/models",
+        "scratch_root": "/data/scratch",
+        "models_root": "/data/models",
         "orchestrator_operator_code_root": str(root),
         "orchestrator_operator_env_file": str(env_file),
-    }  # fmt: skip
+    }
     include_vars = tmp_path / "include.yml"
     include_vars.write_text(yaml.safe_dump(operator_env_include()))
-    play = [{
-        "name": "Render the operator command", "hosts": "localhost", "gather_facts": False,
-        # The include's vars outrank both roles' defaults, as at an include_role.
-        "vars_files": [str(COMMON / "defaults" / "main.yml"), str(ROLE / "defaults" / "main.yml"),
-                       str(include_vars)],
-        "tasks": [
-            {"name": "Env file", "ansible.builtin.template": {
-                "src": str(COMMON / "templates" / "env.j2"),
-                "dest": str(env_file), "mode": "0640"}},
-            {"name": "Wrapper", "ansible.builtin.template": {
-                "src": str(ROLE / "templates" / "audio-pipeline.py.j2"),
-                "dest": str(wrapper), "mode": "0755"}},
-        ],
-    }]  # fmt: skip
+    play = [
+        {
+            "name": "Render the operator command",
+            "hosts": "localhost",
+            "gather_facts": False,
+            # The include's vars outrank both roles' defaults, as at an include_role.
+            "vars_files": [
+                str(COMMON / "defaults" / "main.yml"),
+                str(ROLE / "defaults" / "main.yml"),
+                str(include_vars),
+            ],
+            "tasks": [
+                {
+                    "name": "Env file",
+                    "ansible.builtin.template": {
+                        "src": str(COMMON / "templates" / "env.j2"),
+                        "dest": str(env_file),
+                        "mode": "0640",
+                    },
+                },
+                {
+                    "name": "Wrapper",
+                    "ansible.builtin.template": {
+                        "src": str(ROLE / "templates" / "audio-pipeline.py.j2"),
+                        "dest": str(wrapper),
+                        "mode": "0755",
+                    },
+                },
+            ],
+        }
+    ]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
     (tmp_path / "vars.json").write_text(json.dumps(group_vars))
     proc = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"@{tmp_path / 'vars.json'}", "play.yml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-             "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_PYTHON_INTERPRETER": sys.executable},
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+            "play.yml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+            "ANSIBLE_LOCALHOST_WARNING": "0",
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+        },
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return wrapper
 
@@ -90,9 +126,12 @@ def run(wrapper: Path, *args: str, env: dict[str, str] | None = None):
     # An operator's login shell: nothing of the pipeline's settings in it.
     base = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
     return subprocess.run(
-        [str(wrapper), *args], env={**base, **(env or {})}, capture_output=True, text=True,
+        [str(wrapper), *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 def test_operator_command_runs_with_the_rendered_settings(operator_command, db_conn):

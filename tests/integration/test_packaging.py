@@ -50,10 +50,22 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(REPO / name, src / name, follow_symlinks=False)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [str(VENV_BIN / "pip"), "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "--disable-pip-version-check", "-w", str(out), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "pip"),
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--disable-pip-version-check",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     [built] = out.glob("*.whl")
     return built
 
@@ -113,10 +125,21 @@ def test_init_db_from_a_non_editable_install(
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run(
-        [str(VENV_BIN / "pip"), "--python", str(python), "install", "--no-deps", "-q",
-         "--disable-pip-version-check", str(wheel)],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "pip"),
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "-q",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # The dependencies come from the test virtualenv (installing them again would only
     # cost time); the package itself must come from the wheel, never this checkout.
     site = subprocess.run(
@@ -146,8 +169,12 @@ def test_init_db_from_a_non_editable_install(
     for _ in range(2):  # idempotent, like every deploy
         result = subprocess.run(
             [str(venv / "bin" / "audio-pipeline"), "init-db"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert f"schema applied to {empty_database}" in result.stdout
     with devstack.admin_connect(stack, empty_database) as conn:

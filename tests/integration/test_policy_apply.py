@@ -20,9 +20,12 @@ REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(CLI), *args], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        [str(CLI), *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def apply(env: dict[str, str], *paths: Path) -> dict:
@@ -76,8 +79,10 @@ def test_changed_wording_is_a_new_version_and_the_old_one_stays_inactive(
     assert summary["changed"] is True
     [outcome] = summary["policies"]
     assert (outcome["result"], outcome["version"], outcome["deactivated"]) == (
-        "new version", 2, [1]
-    )  # fmt: skip
+        "new version",
+        2,
+        [1],
+    )
     write_policy(path, "Flag threats of violence.", ["kill you", "hurt you"])
     assert apply(pipeline_env, path)["policies"][0]["version"] == 3  # the lexicon counts too
     assert apply(pipeline_env, path)["changed"] is False

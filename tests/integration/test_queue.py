@@ -93,9 +93,12 @@ def test_claim_many_waits_for_first_then_takes_what_is_ready(redis_client):
 
 @pytest.mark.parametrize(
     ("raw", "reason"),
-    [("{not json", "malformed JSON"), ("[1, 2]", "JSON object is required, got list"),
-     ('"text"', "got str")],
-)  # fmt: skip
+    [
+        ("{not json", "malformed JSON"),
+        ("[1, 2]", "JSON object is required, got list"),
+        ('"text"', "got str"),
+    ],
+)
 def test_malformed_items_go_straight_to_failed_and_claim_goes_on(redis_client, raw, reason):
     q = make_queue(redis_client)
     redis_client.rpush(Q, raw)

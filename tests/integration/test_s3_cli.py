@@ -35,9 +35,12 @@ def run(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # an operator runs it through ansible on a host.
     bare = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "APP_ENV"))}
     return subprocess.run(
-        [*CLI, *args, "--env-file", str(env_file)], env=bare, capture_output=True, text=True,
+        [*CLI, *args, "--env-file", str(env_file)],
+        env=bare,
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -123,9 +126,11 @@ def test_get_names_a_missing_object_and_refuses_a_damaged_one(
     # bytes that do not match the digest recorded at upload: refused, nothing left behind
     client = s3_utils.client_from_env(pipeline_env)
     client.put_object(
-        Bucket=bucket, Key="archives/bad.tar", Body=b"tampered",
+        Bucket=bucket,
+        Key="archives/bad.tar",
+        Body=b"tampered",
         Metadata={s3_utils.SHA256_METADATA_KEY: "0" * 64},
-    )  # fmt: skip
+    )
     bad = run(env_file, "get", "archives/bad.tar", str(tmp_path / "bad.tar"))
     assert bad.returncode == 1
     assert "does not match" in bad.stderr or "!= recorded" in bad.stderr, bad.stderr

@@ -39,9 +39,11 @@ def test_multipart_upload_is_verified(settings, s3_client, tmp_path, monkeypatch
 def test_download_detects_corruption_and_leaves_no_partial_file(settings, s3_client, tmp_path):
     # an object whose bytes do not match the digest recorded with it
     s3_client.put_object(
-        Bucket=settings.s3_bucket, Key="archives/bad.tar", Body=b"tampered",
+        Bucket=settings.s3_bucket,
+        Key="archives/bad.tar",
+        Body=b"tampered",
         Metadata={s3_utils.SHA256_METADATA_KEY: "0" * 64},
-    )  # fmt: skip
+    )
     target = tmp_path / "dl" / "bad.tar"
     with pytest.raises(s3_utils.IntegrityError, match="downloaded sha256"):
         s3_utils.download_file(s3_client, settings.s3_bucket, "archives/bad.tar", target)

@@ -23,10 +23,20 @@ FILES, CLASSIFICATIONS, PER_BATCH = 120, 1000, 50  # 1000 = 120 x 8 + 40: uneven
 
 def _run(url: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     args = [
-        *SEEDER, url, "--files", str(FILES),
-        "--classifications", str(CLASSIFICATIONS), "--files-per-batch", str(PER_BATCH),
-        "--flagged-share", "0.1", "--seed", "7", *extra,
-    ]  # fmt: skip
+        *SEEDER,
+        url,
+        "--files",
+        str(FILES),
+        "--classifications",
+        str(CLASSIFICATIONS),
+        "--files-per-batch",
+        str(PER_BATCH),
+        "--flagged-share",
+        "0.1",
+        "--seed",
+        "7",
+        *extra,
+    ]
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -55,9 +65,12 @@ def test_seeds_the_counts_and_ra_queue_lists_the_flagged_rows(
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     expected = {
-        "batches": 3, "audio_files": FILES, "transcripts": FILES, "policies": 5,
+        "batches": 3,
+        "audio_files": FILES,
+        "transcripts": FILES,
+        "policies": 5,
         "classifications": CLASSIFICATIONS,
-    }  # fmt: skip
+    }
     assert summary["counts"] == expected
     assert _counts(db_conn) == expected
     # keys and indexes set aside for the COPY are back exactly as schema.sql made them
@@ -92,9 +105,12 @@ def test_seeds_the_counts_and_ra_queue_lists_the_flagged_rows(
         assert (hit["start"], hit["end"]) == (segment["start"], segment["end"])
         assert segment["words"], "--with-words gives word timings"
         assert (policy, version) in {
-            ("hate_speech", 1), ("hate_speech", 2), ("harassment", 1),
-            ("violent_threats", 1), ("self_harm", 1),
-        }  # fmt: skip
+            ("hate_speech", 1),
+            ("hate_speech", 2),
+            ("harassment", 1),
+            ("violent_threats", 1),
+            ("self_harm", 1),
+        }
         assert opus_key.startswith("audio/seed-")
         assert opus_key.endswith(".opus")
 
@@ -108,9 +124,12 @@ def test_rows_in_the_database_are_the_seeds_deterministic_rows(
 ) -> None:
     assert _run(settings.database_url, pipeline_env).returncode == 0
     spec = seed_ra_db.SeedSpec(
-        files=FILES, classifications=CLASSIFICATIONS, files_per_batch=PER_BATCH,
-        flagged_share=0.1, seed=7,
-    )  # fmt: skip
+        files=FILES,
+        classifications=CLASSIFICATIONS,
+        files_per_batch=PER_BATCH,
+        flagged_share=0.1,
+        seed=7,
+    )
     policy_ids = [
         r["id"] for r in db_conn.execute("SELECT id FROM policies ORDER BY id").fetchall()
     ]
@@ -178,7 +197,10 @@ def test_ra_app_role_cannot_seed(pipeline_env: dict[str, str], db_conn: psycopg.
 def test_impossible_sizes_are_rejected_before_connecting(args: list[str], message: str) -> None:
     done = subprocess.run(
         [*SEEDER, "postgresql://nobody@127.0.0.1:1/none", "--files", "120", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert message in done.stderr

@@ -19,7 +19,7 @@ import redis
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_UNPACK
 from tests.support.rows import add_batch
-from tests.workerkit.procs import finish, start_module, wait_for
+from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +90,9 @@ def test_drain_transfers_complete_archives_once(env, collection, redis_client, d
         "FROM batches ORDER BY batch_id"
     ).fetchall()
     assert [(r["batch_id"], r["status"]) for r in rows] == [
-        ("batch-001", "transferred"), ("batch_002.v2", "transferred"),
-    ]  # fmt: skip
+        ("batch-001", "transferred"),
+        ("batch_002.v2", "transferred"),
+    ]
     assert rows[0]["archive_bytes"] == len(one)
     assert rows[0]["archive_sha256"] == s3_utils.sha256_file(
         collection / "transferred" / "batch-001.tar"
@@ -134,8 +135,9 @@ def test_marker_mode_waits_for_the_done_file(env, collection, redis_client):
     assert code == 0, out
     assert [j["batch_id"] for j in unpack_jobs(redis_client)] == ["m1"]
     assert sorted(p.name for p in (collection / "transferred").iterdir()) == [
-        "m1.tar", "m1.tar.done",
-    ]  # fmt: skip
+        "m1.tar",
+        "m1.tar.done",
+    ]
 
 
 def test_mark_mode_leaves_the_file_and_never_rescans_it(env, collection, redis_client):

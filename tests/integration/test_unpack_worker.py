@@ -24,7 +24,7 @@ from audio_pipeline.workers.unpack_worker import UnpackRequest, UnpackSettings
 from devtools.sample import make_speech_batch
 from tests.support import malicious_tars as bad
 from tests.support.rows import add_batch
-from tests.workerkit.procs import finish, start_module, wait_for
+from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +40,13 @@ def put_archive(settings, s3_client, tar: Path, batch_id: str) -> str:
 
 
 def unpack_job(batch_id: str, **extra) -> str:
-    job = {"batch_id": batch_id, "s3_key": f"archives/{batch_id}.tar", "file_count": None,
-           "transferred_at": "2026-01-01T00:00:00+00:00", **extra}  # fmt: skip
+    job = {
+        "batch_id": batch_id,
+        "s3_key": f"archives/{batch_id}.tar",
+        "file_count": None,
+        "transferred_at": "2026-01-01T00:00:00+00:00",
+        **extra,
+    }
     return json.dumps(job)
 
 
@@ -77,13 +82,19 @@ def dead_letters(redis_client) -> list[dict]:
 @pytest.fixture
 def speech(tmp_path):
     return make_speech_batch(
-        tmp_path / "collection", "b-odd", n_files=7, seed=3, min_seconds=2, max_seconds=5,
+        tmp_path / "collection",
+        "b-odd",
+        n_files=7,
+        seed=3,
+        min_seconds=2,
+        max_seconds=5,
         extra_members={"broken/really text.mp3": TEXT_MP3},
-    )  # fmt: skip
+    )
 
 
-def test_nested_batch_with_odd_names(pipeline_env, settings, db_conn, redis_client, s3_client,
-                                     speech):  # fmt: skip
+def test_nested_batch_with_odd_names(
+    pipeline_env, settings, db_conn, redis_client, s3_client, speech
+):
     put_archive(settings, s3_client, speech.tar_path, "b-odd")
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-odd", file_count=8))
 
@@ -112,16 +123,22 @@ def test_nested_batch_with_odd_names(pipeline_env, settings, db_conn, redis_clie
         assert opus.is_relative_to(scratch / "opus")
         assert s3_utils.object_exists(s3_client, settings.s3_bucket, row["opus_s3_key"])
         assert by_id[row["id"]] == {
-            "audio_id": row["id"], "opus_path": row["opus_path"], "batch_id": "b-odd",
-            "opus_s3_key": row["opus_s3_key"], "host": "testhost",
-        }  # fmt: skip
+            "audio_id": row["id"],
+            "opus_path": row["opus_path"],
+            "batch_id": "b-odd",
+            "opus_s3_key": row["opus_s3_key"],
+            "host": "testhost",
+        }
     broken = found["broken/really text.mp3"]
     assert broken["status"] == "failed"
     assert broken["error"].startswith("not a readable audio file")
     assert broken["opus_path"] is None
     batch = batch_row(db_conn, "b-odd")
-    assert (batch["status"], batch["file_count"], batch["unpack_host"]) == ("unpacked", 8,
-                                                                          "testhost")  # fmt: skip
+    assert (batch["status"], batch["file_count"], batch["unpack_host"]) == (
+        "unpacked",
+        8,
+        "testhost",
+    )
     assert batch["unpacked_at"] is not None
     # the tar and the extracted MP3s are gone; only Opus files remain
     assert sorted(p.name for p in scratch.iterdir()) == ["opus"]
@@ -165,11 +182,12 @@ def _bad_archives(tars: Path, outside: Path) -> dict[str, tuple[Path, str]]:
     """batch_id -> (archive, text its dead letter must contain)."""
     return {
         "bad-dotdot": (bad.traversal_tar(tars / "1.tar"), "unsafe archive: member '../../../"),
-        "bad-absolute": (bad.absolute_path_tar(tars / "2.tar", outside / "abs.mp3"),
-                         "has an absolute path"),
+        "bad-absolute": (
+            bad.absolute_path_tar(tars / "2.tar", outside / "abs.mp3"),
+            "has an absolute path",
+        ),
         "bad-symlink": (bad.symlink_tar(tars / "3.tar", outside), "is a symlink"),
-        "bad-hardlink": (bad.hardlink_tar(tars / "4.tar", outside / "victim.txt"),
-                         "is a hardlink"),
+        "bad-hardlink": (bad.hardlink_tar(tars / "4.tar", outside / "victim.txt"), "is a hardlink"),
         "bad-device": (bad.device_tar(tars / "5.tar"), "is a device file"),
         "bad-fifo": (bad.fifo_tar(tars / "6.tar"), "is a fifo"),
         "bad-huge": (bad.huge_declared_size_tar(tars / "7.tar"), "UNPACK_MAX_MEMBER_BYTES"),
@@ -180,15 +198,20 @@ def _bad_archives(tars: Path, outside: Path) -> dict[str, tuple[Path, str]]:
         "bad-empty": (bad.empty_tar(tars / "12.tar"), "empty archive: archive has no members"),
         "bad-no-audio": (bad.no_audio_tar(tars / "13.tar"), "no audio files"),
         "bad-all-text": (
-            bad.write_tar(tars / "14.tar", [bad._file("a.mp3", TEXT_MP3),
-                                            bad._file("sub/b.MP3", TEXT_MP3)]),
+            bad.write_tar(
+                tars / "14.tar", [bad._file("a.mp3", TEXT_MP3), bad._file("sub/b.MP3", TEXT_MP3)]
+            ),
             "none of the 2 audio files could be converted",
         ),
-        "bad-gzip": (bad.gzip_pax_bomb_tar(tars / "15.tar", declared=64 * bad.MB),
-                     "unusable archive: archive is gzip-compressed"),
-        "bad-pax-header": (bad.oversized_header_tar(tars / "16.tar", declared=bad.MB),
-                           "unsafe archive: pax extended header at byte 0 declares 1048576"),
-    }  # fmt: skip
+        "bad-gzip": (
+            bad.gzip_pax_bomb_tar(tars / "15.tar", declared=64 * bad.MB),
+            "unusable archive: archive is gzip-compressed",
+        ),
+        "bad-pax-header": (
+            bad.oversized_header_tar(tars / "16.tar", declared=bad.MB),
+            "unsafe archive: pax extended header at byte 0 declares 1048576",
+        ),
+    }
 
 
 def test_bad_jobs_are_dead_lettered_and_the_worker_keeps_serving(
@@ -208,10 +231,11 @@ def test_bad_jobs_are_dead_lettered_and_the_worker_keeps_serving(
         json.dumps({"s3_key": "archives/x.tar"}): "missing key 'batch_id'",
         json.dumps({"batch_id": 7, "s3_key": "archives/x.tar"}): "key 'batch_id' must be str",
         json.dumps({"batch_id": "../../etc", "s3_key": "archives/x.tar"}): "invalid batch_id",
-        json.dumps({"batch_id": "ok", "s3_key": "archives/ok.tar", "file_count": "7"}):
-            "file_count must be int",
+        json.dumps(
+            {"batch_id": "ok", "s3_key": "archives/ok.tar", "file_count": "7"}
+        ): "file_count must be int",
         unpack_job("b-missing"): "archive s3://",
-    }  # fmt: skip
+    }
     redis_client.rpush(QUEUE_UNPACK, *payload_cases)
     redis_client.rpush(QUEUE_UNPACK, *[unpack_job(b) for b in archives])
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-good"))
@@ -277,8 +301,9 @@ def test_back_pressure_on_a_full_host_queue_and_low_scratch(
 
     # a running worker resumes by itself once the gpu side drains the host queue
     log = tmp_path / "worker.log"
-    proc = start_module(WORKER, pipeline_env, extra_env={"UNPACK_MAX_HOST_QUEUE": "2"},
-                        log_path=log)  # fmt: skip
+    proc = start_module(
+        WORKER, pipeline_env, extra_env={"UNPACK_MAX_HOST_QUEUE": "2"}, log_path=log
+    )
     try:
         wait_for(lambda: "event=unpack.paused" in log.read_text(), timeout=20, what="pause")
         assert batch_row(db_conn, "b-odd") is None
@@ -301,8 +326,12 @@ def test_back_pressure_on_a_full_host_queue_and_low_scratch(
 
 
 def test_request_validation():
-    assert UnpackRequest.from_payload({"batch_id": "b-1", "s3_key": "archives/b-1.tar",
-                                       "file_count": 3}).file_count == 3  # fmt: skip
+    assert (
+        UnpackRequest.from_payload(
+            {"batch_id": "b-1", "s3_key": "archives/b-1.tar", "file_count": 3}
+        ).file_count
+        == 3
+    )
     for payload, message in [
         ({"batch_id": "b-1"}, "missing key 's3_key'"),
         ({"batch_id": "a/b", "s3_key": "k"}, "invalid batch_id"),
@@ -315,16 +344,23 @@ def test_request_validation():
 
 
 def test_settings_from_env():
-    s = UnpackSettings.from_env({"UNPACK_MAX_HOST_QUEUE": "5", "UNPACK_MIN_FREE_BYTES": "0",
-                                 "UNPACK_MAX_MEMBERS": "9", "OPUS_BITRATE": "16k"})  # fmt: skip
+    s = UnpackSettings.from_env(
+        {
+            "UNPACK_MAX_HOST_QUEUE": "5",
+            "UNPACK_MIN_FREE_BYTES": "0",
+            "UNPACK_MAX_MEMBERS": "9",
+            "OPUS_BITRATE": "16k",
+        }
+    )
     assert (s.max_host_queue, s.min_free_bytes) == (5, 0)
     assert (s.limits.max_members, s.audio.opus_bitrate) == (9, "16k")
     with pytest.raises(ConfigError, match="UNPACK_MAX_HOST_QUEUE"):
         UnpackSettings.from_env({"UNPACK_MAX_HOST_QUEUE": "0"})
 
 
-def test_a_batch_already_done_is_skipped(pipeline_env, settings, db_conn, redis_client, s3_client,
-                                         speech):  # fmt: skip
+def test_a_batch_already_done_is_skipped(
+    pipeline_env, settings, db_conn, redis_client, s3_client, speech
+):
     put_archive(settings, s3_client, speech.tar_path, "b-odd")
     add_batch(db_conn, "b-odd", "done")
     db_conn.commit()
@@ -343,13 +379,15 @@ def test_a_batch_already_done_is_skipped(pipeline_env, settings, db_conn, redis_
 def test_kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
     pipeline_env, settings, db_conn, redis_client, s3_client, tmp_path
 ):
-    big = make_speech_batch(tmp_path / "c", "b-kill", n_files=10, seed=11, min_seconds=8,
-                            max_seconds=14)  # fmt: skip
+    big = make_speech_batch(
+        tmp_path / "c", "b-kill", n_files=10, seed=11, min_seconds=8, max_seconds=14
+    )
     put_archive(settings, s3_client, big.tar_path, "b-kill")
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-kill"))
     # one ffmpeg at a time, so the batch is surely still converting when killed
-    proc = start_module(WORKER, pipeline_env, extra_env={"UNPACK_FFMPEG_JOBS": "1"},
-                        log_path=tmp_path / "first.log")  # fmt: skip
+    proc = start_module(
+        WORKER, pipeline_env, extra_env={"UNPACK_FFMPEG_JOBS": "1"}, log_path=tmp_path / "first.log"
+    )
 
     def some_converted() -> bool:
         db_conn.commit()
@@ -365,8 +403,11 @@ def test_kill_9_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
     assert redis_client.llen(HOST_QUEUE) == 0, "jobs are pushed only once the batch is unpacked"
 
     # the dead worker's heartbeat expires (1.5 s in tests); the next worker reaps its job
-    wait_for(lambda: not list(redis_client.scan_iter("worker:unpack:*")), timeout=10,
-             what="heartbeat expiry")  # fmt: skip
+    wait_for(
+        lambda: not list(redis_client.scan_iter("worker:unpack:*")),
+        timeout=10,
+        what="heartbeat expiry",
+    )
     out = run_drain(pipeline_env)
 
     assert "event=unpack.batch stage=unpack batch_id=b-kill files=10 converted=10" in out
@@ -390,9 +431,13 @@ def test_a_dead_s3_service_is_retried_then_fails_the_batch_clearly(
     # row says why, instead of staying 'unpacking' forever.
     redis_client.rpush(QUEUE_UNPACK, unpack_job("b-dead-s3"))
     out = run_drain(
-        pipeline_env, timeout=180, S3_ENDPOINT="http://127.0.0.1:9", QUEUE_MAX_ATTEMPTS="2",
-        QUEUE_RETRY_BASE_S="0.2", QUEUE_RETRY_CAP_S="0.5",
-    )  # fmt: skip
+        pipeline_env,
+        timeout=180,
+        S3_ENDPOINT="http://127.0.0.1:9",
+        QUEUE_MAX_ATTEMPTS="2",
+        QUEUE_RETRY_BASE_S="0.2",
+        QUEUE_RETRY_CAP_S="0.5",
+    )
     assert "job.retry" in out
     [letter] = dead_letters(redis_client)
     assert letter["stage"] == "unpack"

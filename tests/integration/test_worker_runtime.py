@@ -1,6 +1,6 @@
 """The shared worker runtime, run as real subprocesses against the real Redis.
 
-The echo worker (tests/workerkit/echo_worker.py) records each job it starts and
+The echo worker (tests/support/workerkit/echo_worker.py) records each job it starts and
 commits; these tests prove the delivery guarantees of the runtime: a job is
 finished or handed back on SIGTERM, returned by the reaper after kill -9, retried
 then dead-lettered, and never lost or done twice.
@@ -17,7 +17,7 @@ import redis
 
 from audio_pipeline.config import QUEUE_FAILED
 from audio_pipeline.queue import WORKERS_KEY, heartbeat_key, processing_key
-from tests.workerkit.echo_worker import (
+from tests.support.workerkit.echo_worker import (
     BATCHES_KEY,
     DISCARDED_KEY,
     DONE_KEY,
@@ -25,11 +25,11 @@ from tests.workerkit.echo_worker import (
     PREPARED_KEY,
     STARTED_KEY,
 )
-from tests.workerkit.procs import finish, start_module, wait_for
+from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 
-ECHO = "workerkit.echo_worker"
+ECHO = "tests.support.workerkit.echo_worker"
 Q = "queue:echo"
 
 
@@ -245,9 +245,12 @@ def test_first_sigterm_waits_for_the_look_ahead_then_hands_it_back_in_order(
 ):
     push(
         redis_client,
-        {"id": "a", "sleep": 1.0}, {"id": "b"},
-        {"id": "c", "prepare_sleep": 2.0}, {"id": "d"}, {"id": "e"},
-    )  # fmt: skip
+        {"id": "a", "sleep": 1.0},
+        {"id": "b"},
+        {"id": "c", "prepare_sleep": 2.0},
+        {"id": "d"},
+        {"id": "e"},
+    )
     proc = start_module(ECHO, pipeline_env, extra_env={**LOOK_AHEAD, "ECHO_BATCH_SIZE": "2"})
     wait_for(lambda: redis_client.llen(STARTED_KEY) == 1, what="job start")
     proc.send_signal(signal.SIGTERM)

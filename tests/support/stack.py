@@ -48,9 +48,11 @@ def stack_env(stack: devstack.Stack) -> dict[str, str]:
 def redis_db(stack_env: dict[str, str]) -> int:
     """A Redis database number of this session's own (concurrent sessions differ)."""
     admin = redis.Redis(
-        host="127.0.0.1", port=int(stack_env["REDIS_PORT"]),
-        password=stack_env["REDIS_PASSWORD"], db=0,
-    )  # fmt: skip
+        host="127.0.0.1",
+        port=int(stack_env["REDIS_PORT"]),
+        password=stack_env["REDIS_PASSWORD"],
+        db=0,
+    )
     return int(admin.incr("devstack:next-test-db")) % REDIS_TEST_DBS + 1
 
 

@@ -81,9 +81,13 @@ def seed_items(
     ids = []
     for i in range(n):
         audio_id = add_audio_file(
-            conn, batch, f"calls/clip{i:04d}.mp3", "done",
-            duration_s=7.0, opus_s3_key=f"audio/{batch}/calls/clip{i:04d}.opus",
-        )  # fmt: skip
+            conn,
+            batch,
+            f"calls/clip{i:04d}.mp3",
+            "done",
+            duration_s=7.0,
+            opus_s3_key=f"audio/{batch}/calls/clip{i:04d}.opus",
+        )
         add_transcript(conn, audio_id, language="en")
         score = scores[i] if scores else 0.9
         evidence = [{"segment": 1, "start": 2.5, "end": 5.0, "score": score, "terms": ["vermin"]}]

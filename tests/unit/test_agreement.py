@@ -74,9 +74,15 @@ def test_three_category_field_and_its_one_vs_rest_labels() -> None:
     #        alpha = 1 - (4/12) / (94/132) = 1 - 528/1128 = 25/47 = 0.5319
     rows = _two_coders(
         "violates",
-        [("yes", "yes"), ("yes", "yes"), ("no", "no"), ("no", "unsure"),
-         ("unsure", "unsure"), ("yes", "no")],
-    )  # fmt: skip
+        [
+            ("yes", "yes"),
+            ("yes", "yes"),
+            ("no", "no"),
+            ("no", "unsure"),
+            ("unsure", "unsure"),
+            ("yes", "no"),
+        ],
+    )
     field = agreement_report(rows).field("violates")
 
     assert field.type is FieldType.SINGLE
@@ -116,10 +122,13 @@ def test_multi_choice_options_are_binary_labels_and_pool_for_overall() -> None:
     #   alpha: o_PP = 4, o_XX = 4, o_PX = o_XP = 2; n_P = n_X = 6, n = 12
     #          D_o = 4/12; D_e = 2*6*6/11/12 = 6/11; alpha = 1 - (1/3)/(6/11) = 7/18
     rows = [
-        (1, "A", "categories", ["hate"]), (1, "B", "categories", ["hate"]),
-        (2, "A", "categories", ["hate", "threat"]), (2, "B", "categories", ["threat"]),
-        (3, "A", "categories", []), (3, "B", "categories", ["hate"]),
-    ]  # fmt: skip
+        (1, "A", "categories", ["hate"]),
+        (1, "B", "categories", ["hate"]),
+        (2, "A", "categories", ["hate", "threat"]),
+        (2, "B", "categories", ["threat"]),
+        (3, "A", "categories", []),
+        (3, "B", "categories", ["hate"]),
+    ]
     field = agreement_report(rows).field("categories")
 
     assert field.type is FieldType.MULTI
@@ -136,9 +145,10 @@ def test_multi_choice_options_are_binary_labels_and_pool_for_overall() -> None:
 def test_one_row_per_chosen_option_adds_up_like_a_list() -> None:
     as_lists = [(1, "A", "categories", ["hate", "threat"]), (1, "B", "categories", ["hate"])]
     as_rows = [
-        (1, "A", "categories", "hate"), (1, "A", "categories", "threat"),
+        (1, "A", "categories", "hate"),
+        (1, "A", "categories", "threat"),
         (1, "B", "categories", "hate"),
-    ]  # fmt: skip
+    ]
     codebook = parse_codebook(
         """
 study: s
@@ -175,11 +185,16 @@ def test_three_coders_with_missing_codings_use_alpha_and_lights_kappa() -> None:
     #        A-C and B-C share item 1 only, both "yes": p_e = 1, kappa undefined
     # Light's kappa = mean of the defined pairwise kappas = 0.4
     rows = [
-        (1, "A", "v", "yes"), (1, "B", "v", "yes"), (1, "C", "v", "yes"),
-        (2, "A", "v", "yes"), (2, "B", "v", "no"),
-        (3, "A", "v", "no"), (3, "B", "v", "no"), (3, "C", "v", None),
+        (1, "A", "v", "yes"),
+        (1, "B", "v", "yes"),
+        (1, "C", "v", "yes"),
+        (2, "A", "v", "yes"),
+        (2, "B", "v", "no"),
+        (3, "A", "v", "no"),
+        (3, "B", "v", "no"),
+        (3, "C", "v", None),
         (4, "A", "v", "yes"),
-    ]  # fmt: skip
+    ]
     report = agreement_report(rows)
     overall = report.field("v").overall
 
@@ -252,12 +267,15 @@ def test_opposite_coders_give_kappa_zero_not_an_error() -> None:
 def test_codebook_gives_field_types_skips_text_and_lists_uncoded_fields() -> None:
     codebook = load_codebook()
     answers = [
-        (10, 1, {"violates": "yes", "severity": "high", "categories": ["hate_speech"],
-                 "notes": "loud"}),
+        (
+            10,
+            1,
+            {"violates": "yes", "severity": "high", "categories": ["hate_speech"], "notes": "loud"},
+        ),
         (10, 2, {"violates": "yes", "severity": "medium", "categories": [], "notes": None}),
         (11, 1, {"violates": "no", "severity": None, "categories": [], "notes": None}),
         (11, 2, {"violates": "no", "severity": None, "categories": []}),
-    ]  # fmt: skip
+    ]
     report = agreement_report(rows_from_answers(answers), codebook)
 
     assert [f.field for f in report.fields] == ["violates", "severity", "categories"]
@@ -275,8 +293,13 @@ def test_codebook_order_and_labels_for_options_nobody_chose() -> None:
     assert unsure.alpha is None
     assert "every rating is 'absent'" in (unsure.alpha_reason or "")
     assert [la.option for la in report.field("categories").labels] == [
-        "hate_speech", "harassment", "violent_threat", "self_harm", "sexual", "other",
-    ]  # fmt: skip
+        "hate_speech",
+        "harassment",
+        "violent_threat",
+        "self_harm",
+        "sexual",
+        "other",
+    ]
     assert report.field("categories").overall.alpha_reason == "no double-coded items"
     json.dumps(report.to_dict())  # templates and the API get plain data
 
@@ -306,13 +329,16 @@ def test_value_outside_the_codebook_is_an_error() -> None:
 
 def test_disagreements_list_items_for_adjudication() -> None:
     rows = [
-        Coding(1, "A", "violates", "yes"), Coding(1, "B", "violates", "yes"),
-        Coding(2, "A", "violates", "yes"), Coding(2, "B", "violates", "no"),
+        Coding(1, "A", "violates", "yes"),
+        Coding(1, "B", "violates", "yes"),
+        Coding(2, "A", "violates", "yes"),
+        Coding(2, "B", "violates", "no"),
         Coding(2, "A", "categories", ["harassment", "hate_speech"]),
         Coding(2, "B", "categories", ["hate_speech", "harassment"]),
-        Coding(3, "B", "categories", ["other"]), Coding(3, "A", "categories", []),
+        Coding(3, "B", "categories", ["other"]),
+        Coding(3, "A", "categories", []),
         Coding(4, "A", "violates", "no"),
-    ]  # fmt: skip
+    ]
     found = disagreements(rows, load_codebook())
     assert [(d.item_id, d.field, d.values) for d in found] == [
         (2, "violates", {"A": "yes", "B": "no"}),

@@ -263,9 +263,11 @@ def test_oversized_extended_header_is_refused(sandbox, tmp_path, case):
     kind, label = HEADER_KINDS[case]
     tar = bad.oversized_header_tar(tmp_path / f"{case}.tar", kind, declared=400 * bad.MB)
     assert_refused(
-        sandbox, tar, ArchiveLimitError,
+        sandbox,
+        tar,
+        ArchiveLimitError,
         rf"{label} header at byte 0 declares 419430400 bytes.*UNPACK_MAX_HEADER_BYTES",
-    )  # fmt: skip
+    )
 
 
 def test_header_limit_is_configurable(sandbox, tmp_path):

@@ -31,13 +31,21 @@ def test_settings_defaults() -> None:
 
 def test_settings_from_env() -> None:
     s = AsrSettings.from_env(
-        {"ASR_BACKEND": "whisperx", "ASR_MODEL": "whisper/large-v3", "ASR_DEVICE": "cuda",
-         "ASR_COMPUTE_TYPE": "int8_float16", "ASR_BATCH_SIZE": "16"}
-    )  # fmt: skip
+        {
+            "ASR_BACKEND": "whisperx",
+            "ASR_MODEL": "whisper/large-v3",
+            "ASR_DEVICE": "cuda",
+            "ASR_COMPUTE_TYPE": "int8_float16",
+            "ASR_BATCH_SIZE": "16",
+        }
+    )
     assert s.backend is AsrBackend.WHISPERX
     assert (s.model, s.device, s.compute_type, s.batch_size) == (
-        "whisper/large-v3", AsrDevice.CUDA, "int8_float16", 16,
-    )  # fmt: skip
+        "whisper/large-v3",
+        AsrDevice.CUDA,
+        "int8_float16",
+        16,
+    )
 
 
 def test_settings_errors_name_every_variable() -> None:
@@ -61,9 +69,13 @@ def test_segment_across_a_file_boundary_is_split_by_word_time() -> None:
         _Piece(1, 1 * SAMPLE_RATE, 2 * SAMPLE_RATE, int(2.6 * SAMPLE_RATE)),
     ]
     seg = SimpleNamespace(
-        words=[word("hello", 0.1, 0.9), word("there", 1.0, 2.2), word("next", 2.5, 3.0),
-               word("file", 3.1, 3.5)],
-    )  # fmt: skip
+        words=[
+            word("hello", 0.1, 0.9),
+            word("there", 1.0, 2.2),
+            word("next", 2.5, 3.0),
+            word("file", 3.1, 3.5),
+        ],
+    )
     parts = split_segment(seg, _Unpacker(pieces))
 
     assert set(parts) == {0, 1}

@@ -23,8 +23,10 @@ def test_content_that_fits_is_one_window(n):
     assert window_spans(n, 100, 12, 32) == ([(0, n)], False)
 
 
-@pytest.mark.parametrize(("n", "size", "overlap"), [(101, 100, 12), (1000, 100, 12), (977, 64, 8),
-                                                    (50, 7, 0), (10_000, 512, 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("n", "size", "overlap"),
+    [(101, 100, 12), (1000, 100, 12), (977, 64, 8), (50, 7, 0), (10_000, 512, 64)],
+)
 def test_windows_cover_every_token_with_the_overlap(n, size, overlap):
     spans, truncated = window_spans(n, size, overlap, 10_000)
     assert not truncated
@@ -54,8 +56,9 @@ def test_the_cap_leaves_the_rest_out_and_says_so():
     assert not truncated, "the cap reached exactly at the end leaves nothing out"
 
 
-@pytest.mark.parametrize(("size", "overlap", "cap"), [(0, 0, 1), (10, 10, 1), (10, -1, 1),
-                                                      (10, 2, 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("size", "overlap", "cap"), [(0, 0, 1), (10, 10, 1), (10, -1, 1), (10, 2, 0)]
+)
 def test_nonsense_windows_are_refused(size, overlap, cap):
     with pytest.raises(ValueError, match="bad windows"):
         window_spans(100, size, overlap, cap)

@@ -90,8 +90,11 @@ def test_codebook_is_frozen_and_to_dict_is_json_ready() -> None:
     data = json.loads(json.dumps(cb.to_dict()))
     assert data["fields"][0]["type"] == "single"
     assert data["fields"][0]["options"][0] == {
-        "value": "yes", "label": "Yes", "description": "", "key": "y",
-    }  # fmt: skip
+        "value": "yes",
+        "label": "Yes",
+        "description": "",
+        "key": "y",
+    }
     assert data["shortcuts"]["y"] == ["violates", "yes"]
     assert data["reserved_keys"][" "].startswith("play or pause")
     assert codebook_from_dict(json.loads(json.dumps(_raw(GOOD)))) == cb
@@ -241,8 +244,10 @@ def test_valid_answer_is_cleaned_into_every_field() -> None:
         "notes": "ok",
     }
     assert validate_answer(cb, {"violates": "yes"}) == {
-        "violates": "yes", "tags": [], "notes": None,
-    }  # fmt: skip
+        "violates": "yes",
+        "tags": [],
+        "notes": None,
+    }
 
 
 def test_bad_answer_reports_each_field() -> None:
@@ -313,8 +318,10 @@ def test_form_data_reads_checkboxes_with_getlist_and_ignores_named_keys() -> Non
         [("csrf_token", "t"), ("violates", "yes"), ("tags", "b"), ("tags", "a"), ("notes", "")]
     )
     assert cb.validate_answer(form, ignore=["csrf_token"]) == {
-        "violates": "yes", "tags": ["a", "b"], "notes": None,
-    }  # fmt: skip
+        "violates": "yes",
+        "tags": ["a", "b"],
+        "notes": None,
+    }
     with pytest.raises(AnswerError, match="csrf_token: not a field"):
         cb.validate_answer(form)
 

@@ -59,9 +59,17 @@ def test_host_queue_is_derived_from_worker_host():
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [(None, None), ("", None), ("auto", None), (" AUTO ", None), ("1", True), ("true", True),
-     ("0", False), ("off", False)],
-)  # fmt: skip
+    [
+        (None, None),
+        ("", None),
+        ("auto", None),
+        (" AUTO ", None),
+        ("1", True),
+        ("true", True),
+        ("0", False),
+        ("off", False),
+    ],
+)
 def test_prefetch_is_on_off_or_auto(raw, expected) -> None:
     from audio_pipeline.workers.gpu_worker import GpuSettings
 

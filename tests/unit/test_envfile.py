@@ -27,9 +27,11 @@ def render_pipeline_env(values: dict[str, str]) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)  # noqa: S701
     env.filters["combine"] = lambda a, *more: {k: v for d in (a, *more) for k, v in d.items()}
     return env.from_string(TEMPLATE.read_text()).render(
-        ansible_managed="managed", common_env_comment=["read by the workers"],
-        common_env_pipeline=values, common_env={"NLTK_DATA": "/data/models/nltk"},
-    )  # fmt: skip
+        ansible_managed="managed",
+        common_env_comment=["read by the workers"],
+        common_env_pipeline=values,
+        common_env={"NLTK_DATA": "/data/models/nltk"},
+    )
 
 
 def test_round_trip_through_the_worker_template() -> None:

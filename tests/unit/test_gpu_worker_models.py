@@ -53,9 +53,16 @@ def render(**overrides: Any) -> tuple[list[str], dict[str, str]]:
     written = {**variables["common_env_pipeline"], **variables["gpu_worker_env"]}
     env = {
         k: str(templar.template(written[k]))
-        for k in ("MODELS_ROOT", "ASR_BACKEND", "ASR_MODEL", "ASR_BATCH_SIZE",
-                  "CLASSIFIER_BACKEND", "CLASSIFIER_MODEL", "CLASSIFIER_BATCH_SIZE")
-    }  # fmt: skip
+        for k in (
+            "MODELS_ROOT",
+            "ASR_BACKEND",
+            "ASR_MODEL",
+            "ASR_BATCH_SIZE",
+            "CLASSIFIER_BACKEND",
+            "CLASSIFIER_MODEL",
+            "CLASSIFIER_BATCH_SIZE",
+        )
+    }
     return list(models), {**env, **{k: str(v) for k, v in backend_env.items()}}
 
 

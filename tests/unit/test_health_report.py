@@ -24,10 +24,15 @@ def connections(host: str, failing: dict[str, str] | None = None) -> dict[str, A
     """What `audio-pipeline check-connections --json` prints, as a registered result."""
     failing = failing or {}
     checks = [
-        {"service": s, "target": f"{s}-target", "ok": s not in failing,
-         "detail": failing.get(s, "fine"), "elapsed_s": 0.01}
+        {
+            "service": s,
+            "target": f"{s}-target",
+            "ok": s not in failing,
+            "detail": failing.get(s, "fine"),
+            "elapsed_s": 0.01,
+        }
         for s in ("redis", "postgres", "s3")
-    ]  # fmt: skip
+    ]
     report = {"host": host, "ok": not failing, "checks": checks}
     return {"rc": 1 if failing else 0, "stdout": json.dumps(report), "stderr": ""}
 
@@ -37,12 +42,20 @@ def status(failed: int = 0, active_policies: int = 1) -> dict[str, Any]:
     report = {
         "schema": 1,
         "queues": {"queue:failed": failed, "queue:transcribe": 0, "queue:unpack": 2},
-        "processing": [{"worker": "gpu:gpu-01:7", "source": "queue:transcribe:gpu-01",
-                        "items": 1, "alive": True}],
-        "delayed_retries": [], "failed": failed, "workers": [],
+        "processing": [
+            {
+                "worker": "gpu:gpu-01:7",
+                "source": "queue:transcribe:gpu-01",
+                "items": 1,
+                "alive": True,
+            }
+        ],
+        "delayed_retries": [],
+        "failed": failed,
+        "workers": [],
         "batches": {"by_status": {}, "in_flight": []},
         "results": {"active_policies": active_policies, "flagged": 3},
-    }  # fmt: skip
+    }
     return {"rc": 0, "stdout": json.dumps(report), "stderr": ""}
 
 
@@ -76,32 +89,60 @@ def render(tmp_path: Path, results: dict[str, dict[str, Any]]) -> tuple[list[str
     # Registered results are plain host variables to the templates: the inventory
     # carries them.
     hosts = {h: {"ansible_connection": "local", **r} for h, r in results.items()}
-    inventory = {"all": {"children": {
-        "orchestrator": {"hosts": {"orch-01": hosts["orch-01"]}},
-        "gpu_workers": {"hosts": {"gpu-01": hosts["gpu-01"]}},
-        "transfer": {"hosts": {"transfer-01": hosts["transfer-01"]}},
-    }}}  # fmt: skip
+    inventory = {
+        "all": {
+            "children": {
+                "orchestrator": {"hosts": {"orch-01": hosts["orch-01"]}},
+                "gpu_workers": {"hosts": {"gpu-01": hosts["gpu-01"]}},
+                "transfer": {"hosts": {"transfer-01": hosts["transfer-01"]}},
+            }
+        }
+    }
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
     out = tmp_path / "out.json"
     problems_j2, report_j2 = TEMPLATES / "health-problems.j2", TEMPLATES / "health-report.j2"
     # The playbook's own Summary variables (thresholds, the parsed status JSON).
     [summary] = [p for p in yaml.safe_load(PLAYBOOK.read_text()) if p["name"] == "Summary"]
     play = [
-        {"name": "Summary", "hosts": "all", "gather_facts": False, "vars": summary["vars"],
-         "tasks": [{"name": "Render", "run_once": True, "delegate_to": "localhost",
-                    "ansible.builtin.copy": {"dest": str(out), "mode": "0644", "content":
-                        f"{{{{ {{'problems': lookup('ansible.builtin.template', '{problems_j2}'), "
-                        f"'report': lookup('ansible.builtin.template', '{report_j2}')}} "
-                        "| to_json }}"}}]},
-    ]  # fmt: skip
+        {
+            "name": "Summary",
+            "hosts": "all",
+            "gather_facts": False,
+            "vars": summary["vars"],
+            "tasks": [
+                {
+                    "name": "Render",
+                    "run_once": True,
+                    "delegate_to": "localhost",
+                    "ansible.builtin.copy": {
+                        "dest": str(out),
+                        "mode": "0644",
+                        "content": (
+                            f"{{{{ {{'problems': lookup('ansible.builtin.template', "
+                            f"'{problems_j2}'), 'report': lookup("
+                            f"'ansible.builtin.template', '{report_j2}')}} | to_json }}}}"
+                        ),
+                    },
+                }
+            ],
+        },
+    ]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
     proc = subprocess.run(
         [str(VENV_BIN / "ansible-playbook"), "-i", "inventory.yml", "play.yml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-             "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
-             "ANSIBLE_PYTHON_INTERPRETER": sys.executable},
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+            "ANSIBLE_LOCALHOST_WARNING": "0",
+            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+        },
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rendered = json.loads(out.read_text())
     problems = [x.strip() for x in (rendered["problems"] or "").splitlines() if x.strip()]
@@ -130,8 +171,10 @@ def test_no_policy_and_unreachable_services_are_named(tmp_path):
         "transfer-01", {"s3": "ClientError: An error occurred (403) ... Forbidden"}
     )
     results["orch-01"]["health_connections"] = {
-        "rc": 1, "stdout": "", "stderr": "audio-pipeline: cannot read /etc/fleet-operators/..."
-    }  # fmt: skip
+        "rc": 1,
+        "stdout": "",
+        "stderr": "audio-pipeline: cannot read /etc/fleet-operators/...",
+    }
     problems, report = render(tmp_path, results)
     assert problems == [
         "orch-01: no active policy: files are transcribed but get no verdict "
@@ -158,8 +201,10 @@ def test_dead_letters_and_an_unreadable_status_are_named(tmp_path):
     assert any("boom" in x and "b9" in x for x in report)
 
     results["orch-01"]["health_status"] = {
-        "rc": 1, "stdout": "", "stderr": "audio-pipeline status: Redis unavailable: refused"
-    }  # fmt: skip
+        "rc": 1,
+        "stdout": "",
+        "stderr": "audio-pipeline status: Redis unavailable: refused",
+    }
     problems, _ = render(tmp_path, results)
     assert problems == [
         "orch-01: could not read the pipeline's status: audio-pipeline status: Redis "

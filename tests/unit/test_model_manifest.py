@@ -27,8 +27,9 @@ def test_round_trip() -> None:
     assert manifest_key("whisper/x") == "models/whisper/x/.manifest.json"
 
 
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b",
-                                  ".manifest.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", ".manifest.json"]
+)
 def test_paths_outside_the_model_are_refused(path: str) -> None:
     with pytest.raises(ModelStoreError, match="model m: unreadable manifest"):
         Manifest.from_json("m", manifest({path: {"sha256": SHA, "size": 1}}))

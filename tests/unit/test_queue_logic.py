@@ -69,9 +69,15 @@ def test_job_short_id_is_stable_per_raw_payload():
 def test_logfmt_line_quotes_what_needs_quoting():
     line = format_fields(
         "job.failed",
-        {"stage": "unpack", "duration_s": 1.2, "score": 0.123456, "error": 'bad "tar"\nx',
-         "ok": True, "none": None},
-    )  # fmt: skip
+        {
+            "stage": "unpack",
+            "duration_s": 1.2,
+            "score": 0.123456,
+            "error": 'bad "tar"\nx',
+            "ok": True,
+            "none": None,
+        },
+    )
     assert line == (
         "event=job.failed stage=unpack duration_s=1.20 score=0.1235 "
         'error="bad \\"tar\\"\\nx" ok=true none=""'

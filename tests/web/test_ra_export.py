@@ -126,9 +126,13 @@ def test_api_export_is_neutralised_too(app: Flask, db_conn: Any) -> None:
         client.get("/api/v1/export?format=jsonl", headers=auth).get_data(as_text=True).splitlines()
     )
     assert json.loads(line)["answer"]["notes"] == "'=1+1"
-    rows = list(csv.DictReader(io.StringIO(
-        client.get("/api/v1/export?format=csv", headers=auth).get_data(as_text=True)
-    )))  # fmt: skip
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                client.get("/api/v1/export?format=csv", headers=auth).get_data(as_text=True)
+            )
+        )
+    )
     assert rows[0]["answer_notes"] == "'=1+1"
     login(client, "ann")  # an RA's session never reaches the export
     assert client.get("/admin/export.csv").status_code == 403
@@ -147,9 +151,12 @@ def test_deleting_a_batch_keeps_its_labels_in_the_export(
     db_conn.execute("DELETE FROM batches WHERE batch_id = 'b-gone'")
     db_conn.execute("UPDATE classifications SET score = 0.55 WHERE id = %s", (kept,))
     db_conn.commit()
-    assert db_conn.execute(
-        "SELECT count(*) AS n FROM classifications WHERE id = ANY(%s)", (gone,)
-    ).fetchone()["n"] == 0  # fmt: skip
+    assert (
+        db_conn.execute(
+            "SELECT count(*) AS n FROM classifications WHERE id = ANY(%s)", (gone,)
+        ).fetchone()["n"]
+        == 0
+    )
 
     rows = list(csv.DictReader(io.StringIO(_export(admin, "csv"))))
     records = [json.loads(line) for line in _export(admin, "jsonl").splitlines()]
@@ -180,14 +187,18 @@ def test_the_ra_app_role_cannot_guard_pipeline_tables(app: Flask) -> None:
     """Why labels carry their facts instead of refusing a batch's deletion."""
     with app.app_context():
         db.session.execute(
-            text("CREATE FUNCTION ra_guard() RETURNS trigger LANGUAGE plpgsql AS "
-                 "$$ BEGIN RETURN NULL; END $$")
-        )  # fmt: skip
+            text(
+                "CREATE FUNCTION ra_guard() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN NULL; END $$"
+            )
+        )
         with pytest.raises(ProgrammingError, match="permission denied for table batches"):
             db.session.execute(
-                text("CREATE TRIGGER ra_guard BEFORE DELETE ON batches FOR EACH ROW "
-                     "EXECUTE FUNCTION ra_guard()")
-            )  # fmt: skip
+                text(
+                    "CREATE TRIGGER ra_guard BEFORE DELETE ON batches FOR EACH ROW "
+                    "EXECUTE FUNCTION ra_guard()"
+                )
+            )
         db.session.rollback()
         with pytest.raises(ProgrammingError, match="permission denied"):
             db.session.execute(text("DELETE FROM batches"))

@@ -168,10 +168,12 @@ def test_skip_races_never_free_a_slot_twice(ra_env: dict[str, str], db_conn: Any
             aid = claim(name)  # Skip as the expiry sweep takes the same assignment
             with app.app_context():
                 db.session.execute(
-                    text("UPDATE ra_assignments SET expires_at = now() - interval '1 s' "
-                         "WHERE id = :aid"),
+                    text(
+                        "UPDATE ra_assignments SET expires_at = now() - interval '1 s' "
+                        "WHERE id = :aid"
+                    ),
                     {"aid": aid},
-                )  # fmt: skip
+                )
                 db.session.commit()
                 db.session.remove()
             results = _race(web_skip(one, csrf1, aid), sweep)

@@ -1,4 +1,6 @@
-"""A tiny real queue worker used only by tests, run as ``python -m workerkit.echo_worker``.
+"""A tiny real queue worker used only by tests.
+
+Run as ``python -m tests.support.workerkit.echo_worker``.
 
 Each job is ``{"id": str, "sleep": seconds, "fail": "transient"|"permanent",
 "fail_times": n}``. The worker records the job id in Redis list ``echo:started``

@@ -9,8 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TESTS_DIR = REPO_ROOT / "tests"  # on sys.path, as pytest puts it for the tests themselves
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Small timings so reliability tests finish in seconds.
 FAST_ENV = {
@@ -33,7 +32,7 @@ def start_module(
     """Run ``python -m module`` from the repo root with only ``env`` (plus PATH)."""
     full_env = {
         "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{TESTS_DIR}",
+        "PYTHONPATH": str(REPO_ROOT),  # tests.* and the checkout's packages
         **FAST_ENV,
         **env,
         **(extra_env or {}),
@@ -41,8 +40,12 @@ def start_module(
     out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(
