@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ansible_run import VENV_BIN, ansible_playbook
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 
 
 def run_playbook(
@@ -34,27 +35,15 @@ def run_playbook(
         "ansible_become": False,  # the test runs as whoever runs pytest
         "ansible_python_interpreter": sys.executable,
     }
-    return subprocess.run(
-        [
-            str(VENV_BIN / "ansible-playbook"),
-            "-i",
-            str(tmp_path / "inventory.yml"),
-            "-e",
-            json.dumps(extra),
-            str(REPO / "playbooks" / "apply-policies.yml"),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    return ansible_playbook(
+        tmp_path,
+        "-i",
+        str(tmp_path / "inventory.yml"),
+        "-e",
+        json.dumps(extra),
+        str(REPO / "playbooks" / "apply-policies.yml"),
+        env=env,
         timeout=300,
-        env={
-            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "LANG": "C.UTF-8",
-            "ANSIBLE_LOCALHOST_WARNING": "0",
-            "NO_COLOR": "1",
-            **env,
-        },
     )
 
 

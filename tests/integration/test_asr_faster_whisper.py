@@ -7,7 +7,6 @@ not just that the words came out somewhere.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import jiwer
@@ -23,6 +22,7 @@ from audio_pipeline.asr import (
 )
 from devtools.dev_models import install_whisper
 from tests.support.hostile_media import PLAYLISTS, FifoWatch, RecordingServer
+from tests.support.media import NORMALISE, silence, speech, wer
 
 # Measured on this machine (tiny.en int8, beam 5, espeak-ng at 160 wpm): overall WER
 # 0.25 on these clips (per file 0.0-0.38; tiny.en mishears espeak's voice, e.g.
@@ -44,62 +44,6 @@ TEXTS = {
     "tea.opus": "A pot of tea helps to pass the evening. The salt breeze came across from the sea.",
 }
 
-NORMALISE = jiwer.Compose(
-    [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
-)
-
-
-def speak(text: str, path: Path, pad_s: float = 0.3) -> Path:
-    """espeak-ng speech as 16 kHz mono Opus, as the unpack worker writes it."""
-    wav = path.with_suffix(".wav")
-    subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(wav),
-            "-af",
-            f"adelay={int(pad_s * 1000)}",
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-c:a",
-            "libopus",
-            "-b:a",
-            "24k",
-            str(path),
-        ],
-        check=True,
-    )
-    wav.unlink()
-    return path
-
-
-def silence(path: Path, seconds: float = 3.0) -> Path:
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "anullsrc=r=16000:cl=mono",
-            "-t",
-            str(seconds),
-            "-c:a",
-            "libopus",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
-
 
 @pytest.fixture(scope="module")
 def transcriber(tmp_path_factory: pytest.TempPathFactory):
@@ -111,11 +55,7 @@ def transcriber(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("clips")
-    return {name: speak(text, folder / name) for name, text in TEXTS.items()}
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(NORMALISE(reference), NORMALISE(hypothesis) or "<empty>")
+    return {name: speech(text, folder / name, pad_s=0.3) for name, text in TEXTS.items()}
 
 
 def test_batch_of_files_gives_each_file_its_own_transcript(transcriber, clips) -> None:

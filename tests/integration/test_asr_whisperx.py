@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 from pathlib import Path
 
-import jiwer
 import pytest
 
 from audio_pipeline.asr import AsrBackend, AsrSettings, load_transcriber
+from tests.support.media import speech, wer
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,35 +33,6 @@ TEXTS = {
 }
 
 
-def speak(text: str, path: Path) -> Path:
-    wav = path.with_suffix(".wav")
-    subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(wav),
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-c:a",
-            "libopus",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    norm = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.Strip()])
-    return jiwer.wer(norm(reference), norm(hypothesis) or "<empty>")
-
-
 def test_whisperx_transcribes_espeak_speech_with_aligned_words(tmp_path: Path) -> None:
     models = Path(os.environ.get("ASR_TEST_MODELS_ROOT", os.environ.get("MODELS_ROOT", "")))
     settings = AsrSettings.from_env({**os.environ, "ASR_BACKEND": "whisperx"})
@@ -70,7 +40,7 @@ def test_whisperx_transcribes_espeak_speech_with_aligned_words(tmp_path: Path) -
         pytest.skip(f"whisper and alignment models are not under {models}")
     transcriber = load_transcriber(models, settings)
     names = ["two.opus", "kick.opus"]
-    transcripts = transcriber.transcribe_many([speak(TEXTS[n], tmp_path / n) for n in names])
+    transcripts = transcriber.transcribe_many([speech(TEXTS[n], tmp_path / n) for n in names])
 
     for name, t in zip(names, transcripts, strict=True):
         assert t.backend == AsrBackend.WHISPERX.value

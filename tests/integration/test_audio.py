@@ -16,41 +16,11 @@ import pytest
 from audio_pipeline import archive, audio
 from audio_pipeline.config import ConfigError
 from tests.support.hostile_media import PLAYLISTS, FifoWatch, RecordingServer
+from tests.support.media import image, speech, tone
 
 pytestmark = pytest.mark.integration
 
-
-def speech_mp3(path: Path, text: str = "The birch canoe slid on the smooth planks.") -> Path:
-    wav = path.with_suffix(".wav")
-    subprocess.run(["espeak-ng", "-w", str(wav), "--", text], check=True)
-    subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-c:a", "libmp3lame", str(path)],
-        check=True,
-    )
-    wav.unlink()
-    return path
-
-
-def tone_mp3(path: Path, seconds: float) -> Path:
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:sample_rate=44100:duration={seconds}",
-            "-ac",
-            "2",
-            "-c:a",
-            "libmp3lame",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
+BIRCH_CANOE = "The birch canoe slid on the smooth planks."
 
 
 def opus_head(path: Path) -> tuple[int, int]:
@@ -63,7 +33,7 @@ def opus_head(path: Path) -> tuple[int, int]:
 
 
 def test_probe_speech_mp3(tmp_path):
-    info = audio.probe(speech_mp3(tmp_path / "s.mp3"))
+    info = audio.probe(speech(BIRCH_CANOE, tmp_path / "s.mp3"))
     assert info.codec == "mp3"
     assert info.format_name == "mp3"
     assert 1.5 < info.duration_s < 5
@@ -75,28 +45,12 @@ def test_probe_refuses_a_file_without_audio(tmp_path):
     text.write_text("I am text, not audio.\n" * 50)
     with pytest.raises(audio.AudioError, match="ffprobe failed"):
         audio.probe(text)
-    image = tmp_path / "pic.png"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "color=c=red:s=16x16",
-            "-frames:v",
-            "1",
-            str(image),
-        ],
-        check=True,
-    )
     with pytest.raises(audio.AudioError, match="no audio stream"):
-        audio.probe(image)
+        audio.probe(image(tmp_path / "pic.png"))
 
 
 def test_convert_gives_16khz_mono_opus_atomically(tmp_path):
-    src = tone_mp3(tmp_path / "stereo 44k.mp3", 4.0)
+    src = tone(tmp_path / "stereo 44k.mp3", 4.0, stereo=True)
     out = tmp_path / "out" / "nested" / "stereo 44k.opus"
     duration = audio.convert_to_opus(src, out)
     assert duration == pytest.approx(4.0, abs=0.1)
@@ -107,7 +61,7 @@ def test_convert_gives_16khz_mono_opus_atomically(tmp_path):
 
 
 def test_bitrate_setting_changes_the_output(tmp_path):
-    src = tone_mp3(tmp_path / "t.mp3", 6.0)
+    src = tone(tmp_path / "t.mp3", 6.0)
     low, high = tmp_path / "low.opus", tmp_path / "high.opus"
     audio.convert_to_opus(src, low, bitrate="12k")
     audio.convert_to_opus(src, high, bitrate="48k")
@@ -130,26 +84,9 @@ def test_failed_conversion_leaves_nothing_and_keeps_an_existing_output(tmp_path)
 
 
 def test_an_input_without_audio_is_reported_as_unreadable(tmp_path):
-    image = tmp_path / "picture.mp3"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "color=c=red:s=16x16",
-            "-frames:v",
-            "1",
-            "-f",
-            "image2",
-            str(image),
-        ],
-        check=True,
-    )
+    picture = image(tmp_path / "picture.mp3")
     with pytest.raises(audio.AudioError, match=r"not a readable audio file: .*picture\.mp3"):
-        audio.convert_to_opus(image, tmp_path / "picture.opus")
+        audio.convert_to_opus(picture, tmp_path / "picture.opus")
     assert not list(tmp_path.glob("*.opus"))
 
 
@@ -182,15 +119,15 @@ def test_playlist_named_mp3_is_refused_without_opening_the_file_it_lists(tmp_pat
 
 @pytest.mark.parametrize("kind", sorted(PLAYLISTS))
 def test_playlist_named_mp3_never_contacts_the_url_it_lists(tmp_path, kind):
-    speech = speech_mp3(tmp_path / "speech.mp3").read_bytes()
-    with RecordingServer(body=speech) as server:
+    spoken = speech(BIRCH_CANOE, tmp_path / "speech.mp3").read_bytes()
+    with RecordingServer(body=spoken) as server:
         playlist = PLAYLISTS[kind](tmp_path / "clip.mp3", f"{server.url}/speech.mp3")
         with pytest.raises(audio.AudioError, match=r"not a readable audio file"):
             audio.convert_to_opus(playlist, tmp_path / "clip.opus")
         assert server.requests == [], f"ffmpeg fetched what the {kind} playlist lists"
         # the witness works: a real fetch is recorded
         with urllib.request.urlopen(f"{server.url}/check", timeout=10) as reply:  # noqa: S310
-            assert reply.read() == speech
+            assert reply.read() == spoken
         assert server.requests == ["/check"]
 
 
@@ -203,7 +140,7 @@ def test_output_is_held_to_local_files(tmp_path):
         "file",
     ]
     assert cmd[-4:] == ["ogg", "-protocol_whitelist", "file", "/s/out.opus"]
-    source = tone_mp3(tmp_path / "t.mp3", 1.0)
+    source = tone(tmp_path / "t.mp3", 1.0)
     with RecordingServer() as server:
         *command, _ = audio.opus_command(source, Path("unused"))
         proc = subprocess.run(
@@ -224,7 +161,7 @@ def test_every_extracted_suffix_has_an_input_format(tmp_path):
 @pytest.mark.parametrize("seconds", [0.5, 3.0, 17.3])
 def test_ogg_duration_agrees_with_ffprobe(tmp_path, seconds):
     out = tmp_path / "t.opus"
-    duration = audio.convert_to_opus(tone_mp3(tmp_path / "t.mp3", seconds), out)
+    duration = audio.convert_to_opus(tone(tmp_path / "t.mp3", seconds), out)
     assert duration == pytest.approx(audio.probe(out).duration_s, abs=0.01)
     assert duration == pytest.approx(seconds, abs=0.1)
 
@@ -235,7 +172,7 @@ def test_ogg_duration_refuses_a_file_that_is_not_ogg_opus(tmp_path):
     with pytest.raises(audio.AudioError):
         audio.ogg_opus_duration(text)
     out = tmp_path / "t.opus"
-    audio.convert_to_opus(tone_mp3(tmp_path / "t.mp3", 2.0), out)
+    audio.convert_to_opus(tone(tmp_path / "t.mp3", 2.0), out)
     cut = tmp_path / "cut.opus"
     cut.write_bytes(out.read_bytes()[:-10])  # last page incomplete
     with pytest.raises(audio.AudioError, match="no complete last Ogg page"):
@@ -243,7 +180,7 @@ def test_ogg_duration_refuses_a_file_that_is_not_ogg_opus(tmp_path):
 
 
 def test_timeout_is_a_clear_failure(tmp_path):
-    src = tone_mp3(tmp_path / "t.mp3", 30.0)
+    src = tone(tmp_path / "t.mp3", 30.0)
     with pytest.raises(audio.AudioError, match=r"ffmpeg timed out after 0.01 s"):
         audio.convert_to_opus(src, tmp_path / "t.opus", timeout_s=0.01)
     assert not list(tmp_path.glob("*.opus"))
@@ -253,7 +190,7 @@ def test_timeout_is_a_clear_failure(tmp_path):
 def test_convert_many_reports_every_file_and_a_bad_one_does_not_stop_the_rest(tmp_path):
     jobs = []
     for i in range(5):
-        src = tone_mp3(tmp_path / f"good {i}.mp3", 1.0 + i)
+        src = tone(tmp_path / f"good {i}.mp3", 1.0 + i)
         jobs.append(audio.Conversion(f"good {i}", src, tmp_path / "out" / f"good {i}.opus"))
     fake = tmp_path / "really text.mp3"
     fake.write_text("This MP3 is really a text file.\n" * 30)
@@ -319,7 +256,7 @@ def _own_child_with_arg(fragment: str) -> int | None:
 
 def test_a_signalled_ffmpeg_is_reported_as_interrupted_not_as_a_bad_file(tmp_path):
     """systemd signals every process of a stopping unit; that is not the file's fault."""
-    src = tone_mp3(tmp_path / "long.mp3", 200.0)
+    src = tone(tmp_path / "long.mp3", 200.0)
     out = tmp_path / "out" / "long-unique-name.opus"
     results: list[audio.ConversionResult] = []
     runner = threading.Thread(

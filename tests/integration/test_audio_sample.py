@@ -16,19 +16,22 @@ from devtools import sample
 
 pytestmark = pytest.mark.integration
 
+# The batch the module's tests share; made again from the same arguments, it is the
+# same bytes.
+ODD_BATCH = {
+    "batch_id": "b-odd",
+    "n_files": 8,
+    "seed": 7,
+    "min_seconds": 2,
+    "max_seconds": 6,
+    "extra_members": {"broken/really text.mp3": b"not audio at all\n" * 20},
+}
+
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("collection")
-    return sample.make_speech_batch(
-        out,
-        "b-odd",
-        n_files=8,
-        seed=7,
-        min_seconds=2,
-        max_seconds=6,
-        extra_members={"broken/really text.mp3": b"not audio at all\n" * 20},
-    )
+    return sample.make_speech_batch(out, **ODD_BATCH)
 
 
 def test_batch_has_odd_names_in_nested_folders(batch):
@@ -65,16 +68,7 @@ def test_files_are_real_mp3_speech_of_the_stated_length(batch, tmp_path):
 
 
 def test_same_seed_same_bytes_other_seed_other_speech(batch, tmp_path):
-    again = sample.make_speech_batch(
-        tmp_path / "a",
-        "b-odd",
-        n_files=8,
-        seed=7,
-        min_seconds=2,
-        max_seconds=6,
-        extra_members={"broken/really text.mp3": b"not audio at all\n" * 20},
-        cache_dir=tmp_path / "cache",
-    )
+    again = sample.make_speech_batch(tmp_path / "a", **ODD_BATCH, cache_dir=tmp_path / "cache")
     assert again.manifest == batch.manifest
     assert again.tar_path.read_bytes() == batch.tar_path.read_bytes()
     other = sample.make_speech_batch(tmp_path / "b", "b-other", n_files=8, seed=8)

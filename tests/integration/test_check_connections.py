@@ -24,9 +24,13 @@ def check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def failures(result: subprocess.CompletedProcess) -> dict[str, str]:
+def failures(env: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``check-connections --json`` under ``env``, which must exit 1: the failing
+    services' details by service, and the report as printed."""
+    result = check(env, "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    return {c["service"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    return {c["service"]: c["detail"] for c in report["checks"] if not c["ok"]}, result.stdout
 
 
 def test_every_service_answers_with_good_credentials(pipeline_env):
@@ -45,12 +49,10 @@ def test_every_service_answers_with_good_credentials(pipeline_env):
 
 
 def test_wrong_redis_password_names_redis_only(pipeline_env):
-    result = check({**pipeline_env, "REDIS_PASSWORD": "wrong-password"}, "--json")
-    assert result.returncode == 1
-    failed = failures(result)
+    failed, printed = failures({**pipeline_env, "REDIS_PASSWORD": "wrong-password"})
     assert list(failed) == ["redis"]
     assert failed["redis"].startswith("AuthenticationError:")
-    assert "wrong-password" not in result.stdout  # a report never carries a secret
+    assert "wrong-password" not in printed  # a report never carries a secret
 
     table = check({**pipeline_env, "REDIS_PASSWORD": "wrong-password"})
     assert table.returncode == 1
@@ -61,9 +63,7 @@ def test_wrong_redis_password_names_redis_only(pipeline_env):
 
 def test_wrong_postgres_password_and_missing_bucket_are_named(pipeline_env):
     env = {**pipeline_env, "POSTGRES_PASSWORD": "nope", "S3_BUCKET": "no-such-bucket-here"}
-    result = check(env, "--json")
-    assert result.returncode == 1
-    failed = failures(result)
+    failed, _ = failures(env)
     assert sorted(failed) == ["postgres", "s3"]
     assert "password authentication failed" in failed["postgres"]
     assert failed["s3"].startswith("ClientError:")
@@ -72,9 +72,7 @@ def test_wrong_postgres_password_and_missing_bucket_are_named(pipeline_env):
 
 def test_wrong_s3_secret_and_closed_redis_port(pipeline_env):
     env = {**pipeline_env, "S3_SECRET_KEY": "not-the-secret", "REDIS_PORT": "1"}
-    result = check(env, "--json")
-    assert result.returncode == 1
-    failed = failures(result)
+    failed, _ = failures(env)
     assert sorted(failed) == ["redis", "s3"]
     assert failed["redis"].startswith("ConnectionError:")
     assert "403" in failed["s3"] or "SignatureDoesNotMatch" in failed["s3"]

@@ -184,36 +184,15 @@ def test_init_db_is_idempotent(pipeline_env, db_conn):
 
 def test_policy_add_list_deactivate(pipeline_env, db_conn, tmp_path):
     text = tmp_path / "hate.txt"
+    add_version_1 = ("policy", "add", "hate-speech", "--version", "1", "--file", str(text))
     text.write_text("Flag content that attacks people for who they are.\n")
-    added = cli(
-        pipeline_env,
-        "policy",
-        "add",
-        "hate-speech",
-        "--version",
-        "1",
-        "--file",
-        str(text),
-        "--lexicon",
-        "slur, attack ,",
-    )
+    added = cli(pipeline_env, *add_version_1, "--lexicon", "slur, attack ,")
     assert added.returncode == 0, added.stderr
     assert "added" in added.stdout
-    again = cli(
-        pipeline_env,
-        "policy",
-        "add",
-        "hate-speech",
-        "--version",
-        "1",
-        "--file",
-        str(text),
-        "--lexicon",
-        "slur,attack",
-    )
+    again = cli(pipeline_env, *add_version_1, "--lexicon", "slur,attack")
     assert "unchanged" in again.stdout
     text.write_text("A different wording.")
-    clash = cli(pipeline_env, "policy", "add", "hate-speech", "--version", "1", "--file", str(text))
+    clash = cli(pipeline_env, *add_version_1)
     assert clash.returncode == 1
     assert "add version 2 instead" in clash.stderr
     row = db_conn.execute("SELECT text, lexicon, active FROM policies").fetchone()

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
-import jiwer
 import pytest
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, host_transcribe_queue
 from devtools.dev_models import install_whisper
+from tests.support.media import speech, wer
 from tests.support.rows import add_batch
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
@@ -30,35 +29,6 @@ TEXTS = {
     "adhoc.opus": "A pot of tea helps to pass the evening.",
 }
 WER_BOUND = 0.6  # per file; measured 0.0-0.4 with tiny.en on espeak-ng (see test_asr_*)
-NORMALISE = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.Strip()])
-
-
-def speak(text: str, path: Path) -> Path:
-    wav = path.with_suffix(".wav")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav), text], check=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(wav),
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-c:a",
-            "libopus",
-            "-b:a",
-            "24k",
-            str(path),
-        ],
-        check=True,
-    )
-    wav.unlink()
-    return path
 
 
 def insert_file(db, rel_path: str, opus_path: Path, s3_key: str | None) -> int:
@@ -100,12 +70,12 @@ def test_gpu_worker_batch_with_every_kind_of_job(
         "('retired', 1, 'Old.', ARRAY['ball'], false)"
     )
 
-    local = speak(TEXTS["local.opus"], scratch / "nested dir" / "local.opus")
+    local = speech(TEXTS["local.opus"], scratch / "nested dir" / "local.opus")
     key_local = s3_utils.opus_key(BATCH, "nested dir/local.mp3")
     s3_utils.upload_file(s3_client, settings.s3_bucket, local, key_local)
     local_id = insert_file(db, "nested dir/local.mp3", local, key_local)
 
-    elsewhere = speak(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
+    elsewhere = speech(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
     key_s3 = s3_utils.opus_key(BATCH, "in_s3.mp3")
     s3_utils.upload_file(s3_client, settings.s3_bucket, elsewhere, key_s3)
     s3_id = insert_file(db, "in_s3.mp3", scratch / "in_s3.opus", key_s3)  # not on this host
@@ -113,7 +83,7 @@ def test_gpu_worker_batch_with_every_kind_of_job(
     nowhere_id = insert_file(db, "gone.mp3", scratch / "gone.opus", s3_utils.opus_key(BATCH, "g"))
     db.commit()
 
-    operator_file = speak(TEXTS["adhoc.opus"], tmp_path / "operator" / "adhoc.opus")
+    operator_file = speech(TEXTS["adhoc.opus"], tmp_path / "operator" / "adhoc.opus")
     host_q = host_transcribe_queue("testhost")
     jobs = [
         (host_q, {"audio_id": local_id, "opus_path": str(local), "batch_id": BATCH}),
@@ -148,8 +118,7 @@ def test_gpu_worker_batch_with_every_kind_of_job(
         (adhoc["id"], "adhoc.opus"),
     ):
         t = transcripts[audio_id]
-        error = jiwer.wer(NORMALISE(TEXTS[name]), NORMALISE(t["text"]) or "<empty>")
-        assert error <= WER_BOUND, (name, t["text"])
+        assert wer(TEXTS[name], t["text"]) <= WER_BOUND, (name, t["text"])
         assert t["model"] == "whisper/tiny.en"
         assert t["backend"] == "faster-whisper"
         assert t["segments"]
@@ -222,16 +191,16 @@ def _setup_look_ahead_batch(db, settings, s3_client, tmp_path) -> dict[str, int]
     scratch = settings.batch_scratch(BATCH)
     add_batch(db, BATCH, "unpacked")
     ids = {}
-    first = speak(LONG_TEXT, scratch / "first.opus")
+    first = speech(LONG_TEXT, scratch / "first.opus")
     ids["first"] = insert_file(db, "first.mp3", first, s3_utils.opus_key(BATCH, "first.mp3"))
-    elsewhere = speak(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
+    elsewhere = speech(TEXTS["in_s3.opus"], tmp_path / "elsewhere.opus")
     key_s3 = s3_utils.opus_key(BATCH, "in_s3.mp3")
     s3_utils.upload_file(s3_client, settings.s3_bucket, elsewhere, key_s3)
     ids["in_s3"] = insert_file(db, "in_s3.mp3", scratch / "in_s3.opus", key_s3)
     garbage = scratch / "garbage.opus"
     garbage.write_bytes(b"OggS" + bytes(range(256)) * 8)  # an Ogg header, then noise
     ids["garbage"] = insert_file(db, "garbage.mp3", garbage, None)
-    last = speak(TEXTS["local.opus"], scratch / "last.opus")
+    last = speech(TEXTS["local.opus"], scratch / "last.opus")
     ids["last"] = insert_file(db, "last.mp3", last, None)
     db.commit()
     return ids
@@ -275,8 +244,8 @@ def test_one_file_per_claim_with_and_without_look_ahead(
         for r in db_conn.execute("SELECT audio_id, text FROM transcripts").fetchall()
     }
     assert set(transcripts) == {ids["first"], ids["in_s3"], ids["last"]}
-    error = jiwer.wer(NORMALISE(TEXTS["in_s3.opus"]), NORMALISE(transcripts[ids["in_s3"]]))
-    assert error <= WER_BOUND, transcripts[ids["in_s3"]]
+    in_s3 = transcripts[ids["in_s3"]]
+    assert wer(TEXTS["in_s3.opus"], in_s3) <= WER_BOUND, in_s3
     failed = [json.loads(e) for e in redis_client.lrange(QUEUE_FAILED, 0, -1)]
     assert [json.loads(f["job"])["audio_id"] for f in failed] == [ids["garbage"]]
     assert f"prefetch={'true' if looks_ahead else 'false'}" in output
@@ -331,7 +300,7 @@ def test_no_active_policy_is_logged_loudly_until_one_is_applied(
     add_batch(db_conn, BATCH, "unpacked")
     jobs = [
         {
-            "audio_id": insert_file(db_conn, name, speak(text, scratch / name), None),
+            "audio_id": insert_file(db_conn, name, speech(text, scratch / name), None),
             "opus_path": str(scratch / name),
         }
         for name, text in TEXTS.items()

@@ -41,6 +41,16 @@ def leftovers(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.rglob(".*") if p.name != model_store.LOCK_FILE)
 
 
+def published_and_synced(settings: Settings, tmp_path: Path) -> tuple[Path, Path]:
+    """A model made in ``tmp_path/src``, published as NAME and synced once into
+    ``tmp_path/models``: (src, dest)."""
+    src = make_model(tmp_path / "src")
+    model_store.publish(src, NAME, settings)
+    dest = tmp_path / "models"
+    model_store.sync([NAME], dest, settings)
+    return src, dest
+
+
 def test_publish_then_sync_is_idempotent(settings: Settings, s3_client, tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")
     manifest = model_store.publish(src, NAME, settings)
@@ -68,10 +78,7 @@ def test_publish_then_sync_is_idempotent(settings: Settings, s3_client, tmp_path
 def test_a_new_version_replaces_the_copy_and_reuses_unchanged_files(
     settings: Settings, tmp_path: Path
 ) -> None:
-    src = make_model(tmp_path / "src")
-    model_store.publish(src, NAME, settings)
-    dest = tmp_path / "models"
-    model_store.sync([NAME], dest, settings)
+    src, dest = published_and_synced(settings, tmp_path)
     weights_inode = (dest / NAME / "model.bin").stat().st_ino
 
     (src / "config.json").write_text('{"kind": "test", "version": 2}')
@@ -87,10 +94,7 @@ def test_a_new_version_replaces_the_copy_and_reuses_unchanged_files(
 def test_a_corrupt_remote_file_fails_by_name_and_keeps_the_old_copy(
     settings: Settings, s3_client, tmp_path: Path
 ) -> None:
-    src = make_model(tmp_path / "src")
-    model_store.publish(src, NAME, settings)
-    dest = tmp_path / "models"
-    model_store.sync([NAME], dest, settings)
+    src, dest = published_and_synced(settings, tmp_path)
     before = tree(dest / NAME)
 
     # a new version is published, then one of its files is damaged in the store
@@ -124,10 +128,7 @@ def test_a_missing_manifest_fails_by_name_and_others_still_sync(
 def test_a_local_copy_changed_since_its_sync_is_fetched_again(
     settings: Settings, tmp_path: Path
 ) -> None:
-    src = make_model(tmp_path / "src")
-    model_store.publish(src, NAME, settings)
-    dest = tmp_path / "models"
-    model_store.sync([NAME], dest, settings)
+    src, dest = published_and_synced(settings, tmp_path)
     (dest / NAME / "model.bin").write_bytes(b"truncated")
     assert model_store.sync([NAME], dest, settings).changed == [NAME]
     assert tree(dest / NAME) == tree(src)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.ansible_run import VENV_BIN, ansible_playbook
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 ROLE = REPO / "roles" / "orchestrator"
 COMMON = REPO / "roles" / "common"
 
@@ -95,28 +95,8 @@ def operator_command(tmp_path: Path, pipeline_env: dict[str, str]) -> Path:
     ]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
     (tmp_path / "vars.json").write_text(json.dumps(group_vars))
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"@{tmp_path / 'vars.json'}",
-            "play.yml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "LANG": "C.UTF-8",
-            "ANSIBLE_LOCALHOST_WARNING": "0",
-            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-        },
+    proc = ansible_playbook(
+        tmp_path, "-i", "localhost,", "-c", "local", "-e", f"@{tmp_path / 'vars.json'}", "play.yml"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return wrapper

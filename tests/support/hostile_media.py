@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import os
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,7 +34,22 @@ def ffconcat_playlist(path: Path, target: str) -> Path:
 PLAYLISTS = {"hls": hls_playlist, "ffconcat": ffconcat_playlist}
 
 
-class FifoWatch:
+class _Witness(ABC):
+    """Used in a ``with`` block: it stops watching when the block ends."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class FifoWatch(_Witness):
     """A named pipe at ``path``; ``opened`` is set if a reader opens it.
 
     A thread blocks opening the write end, which returns only once a reader has
@@ -63,16 +79,8 @@ class FifoWatch:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class RecordingServer:
+class RecordingServer(_Witness):
     """HTTP on 127.0.0.1 (a free port) answering every GET with ``body``;
     ``requests`` lists the paths asked for."""
 
@@ -100,11 +108,3 @@ class RecordingServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

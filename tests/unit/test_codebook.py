@@ -114,20 +114,15 @@ def test_duplicate_shortcut_names_both_paths() -> None:
         - id: a
           label: A
           type: single
-          options:
-            - {value: x, label: X, key: v}
-            - {value: y, label: Y, key: w}
+          options: [{value: x, label: X, key: v}, {value: y, label: Y, key: w}]
         - id: b
           label: B
           type: multi
-          options:
-            - {value: p, label: P, key: q}
+          options: [{value: p, label: P, key: q}]
         - id: c
           label: C
           type: multi
-          options:
-            - {value: r, label: R, key: r}
-            - {value: s, label: S, key: V}
+          options: [{value: r, label: R, key: r}, {value: s, label: S, key: V}]
         """
     )
     assert _errors(text) == (
@@ -142,9 +137,7 @@ def test_reserved_navigation_keys_cannot_be_shortcuts(key: str) -> None:
         - id: a
           label: A
           type: single
-          options:
-            - {{value: x, label: X, key: "{key}"}}
-            - {{value: y, label: Y, key: y}}
+          options: [{{value: x, label: X, key: "{key}"}}, {{value: y, label: Y, key: y}}]
         """
     )
     (error,) = _errors(text)

@@ -7,15 +7,14 @@ each problem the templates know of becomes one line naming the host and the caus
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support.ansible_run import ansible_playbook
+
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 TEMPLATES = REPO / "playbooks" / "templates"
 PLAYBOOK = REPO / "playbooks" / "health-check.yml"
 
@@ -57,6 +56,11 @@ def status(failed: int = 0, active_policies: int = 1) -> dict[str, Any]:
         "results": {"active_policies": active_policies, "flagged": 3},
     }
     return {"rc": 0, "stdout": json.dumps(report), "stderr": ""}
+
+
+def failed_command(stderr: str) -> dict[str, Any]:
+    """A registered result of an audio-pipeline command that exited 1 printing nothing."""
+    return {"rc": 1, "stdout": "", "stderr": stderr}
 
 
 def healthy() -> dict[str, dict[str, Any]]:
@@ -128,21 +132,7 @@ def render(tmp_path: Path, results: dict[str, dict[str, Any]]) -> tuple[list[str
         },
     ]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    proc = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", "inventory.yml", "play.yml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "LANG": "C.UTF-8",
-            "ANSIBLE_LOCALHOST_WARNING": "0",
-            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
-            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-        },
-    )
+    proc = ansible_playbook(tmp_path, "-i", "inventory.yml", "play.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rendered = json.loads(out.read_text())
     problems = [x.strip() for x in (rendered["problems"] or "").splitlines() if x.strip()]
@@ -170,11 +160,9 @@ def test_no_policy_and_unreachable_services_are_named(tmp_path):
     results["transfer-01"]["health_connections"] = connections(
         "transfer-01", {"s3": "ClientError: An error occurred (403) ... Forbidden"}
     )
-    results["orch-01"]["health_connections"] = {
-        "rc": 1,
-        "stdout": "",
-        "stderr": "audio-pipeline: cannot read /etc/fleet-operators/...",
-    }
+    results["orch-01"]["health_connections"] = failed_command(
+        "audio-pipeline: cannot read /etc/fleet-operators/..."
+    )
     problems, report = render(tmp_path, results)
     assert problems == [
         "orch-01: no active policy: files are transcribed but get no verdict "
@@ -200,11 +188,9 @@ def test_dead_letters_and_an_unreadable_status_are_named(tmp_path):
     ]
     assert any("boom" in x and "b9" in x for x in report)
 
-    results["orch-01"]["health_status"] = {
-        "rc": 1,
-        "stdout": "",
-        "stderr": "audio-pipeline status: Redis unavailable: refused",
-    }
+    results["orch-01"]["health_status"] = failed_command(
+        "audio-pipeline status: Redis unavailable: refused"
+    )
     problems, _ = render(tmp_path, results)
     assert problems == [
         "orch-01: could not read the pipeline's status: audio-pipeline status: Redis "

@@ -17,17 +17,17 @@ pytestmark = pytest.mark.integration
 NEW_PASSWORD = "a-brand-new-passphrase"
 
 
-def _uid(app: Flask, name: str) -> int:
-    with app.app_context():
-        return int(db.session.execute(db.select(User.id).where(User.username == name)).scalar_one())
-
-
 def _token(app: Flask, name: str, token_name: str = "script") -> str:  # noqa: S107
     with app.app_context():
         user = db.session.execute(db.select(User).where(User.username == name)).scalar_one()
         token = issue_token(user, token_name, 30)
         db.session.commit()
     return token
+
+
+def _user_with_token(app: Flask, name: str) -> tuple[int, str]:
+    """A new RA holding an API token: (user id, token)."""
+    return add_user(app, name), _token(app, name)
 
 
 def _next(client: FlaskClient, token: str) -> int:
@@ -44,8 +44,7 @@ def test_admin_resets_a_password_and_every_session_of_the_user_ends(
     app: Flask, admin_client: tuple[FlaskClient, str]
 ) -> None:
     admin, csrf = admin_client
-    add_user(app, "ann")
-    uid = _uid(app, "ann")
+    uid = add_user(app, "ann")
     laptop, phone = app.test_client(), app.test_client()
     login(laptop, "ann")
     login(phone, "ann")
@@ -90,9 +89,7 @@ def test_an_ra_cannot_reset_passwords_or_revoke_tokens(
     app: Flask, ra_client: tuple[FlaskClient, str]
 ) -> None:
     client, csrf = ra_client
-    add_user(app, "bob")
-    bob = _uid(app, "bob")
-    token = _token(app, "bob")
+    bob, token = _user_with_token(app, "bob")
     data = {"csrf_token": csrf, "password": NEW_PASSWORD, "confirm": NEW_PASSWORD}
     assert client.post(f"/admin/users/{bob}/password", data=data).status_code == 403
     assert client.post(f"/admin/users/{bob}/tokens/revoke", data=data).status_code == 403
@@ -101,11 +98,10 @@ def test_an_ra_cannot_reset_passwords_or_revoke_tokens(
 
 
 def test_an_admin_resetting_their_own_password_stays_logged_in_here_only(app: Flask) -> None:
-    add_user(app, "boss", "admin")
+    uid = add_user(app, "boss", "admin")
     here, elsewhere = app.test_client(), app.test_client()
     csrf = login(here, "boss")
     login(elsewhere, "boss")
-    uid = _uid(app, "boss")
     here.post(
         f"/admin/users/{uid}/password",
         data={"csrf_token": csrf, "password": NEW_PASSWORD, "confirm": NEW_PASSWORD},
@@ -154,9 +150,7 @@ def test_admin_revokes_tokens_and_they_fail_on_the_next_request(
     app: Flask, admin_client: tuple[FlaskClient, str]
 ) -> None:
     admin, csrf = admin_client
-    add_user(app, "ann")
-    add_user(app, "bob")
-    ann, bob = _uid(app, "ann"), _uid(app, "bob")
+    ann, bob = add_user(app, "ann"), add_user(app, "bob")
     first, second = _token(app, "ann", "laptop"), _token(app, "ann", "cron")
     bobs = _token(app, "bob")
     api = app.test_client()
@@ -241,9 +235,7 @@ def test_admin_deactivates_from_the_users_page_and_tokens_stop(
     app: Flask, admin_client: tuple[FlaskClient, str]
 ) -> None:
     admin, csrf = admin_client
-    add_user(app, "ann")
-    uid = _uid(app, "ann")
-    token = _token(app, "ann")
+    uid, token = _user_with_token(app, "ann")
     session = app.test_client()
     login(session, "ann")
     response = admin.post(

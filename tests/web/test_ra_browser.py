@@ -20,6 +20,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
+from tests.support.media import tone
 from tests.support.web import PASSWORD, seed_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
@@ -36,32 +37,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _opus(path: Path, seconds: float = 7.0) -> Path:
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:duration={seconds}",
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-c:a",
-            "libopus",
-            "-b:a",
-            "24k",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
-
-
 @pytest.fixture
 def server(
     pipeline_env: dict[str, str], db_conn: Any, s3_client: Any, tmp_path: Path
@@ -69,7 +44,7 @@ def server(
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed")
     seed_items(db_conn, 3)
-    clip = _opus(tmp_path / "clip.opus")
+    clip = tone(tmp_path / "clip.opus", 7.0)
     for row in db_conn.execute("SELECT opus_s3_key FROM audio_files").fetchall():
         s3_client.upload_file(str(clip), pipeline_env["S3_BUCKET"], row["opus_s3_key"])
     env = {
