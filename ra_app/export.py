@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from ra_app.codebook import Codebook, FieldType
 from ra_app.extensions import db
+from ra_app.pipeline import ITEM_FACTS, TRANSCRIPT_FACTS
 
 FETCH_ROWS = 1000  # rows per round trip of the server-side cursor
 MULTI_SEPARATOR = ";"  # joins a multi-choice answer in one CSV cell
@@ -84,16 +85,7 @@ BASE_COLUMNS = [
     "label_id",
     "assignment_id",
     "classification_id",
-    "audio_id",
-    "batch_id",
-    "rel_path",
-    "duration_s",
-    "opus_s3_key",
-    "policy_name",
-    "policy_version",
-    "classifier_model",
-    "score",
-    "threshold",
+    *ITEM_FACTS,
     "coder",
     "assignment_source",
     "coders_needed",
@@ -101,8 +93,7 @@ BASE_COLUMNS = [
     "time_on_task_ms",
     "assigned_at",
     "labeled_at",
-    "language",
-    "asr_model",
+    *TRANSCRIPT_FACTS,
     "transcript",
     "pipeline_deleted",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import RowMapping, text
 
 from ra_app.extensions import db
 
@@ -98,24 +98,7 @@ def item_detail(classification_id: int) -> ItemDetail | None:
     Reads the base tables rather than ra_queue, so an item already handed out
     still shows if a re-run has since unflagged it.
     """
-    row = (
-        db.session.execute(
-            text("""
-        SELECT c.id AS classification_id, c.audio_id, a.batch_id, a.rel_path, a.opus_s3_key,
-               a.duration_s, p.name AS policy_name, p.version AS policy_version, c.model,
-               c.score, c.threshold, c.evidence, t.text AS transcript_text, t.language,
-               t.segments
-        FROM classifications c
-        JOIN audio_files a ON a.id = c.audio_id
-        JOIN policies p ON p.id = c.policy_id
-        LEFT JOIN transcripts t ON t.audio_id = c.audio_id
-        WHERE c.id = :cid
-        """),
-            {"cid": classification_id},
-        )
-        .mappings()
-        .first()
-    )
+    row = _item_row(classification_id)
     if row is None:
         return None
     return ItemDetail(
@@ -127,7 +110,7 @@ def item_detail(classification_id: int) -> ItemDetail | None:
         duration_s=row["duration_s"],
         policy_name=row["policy_name"],
         policy_version=row["policy_version"],
-        model=row["model"],
+        model=row["classifier_model"],
         score=float(row["score"]),
         threshold=float(row["threshold"]),
         language=row["language"],
@@ -136,39 +119,15 @@ def item_detail(classification_id: int) -> ItemDetail | None:
     )
 
 
-def opus_key_for(classification_id: int) -> str | None:
-    return db.session.execute(
-        text("""SELECT a.opus_s3_key FROM classifications c
-                JOIN audio_files a ON a.id = c.audio_id WHERE c.id = :cid"""),
-        {"cid": classification_id},
-    ).scalar_one_or_none()
-
-
-LABEL_FACTS = (
-    "audio_id",
-    "batch_id",
-    "rel_path",
-    "duration_s",
-    "opus_s3_key",
-    "policy_name",
-    "policy_version",
-    "classifier_model",
-    "score",
-    "threshold",
-    "language",
-    "asr_model",
-)
-
-
-def label_facts(classification_id: int) -> dict[str, Any] | None:
-    """What a label keeps of its item (models.Label says why); None once deleted."""
-    row = (
+def _item_row(classification_id: int) -> RowMapping | None:
+    """Everything the app reads of one item: classification, file, policy, transcript."""
+    return (
         db.session.execute(
             text("""
-        SELECT c.audio_id, f.batch_id, f.rel_path, f.duration_s, f.opus_s3_key,
-               p.name AS policy_name, p.version AS policy_version,
-               c.model AS classifier_model, c.score, c.threshold, t.language,
-               t.model AS asr_model
+        SELECT c.id AS classification_id, c.audio_id, f.batch_id, f.rel_path, f.opus_s3_key,
+               f.duration_s, p.name AS policy_name, p.version AS policy_version,
+               c.model AS classifier_model, c.score, c.threshold, c.evidence,
+               t.text AS transcript_text, t.language, t.segments, t.model AS asr_model
         FROM classifications c
         JOIN audio_files f ON f.id = c.audio_id
         JOIN policies p ON p.id = c.policy_id
@@ -180,4 +139,35 @@ def label_facts(classification_id: int) -> dict[str, Any] | None:
         .mappings()
         .first()
     )
+
+
+def opus_key_for(classification_id: int) -> str | None:
+    return db.session.execute(
+        text("""SELECT a.opus_s3_key FROM classifications c
+                JOIN audio_files a ON a.id = c.audio_id WHERE c.id = :cid"""),
+        {"cid": classification_id},
+    ).scalar_one_or_none()
+
+
+# What a label copies of its item (models.Label says why): the item's own facts, then
+# its transcript's; the export puts its label columns between the two.
+ITEM_FACTS = (
+    "audio_id",
+    "batch_id",
+    "rel_path",
+    "duration_s",
+    "opus_s3_key",
+    "policy_name",
+    "policy_version",
+    "classifier_model",
+    "score",
+    "threshold",
+)
+TRANSCRIPT_FACTS = ("language", "asr_model")
+LABEL_FACTS = ITEM_FACTS + TRANSCRIPT_FACTS
+
+
+def label_facts(classification_id: int) -> dict[str, Any] | None:
+    """What a label keeps of its item (models.Label says why); None once deleted."""
+    row = _item_row(classification_id)
     return {k: row[k] for k in LABEL_FACTS} if row is not None else None
