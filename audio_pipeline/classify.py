@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -148,15 +148,6 @@ class Evidence:
     score: float
     terms: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "segment": self.segment,
-            "start": self.start,
-            "end": self.end,
-            "score": self.score,
-            "terms": self.terms,
-        }
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -172,8 +163,32 @@ class Verdict:
     windows: int = 1  # prompts the content was judged in; the score is their max
     truncated: bool = False  # some of the content was in no window (judged by nothing)
 
+    @classmethod
+    def judged(
+        cls,
+        classifier: Classifier,
+        item: ClassifyItem,
+        policy: Policy,
+        score: float,
+        evidence: list[Evidence],
+        windows: int = 1,
+        truncated: bool = False,
+    ) -> Verdict:
+        """``classifier``'s verdict on ``item`` under ``policy`` for ``score``."""
+        return cls(
+            key=item.key,
+            policy_id=policy.id,
+            model=classifier.model_name,
+            score=round(score, 6),
+            label=label_for(score, classifier.threshold),
+            threshold=classifier.threshold,
+            evidence=evidence,
+            windows=windows,
+            truncated=truncated,
+        )
+
     def evidence_json(self) -> list[dict[str, Any]]:
-        return [e.as_json() for e in self.evidence]
+        return [asdict(e) for e in self.evidence]
 
 
 class Classifier(Protocol):
@@ -240,19 +255,8 @@ class LexiconClassifier:
                                 terms=sorted(seg_hits),
                             )
                         )
-                verdicts.append(
-                    Verdict(
-                        key=item.key,
-                        policy_id=policy.id,
-                        model=self.model_name,
-                        score=round(score, 6),
-                        label=label_for(score, self.threshold),
-                        threshold=self.threshold,
-                        evidence=evidence,
-                        windows=1,  # the whole text, whatever its length
-                        truncated=False,
-                    )
-                )
+                # One window: the whole text is judged, whatever its length.
+                verdicts.append(Verdict.judged(self, item, policy, score, evidence))
         return verdicts
 
 
@@ -450,14 +454,12 @@ class CopeAClassifier:
             [pair for pair, s in zip(pairs, scores, strict=True) if s >= self.threshold]
         )
         return [
-            Verdict(
-                key=item.key,
-                policy_id=policy.id,
-                model=self.model_name,
-                score=round(score, 6),
-                label=label_for(score, self.threshold),
-                threshold=self.threshold,
-                evidence=evidence.get((item.key, policy.id), []),
+            Verdict.judged(
+                self,
+                item,
+                policy,
+                score,
+                evidence.get((item.key, policy.id), []),
                 windows=len(w.texts),
                 truncated=w.truncated,
             )

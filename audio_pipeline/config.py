@@ -28,6 +28,19 @@ class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+PRODUCTION = "production"  # the APP_ENV of a real fleet, which has no dev defaults
+
+
+class HasAppEnv:
+    """A settings class that carries APP_ENV (the pipeline's, the RA app's)."""
+
+    app_env: str
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == PRODUCTION
+
+
 # The local stack's development credentials (devtools/devstack.py starts services with
 # them), so a process run on a developer's machine with nothing exported finds it.
 # Real checks (Redis AUTH, scram passwords, S3 signatures) with values that are
@@ -62,6 +75,7 @@ RENAMED: dict[str, str] = {
 }
 
 E = TypeVar("E", bound=StrEnum)
+N = TypeVar("N", int, float)
 
 
 class EnvReader:
@@ -81,7 +95,7 @@ class EnvReader:
     ) -> None:
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self.app_env = self.environ.get("APP_ENV", "").strip() or "development"
-        self.production = self.app_env == "production" if production is None else production
+        self.production = self.app_env == PRODUCTION if production is None else production
         self.errors: list[str] = []
 
     def raw(self, name: str) -> str:
@@ -117,16 +131,7 @@ class EnvReader:
     def int(
         self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
     ) -> int:
-        raw = self.raw(name)
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.errors.append(f"{name}={raw!r} is not an integer")
-            return default
-        self._check_range(name, value, minimum, maximum)
-        return value
+        return self._number(name, default, int, "an integer", minimum, maximum)
 
     def float(
         self,
@@ -138,13 +143,25 @@ class EnvReader:
         above: float | None = None,
     ) -> float:
         """A number; ``minimum``/``maximum`` are inclusive, ``above`` exclusive."""
+        return self._number(name, default, float, "a number", minimum, maximum, above)
+
+    def _number(
+        self,
+        name: str,
+        default: N,
+        parse: Callable[[str], N],
+        kind: str,
+        minimum: float | None,
+        maximum: float | None,
+        above: float | None = None,
+    ) -> N:
         raw = self.raw(name)
         if not raw:
             return default
         try:
-            value = float(raw)
+            value = parse(raw)
         except ValueError:
-            self.errors.append(f"{name}={raw!r} is not a number")
+            self.errors.append(f"{name}={raw!r} is not {kind}")
             return default
         self._check_range(name, value, minimum, maximum)
         if above is not None and value <= above:
@@ -212,7 +229,7 @@ class EnvSettings:
 
 
 @dataclass(frozen=True)
-class Settings(EnvSettings):
+class Settings(EnvSettings, HasAppEnv):
     """Everything a pipeline process needs, resolved once at start-up."""
 
     app_env: str
@@ -237,10 +254,6 @@ class Settings(EnvSettings):
 
     scratch_root: Path
     models_root: Path
-
-    @property
-    def production(self) -> bool:
-        return self.app_env == "production"
 
     @property
     def database_url(self) -> str:

@@ -21,6 +21,7 @@ from audio_pipeline.config import (
     DEV_S3_BUCKET,
     DEV_S3_SECRET_KEY,
     EnvReader,
+    HasAppEnv,
 )
 from ra_app.codebook import DEFAULT_CODEBOOK_PATH
 
@@ -50,7 +51,7 @@ class QueueOrder(StrEnum):
 
 
 @dataclass(frozen=True)
-class RASettings:
+class RASettings(HasAppEnv):
     app_env: str
     database_url: str
     secret_key: str
@@ -67,10 +68,6 @@ class RASettings:
     ratelimit_storage_uri: str
     session_cookie_secure: bool
     proxy_hops: int
-
-    @property
-    def production(self) -> bool:
-        return self.app_env == "production"
 
     def flask_config(self) -> dict[str, Any]:
         """The Flask config keys these settings map to."""
