@@ -20,18 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from audio_pipeline.config import ConfigError, Settings, settings_with_env_file
-from audio_pipeline.envfile import EnvFileError
+from audio_pipeline.config import Settings
+from audio_pipeline.s3_cli import add_env_file_option, run_store_command, settings_for
 
 
 class ModelCommandError(Exception):
     """The command cannot do what was asked; the message says why."""
-
-
-def _settings(args: argparse.Namespace, settings: Settings) -> Settings:
-    return settings_with_env_file(args.env_file, settings)
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings, r: Any = None) -> int:
@@ -40,31 +34,29 @@ def cmd_models(args: argparse.Namespace, settings: Settings, r: Any = None) -> i
     # progress lines on stderr (stdout is the JSON line Ansible reads); not the libraries'
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("audio_pipeline").setLevel(logging.INFO)
-    try:
+
+    def command() -> int:
         if args.models_command == "publish":
-            manifest = model_store.publish(args.dir, args.name, _settings(args, settings))
+            manifest = model_store.publish(args.dir, args.name, settings_for(args, settings))
             print(
                 f"published {args.name}: {len(manifest.files)} file(s), {manifest.total_size} bytes"
             )
             return 0
         if args.models_command == "sync":
             result = model_store.sync(
-                args.names, args.dest, _settings(args, settings), group=args.group
+                args.names, args.dest, settings_for(args, settings), group=args.group
             )
             print(json.dumps(result.as_json()))
             for reason in result.failed.values():
                 print(f"audio-pipeline models sync: {reason}", file=sys.stderr)
             return 1 if result.failed else 0
         return _merge(args, settings)
-    except (ConfigError, EnvFileError) as exc:
-        print(f"audio-pipeline models {args.models_command}: {exc}", file=sys.stderr)
-        return 2
-    except (model_store.ModelStoreError, ModelCommandError) as exc:
-        print(f"audio-pipeline models {args.models_command}: {exc}", file=sys.stderr)
-        return 1
-    except (ClientError, BotoCoreError) as exc:
-        print(f"audio-pipeline models {args.models_command}: S3: {exc}", file=sys.stderr)
-        return 1
+
+    return run_store_command(
+        f"audio-pipeline models {args.models_command}",
+        command,
+        (model_store.ModelStoreError, ModelCommandError),
+    )
 
 
 def _merge(args: argparse.Namespace, settings: Settings) -> int:
@@ -79,7 +71,7 @@ def _merge(args: argparse.Namespace, settings: Settings) -> int:
         raise ModelCommandError(str(exc)) from None
     print(f"merged model written to {out}")
     if args.publish:
-        manifest = model_store.publish(out, args.publish, _settings(args, settings))
+        manifest = model_store.publish(out, args.publish, settings_for(args, settings))
         print(f"published {args.publish}: {len(manifest.files)} file(s)")
     return 0
 
@@ -89,18 +81,17 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("models", help="publish, sync and merge models (S3 model store)")
     p.set_defaults(func=cmd_models, needs_redis=False)
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    env_help = "read S3_* settings from this systemd environment file"
 
     pub = msub.add_parser("publish", help="upload DIR as models/NAME/ with a sha256 manifest")
     pub.add_argument("dir", type=Path, metavar="DIR")
     pub.add_argument("--name", required=True, help="model name, e.g. whisper/large-v3")
-    pub.add_argument("--env-file", type=Path, help=env_help)
+    add_env_file_option(pub)
 
     syn = msub.add_parser("sync", help="bring DEST/NAME up to the published version")
     syn.add_argument("names", nargs="+", metavar="NAME")
     syn.add_argument("--dest", type=Path, required=True, help="models root, e.g. /data/models")
     syn.add_argument("--group", help="group that may read the files (others may not)")
-    syn.add_argument("--env-file", type=Path, help=env_help)
+    add_env_file_option(syn)
 
     merge = msub.add_parser("merge-cope-a", help="merge the CoPE-A LoRA into its Gemma-2 base")
     merge.add_argument("--base", type=Path, required=True, help="the bf16 Gemma-2 base")
@@ -109,4 +100,4 @@ def add_parser(sub: Any) -> None:
     merge.add_argument(
         "--publish", metavar="NAME", help="then publish it, e.g. classifier/cope-a-9b"
     )
-    merge.add_argument("--env-file", type=Path, help=env_help)
+    add_env_file_option(merge)

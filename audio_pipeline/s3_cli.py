@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,34 @@ def split_location(location: str, default_bucket: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _settings(args: argparse.Namespace, settings: Settings) -> Settings:
+def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``settings``, or those of the environment file that ``--env-file`` names."""
     return settings_with_env_file(args.env_file, settings)
+
+
+def add_env_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--env-file", type=Path, help="read S3_* settings from this systemd environment file"
+    )
+
+
+def run_store_command(
+    name: str, command: Callable[[], int], refusals: tuple[type[Exception], ...]
+) -> int:
+    """``command()``'s exit code, or its failure on stderr after ``name``: 2 for bad
+    settings, 1 for one of ``refusals`` or an error from the store. The ``models``
+    commands answer the same way."""
+    try:
+        return command()
+    except (ConfigError, EnvFileError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except refusals as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    except (ClientError, BotoCoreError) as exc:
+        print(f"{name}: S3: {exc}", file=sys.stderr)
+        return 1
 
 
 def list_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -119,21 +146,13 @@ def _get(args: argparse.Namespace, settings: Settings, client: Any) -> int:
 def cmd_s3(args: argparse.Namespace, settings: Settings, r: Any = None) -> int:
     from audio_pipeline import s3_utils
 
-    name = f"audio-pipeline s3 {args.s3_command}"
-    try:
-        s = _settings(args, settings)
+    def command() -> int:
+        s = settings_for(args, settings)
         # One attempt: an operator checking the store wants the failure, not a wait.
         client = s3_utils.get_s3_client(s, max_attempts=1)
         return _ls(args, s, client) if args.s3_command == "ls" else _get(args, s, client)
-    except (ConfigError, EnvFileError) as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 2
-    except S3CommandError as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 1
-    except (ClientError, BotoCoreError) as exc:
-        print(f"{name}: S3: {exc}", file=sys.stderr)
-        return 1
+
+    return run_store_command(f"audio-pipeline s3 {args.s3_command}", command, (S3CommandError,))
 
 
 def add_parser(sub: Any) -> None:
@@ -141,7 +160,6 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("s3", help="list or time-download objects in the pipeline's bucket")
     p.set_defaults(func=cmd_s3, needs_redis=False)
     ssub = p.add_subparsers(dest="s3_command", required=True, metavar="ACTION")
-    env_help = "read S3_* settings from this systemd environment file"
 
     ls = ssub.add_parser("ls", help="keys under PREFIX with time and size (or --count)")
     ls.add_argument(
@@ -152,9 +170,9 @@ def add_parser(sub: Any) -> None:
         help="e.g. archives/ or s3://BUCKET/archives/ (default: the whole bucket)",
     )
     ls.add_argument("--count", action="store_true", help="only the number of objects and bytes")
-    ls.add_argument("--env-file", type=Path, help=env_help)
+    add_env_file_option(ls)
 
     get = ssub.add_parser("get", help="download KEY to DEST, verified, with its speed")
     get.add_argument("key", metavar="KEY", help="e.g. archives/b-001.tar or s3://BUCKET/KEY")
     get.add_argument("dest", type=Path, metavar="DEST", help="a file, or a directory for it")
-    get.add_argument("--env-file", type=Path, help=env_help)
+    add_env_file_option(get)

@@ -661,6 +661,6 @@ def test_models_yml_syncs_gpu_worker_models_with_the_workers_settings(
         # settings come from the env file, over it (model_cli).
         with running_as(p, environ={"PATH": SYSTEMD_PATH}):
             env_file = on_disk(host, str(args.env_file), tmp_path)
-            settings = model_cli._settings(Namespace(env_file=env_file), load_settings())
+            settings = model_cli.settings_for(Namespace(env_file=env_file), load_settings())
         assert settings.production
         assert settings.s3_bucket == p.environ["S3_BUCKET"]
