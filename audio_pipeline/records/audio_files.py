@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import psycopg
-from psycopg.rows import dict_row
+
+from audio_pipeline.records import select_all, select_one
 
 
 class AudioFileStatus(StrEnum):
@@ -82,8 +83,7 @@ def states(
     if rel_paths is not None:
         query += " AND rel_path = ANY(%s)"
         params.append(rel_paths)
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, params).fetchall()
+    rows = select_all(conn, query, params)
     return {r["rel_path"]: FileState(r["id"], AudioFileStatus(r["status"])) for r in rows}
 
 
@@ -128,10 +128,10 @@ def mark_failed(
 
 def count_unfinished(conn: psycopg.Connection, batch_id: str) -> int:
     """Files of the batch still waiting for (or in) transcription."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "SELECT count(*) AS n FROM audio_files WHERE batch_id = %s"
-            " AND status IN ('pending', 'converted', 'transcribing')",
-            (batch_id,),
-        ).fetchone()
+    row = select_one(
+        conn,
+        "SELECT count(*) AS n FROM audio_files WHERE batch_id = %s"
+        " AND status IN ('pending', 'converted', 'transcribing')",
+        (batch_id,),
+    )
     return int(row["n"]) if row else 0

@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
+from audio_pipeline.records import select_all, select_one
+
 
 class BatchStatus(StrEnum):
     TRANSFERRING = "transferring"
@@ -30,12 +32,12 @@ class BatchStatus(StrEnum):
 
 def transfer_state(conn: psycopg.Connection, batch_id: str) -> dict[str, Any] | None:
     """status, transferred_at, archive_sha256 and archive_bytes of a batch, or None."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "SELECT status, transferred_at, archive_sha256, archive_bytes "
-            "FROM batches WHERE batch_id = %s",
-            (batch_id,),
-        ).fetchone()
+    return select_one(
+        conn,
+        "SELECT status, transferred_at, archive_sha256, archive_bytes "
+        "FROM batches WHERE batch_id = %s",
+        (batch_id,),
+    )
 
 
 def begin_transfer(
@@ -97,11 +99,11 @@ def mark_transfer_failed(conn: psycopg.Connection, batch_id: str, error: str) ->
 
 def transferred_batches(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Batches copied but not yet picked up by an unpack worker (for reconciling)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "SELECT batch_id, s3_key, file_count, transferred_at FROM batches "
-            "WHERE status = 'transferred' ORDER BY transferred_at"
-        ).fetchall()
+    return select_all(
+        conn,
+        "SELECT batch_id, s3_key, file_count, transferred_at FROM batches "
+        "WHERE status = 'transferred' ORDER BY transferred_at",
+    )
 
 
 # --- unpack stage: unpacking -> unpacked | failed ------------------------------

@@ -4,8 +4,7 @@ A policy is versioned: a new wording is a new row, never an edit, so every
 classification names the exact text it was judged against. Operators only ever add
 versions and switch ``active`` on or off (``audio-pipeline policy ...``).
 
-The functions take a connection with any row factory: the workers' pools return
-dicts, the CLI's connections tuples.
+The functions take a connection with any row factory (see records/__init__.py).
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import tuple_row
 
 from audio_pipeline.classify import Policy
+from audio_pipeline.records import select_all, select_one
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,10 @@ def _version(row: dict[str, Any]) -> PolicyVersion:
 
 def active_policies(conn: psycopg.Connection) -> list[Policy]:
     """Every active policy version, in a stable order (name, version)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT id, name, version, text, lexicon FROM policies WHERE active "
-            "ORDER BY name, version"
-        ).fetchall()
+    rows = select_all(
+        conn,
+        "SELECT id, name, version, text, lexicon FROM policies WHERE active ORDER BY name, version",
+    )
     return [
         Policy(
             id=int(r["id"]),
@@ -81,21 +80,21 @@ def lock_name(conn: psycopg.Connection, name: str) -> None:
 
 
 def get_version(conn: psycopg.Connection, name: str, version: int) -> PolicyVersion | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            f"SELECT {_COLUMNS} FROM policies WHERE name = %s AND version = %s",  # noqa: S608
-            (name, version),
-        ).fetchone()
+    row = select_one(
+        conn,
+        f"SELECT {_COLUMNS} FROM policies WHERE name = %s AND version = %s",  # noqa: S608
+        (name, version),
+    )
     return None if row is None else _version(row)
 
 
 def versions(conn: psycopg.Connection, name: str) -> list[PolicyVersion]:
     """Every version of one policy, oldest first."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            f"SELECT {_COLUMNS} FROM policies WHERE name = %s ORDER BY version",  # noqa: S608
-            (name,),
-        ).fetchall()
+    rows = select_all(
+        conn,
+        f"SELECT {_COLUMNS} FROM policies WHERE name = %s ORDER BY version",  # noqa: S608
+        (name,),
+    )
     return [_version(r) for r in rows]
 
 
@@ -132,11 +131,11 @@ def set_active(conn: psycopg.Connection, name: str, version: int, active: bool) 
 
 def all_versions(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every version of every policy, for listings."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "SELECT id, name, version, active, lexicon, text, created_at "
-            "FROM policies ORDER BY name, version"
-        ).fetchall()
+    return select_all(
+        conn,
+        "SELECT id, name, version, active, lexicon, text, created_at "
+        "FROM policies ORDER BY name, version",
+    )
 
 
 def add_version(
