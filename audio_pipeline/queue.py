@@ -375,12 +375,10 @@ class JobQueue:
         if not moved:
             self._lost(job, "retry")
             return True
-        log_event(
-            log,
+        self._log(
             "job.retry",
+            job.queue,
             level=logging.WARNING,
-            stage=self.stage,
-            queue=job.queue,
             job=job.short_id,
             attempt=job.attempts + 1,
             delay_s=delay,
@@ -399,7 +397,7 @@ class JobQueue:
             args=[job.raw, "lpush", job.raw, 0],
         )
         if moved:
-            log_event(log, "job.released", stage=self.stage, queue=job.queue, job=job.short_id)
+            self._log("job.released", job.queue, job=job.short_id)
         else:
             self._lost(job, "release")
 
@@ -418,38 +416,27 @@ class JobQueue:
             args=[raw, "rpush", json.dumps(entry), 0],
         )
         if moved:
-            log_event(
-                log,
+            self._log(
                 "job.failed",
+                queue,
                 level=logging.ERROR,
-                stage=self.stage,
-                queue=queue,
                 job=short_job_id(raw),
                 attempts=attempts,
                 error=entry["error"],
             )
         else:
-            log_event(
-                log,
-                "job.lost_ownership",
-                level=logging.WARNING,
-                stage=self.stage,
-                queue=queue,
-                action="dead_letter",
-            )
+            self._log("job.lost_ownership", queue, level=logging.WARNING, action="dead_letter")
 
     def _lost(self, job: Job, action: str) -> None:
         # The reaper returned this job while we held it (our heartbeat lapsed): someone
         # else may be running it now; idempotent writes make the overlap harmless.
-        log_event(
-            log,
-            "job.lost_ownership",
-            level=logging.WARNING,
-            stage=self.stage,
-            queue=job.queue,
-            job=job.short_id,
-            action=action,
+        self._log(
+            "job.lost_ownership", job.queue, level=logging.WARNING, job=job.short_id, action=action
         )
+
+    def _log(self, event: str, queue: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """``event`` with the fields every queue event starts with: stage, then queue."""
+        log_event(log, event, level=level, stage=self.stage, queue=queue, **fields)
 
     # -- delayed retries -----------------------------------------------------------
 
@@ -509,14 +496,7 @@ class JobQueue:
                 self.retry_policy.max_attempts,
             )
             if n:
-                log_event(
-                    log,
-                    "worker.recovered",
-                    level=logging.WARNING,
-                    stage=self.stage,
-                    queue=source,
-                    jobs=n,
-                )
+                self._log("worker.recovered", source, level=logging.WARNING, jobs=n)
             moved += n
         return moved
 

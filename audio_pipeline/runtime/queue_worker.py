@@ -254,11 +254,9 @@ class QueueWorker(Service):
                 jobs = []
             if jobs:
                 self._ahead = LookAhead(jobs, self.prepare_batch, name=f"prepare-{self.stage}")
-                log_event(
-                    self.log,
+                self.log_stage_event(
                     "worker.look_ahead",
                     level=logging.DEBUG,
-                    stage=self.stage,
                     jobs=",".join(j.short_id for j in jobs),
                 )
 

@@ -214,13 +214,8 @@ class Service:
             self.on_start()
             self.queue.reap()
             self.setup()
-            log_event(
-                self.log,
-                "worker.started",
-                stage=self.stage,
-                worker=self.worker_id,
-                mode=self.mode.value,
-                **self.describe(),
+            self.log_stage_event(
+                "worker.started", worker=self.worker_id, mode=self.mode.value, **self.describe()
             )
             while not self.stopping:
                 did_work = self.iterate()
@@ -234,14 +229,12 @@ class Service:
         finally:
             self.state = ServiceState.STOPPING
             self._shutdown()
-        log_event(
-            self.log,
-            "worker.stopped",
-            stage=self.stage,
-            worker=self.worker_id,
-            exit_code=self.exit_code,
-        )
+        self.log_stage_event("worker.stopped", worker=self.worker_id, exit_code=self.exit_code)
         return self.exit_code
+
+    def log_stage_event(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """``event`` with this service's stage as its first field, where operators look."""
+        log_event(self.log, event, level=level, stage=self.stage, **fields)
 
     def sleep(self, seconds: float) -> None:
         """Sleep, but wake early when a stop is requested."""
@@ -313,12 +306,10 @@ class Service:
         if not self.stopping:
             self.stopping = True
             self.state = ServiceState.STOPPING  # shown in the heartbeat / `status`
-            log_event(
-                self.log, "worker.stop_requested", stage=self.stage, signal=name, jobs_in_hand=held
-            )
+            self.log_stage_event("worker.stop_requested", signal=name, jobs_in_hand=held)
             return
         self._stop_forced = True
-        log_event(self.log, "worker.stop_forced", stage=self.stage, signal=name, jobs_in_hand=held)
+        self.log_stage_event("worker.stop_forced", signal=name, jobs_in_hand=held)
         if self._interruptible:
             raise ShutdownForced
 

@@ -281,10 +281,8 @@ class TransferWorker(Service):
         else:
             self._failures.pop(info.name, None)
             self._seen.pop(info.name, None)
-            log_event(
-                self.log,
+            self.log_stage_event(
                 "job.done",
-                stage=self.stage,
                 batch_id=batch_id,
                 bytes=info.size,
                 duration_s=time.monotonic() - started,
@@ -300,15 +298,9 @@ class TransferWorker(Service):
                 # Copied before: a crash fell before the remote was put aside, or the
                 # same name was dropped again. Never copy twice; finish the bookkeeping.
                 self._enqueue(batch_id, s3_key, state["transferred_at"])
-                log_event(
-                    self.log,
-                    "transfer.already_done",
-                    level=logging.WARNING,
-                    batch_id=batch_id,
-                    file=info.name,
-                    status=state["status"],
+                self._put_aside_uncopied(
+                    info, batch_id, "transfer.already_done", logging.WARNING, status=state["status"]
                 )
-                self._put_aside(info.name)
                 return
             started = batches.begin_transfer(
                 conn,
@@ -319,19 +311,17 @@ class TransferWorker(Service):
                 info.size,
             )
         if not started:
-            log_event(
-                self.log,
+            self._put_aside_uncopied(
+                info,
+                batch_id,
                 "transfer.duplicate",
-                level=logging.ERROR,
-                batch_id=batch_id,
-                file=info.name,
+                logging.ERROR,
                 error="batch already known in another state "
                 "(injected by hand?): put aside, not transferred",
             )
-            self._put_aside(info.name)
             return
 
-        log_event(self.log, "job.started", stage=self.stage, batch_id=batch_id, bytes=info.size)
+        self.log_stage_event("job.started", batch_id=batch_id, bytes=info.size)
         local = self.staging / f"{batch_id}{ARCHIVE_SUFFIX}.part"
         sha256 = self._copy(info, batch_id, local)
         self._upload(local, batch_id, s3_key, sha256)
@@ -414,6 +404,13 @@ class TransferWorker(Service):
         )
         return pushed
 
+    def _put_aside_uncopied(
+        self, info: RemoteFile, batch_id: str, event: str, level: int, **why: Any
+    ) -> None:
+        """Log ``event`` and put the archive aside without copying it now."""
+        log_event(self.log, event, level=level, batch_id=batch_id, file=info.name, **why)
+        self._put_aside(info.name)
+
     def _put_aside(self, name: str) -> None:
         if self.transfer.after is AfterTransfer.MOVE:
             self.host.move_into(name, self.transfer.done_subdir)
@@ -429,11 +426,9 @@ class TransferWorker(Service):
         self._failures[name] = _Failures(count, time.monotonic() + delay)
         error = f"{type(exc).__name__}: {exc}"
         gave_up = count >= self.transfer.max_failures
-        log_event(
-            self.log,
+        self.log_stage_event(
             "job.failed" if gave_up else "job.retry",
             level=logging.ERROR,
-            stage=self.stage,
             batch_id=batch_id,
             attempt=count,
             delay_s=delay,

@@ -59,7 +59,6 @@ from audio_pipeline.audio import (
 )
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, EnvSettings, Settings
-from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, require_fields
 from audio_pipeline.records import audio_files, batches
 from audio_pipeline.records.audio_files import GPU_STATES, FoundFile
@@ -180,7 +179,7 @@ class UnpackWorker(QueueWorker):
         reason = self._pause_reason()
         if reason != self._paused_reason:  # log changes only, not every poll
             event = "unpack.paused" if reason else "unpack.resumed"
-            log_event(self.log, event, stage=self.stage, reason=reason or "")
+            self.log_stage_event(event, reason=reason or "")
             self._paused_reason = reason
         return reason is None
 
@@ -210,13 +209,7 @@ class UnpackWorker(QueueWorker):
                 conn, request.batch_id, request.s3_key, self.settings.worker_host
             )
         if previous is batches.BatchStatus.DONE:
-            log_event(
-                self.log,
-                "unpack.skipped",
-                stage=self.stage,
-                batch_id=request.batch_id,
-                reason="batch already done",
-            )
+            self._log_batch("unpack.skipped", request.batch_id, reason="batch already done")
             return
         try:
             found = self._fetch_and_extract(request, paths)
@@ -227,11 +220,9 @@ class UnpackWorker(QueueWorker):
         finally:
             paths.remove_inputs()
         self._finish(request, outcome)
-        log_event(
-            self.log,
+        self._log_batch(
             "unpack.batch",
-            stage=self.stage,
-            batch_id=request.batch_id,
+            request.batch_id,
             files=outcome.found,
             converted=len(outcome.converted),
             failed=outcome.failed,
@@ -250,12 +241,10 @@ class UnpackWorker(QueueWorker):
         except ArchiveError as exc:
             raise PermanentJobError(f"{_archive_problem(exc)} archive: {exc}") from exc
         if request.file_count is not None and request.file_count != len(extracted.files):
-            log_event(
-                self.log,
+            self._log_batch(
                 "unpack.file_count_mismatch",
+                request.batch_id,
                 level=logging.WARNING,
-                stage=self.stage,
-                batch_id=request.batch_id,
                 expected=request.file_count,
                 found=len(extracted.files),
             )
@@ -300,12 +289,10 @@ class UnpackWorker(QueueWorker):
                     audio_files.mark_failed(conn, batch_id, rel, result.error or "failed", host)
                     conn.commit()
                     outcome.failed += 1
-                    log_event(
-                        self.log,
+                    self._log_batch(
                         "unpack.file_failed",
+                        batch_id,
                         level=logging.WARNING,
-                        stage=self.stage,
-                        batch_id=batch_id,
                         rel_path=rel,
                         error=result.error,
                     )
@@ -369,14 +356,12 @@ class UnpackWorker(QueueWorker):
         with self.db.connection() as conn:
             batches.mark_unpack_failed(conn, batch_id, reason)
         s3_utils.cleanup_scratch(batch_id, self.settings)
-        log_event(
-            self.log,
-            "unpack.batch_failed",
-            level=logging.WARNING,
-            stage=self.stage,
-            batch_id=batch_id,
-            error=reason,
-        )
+        self._log_batch("unpack.batch_failed", batch_id, level=logging.WARNING, error=reason)
+
+    def _log_batch(
+        self, event: str, batch_id: str, *, level: int = logging.INFO, **fields: Any
+    ) -> None:
+        self.log_stage_event(event, level=level, batch_id=batch_id, **fields)
 
 
 def _archive_problem(exc: ArchiveError) -> str:
