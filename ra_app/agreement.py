@@ -78,13 +78,14 @@ class Agreement:
     coders: int  # distinct coders among the pairable units
     codings: int  # codings in pairable units (alpha's n)
     unpaired_items: int  # items with one coding only (one coder, or the other left it empty)
-    observed_agreement: float | None  # share of agreeing coder pairs (coincidence diagonal / n)
-    alpha: float | None  # Krippendorff's alpha, nominal
-    alpha_reason: str | None
-    kappa: float | None
-    kappa_method: KappaMethod | None
-    kappa_reason: str | None
-    pairs: tuple[PairKappa, ...]
+    # None, with the reason beside it, where a figure cannot be computed.
+    observed_agreement: float | None = None  # agreeing pairs' share (coincidence diagonal / n)
+    alpha: float | None = None  # Krippendorff's alpha, nominal
+    alpha_reason: str | None = None
+    kappa: float | None = None
+    kappa_method: KappaMethod | None = None
+    kappa_reason: str | None = None
+    pairs: tuple[PairKappa, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -338,13 +339,8 @@ def measure(
             coders=0,
             codings=0,
             unpaired_items=unpaired,
-            observed_agreement=None,
-            alpha=None,
             alpha_reason=reason,
-            kappa=None,
-            kappa_method=None,
             kappa_reason=reason,
-            pairs=(),
         )
     categories = sorted({v for c in pairable.values() for v in c.values()}, key=_order)
     counts = np.array(

@@ -50,27 +50,22 @@ def stream_opus(key: str) -> Response:
         raise
     size = int(head["ContentLength"])
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=300"}
+    status, part = 200, {}
     byte_range = request.range
     if byte_range is not None and byte_range.units == "bytes" and len(byte_range.ranges) == 1:
         bounds = byte_range.range_for_length(size)
         if bounds is None:
             return Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
         start, stop = bounds
-        obj = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+        status, part = 206, {"Range": f"bytes={start}-{stop - 1}"}
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         headers["Content-Length"] = str(stop - start)
-        return Response(
-            _relay(obj["Body"]),
-            status=206,
-            mimetype=OPUS_MIME,
-            headers=headers,
-            direct_passthrough=True,
-        )
-    obj = client.get_object(Bucket=bucket, Key=key)
-    headers["Content-Length"] = str(size)
+    else:
+        headers["Content-Length"] = str(size)
+    obj = client.get_object(Bucket=bucket, Key=key, **part)
     return Response(
         _relay(obj["Body"]),
-        status=200,
+        status=status,
         mimetype=OPUS_MIME,
         headers=headers,
         direct_passthrough=True,

@@ -66,7 +66,9 @@ def agreement_page() -> Any:
 def disagreements() -> Any:
     page, size = page_arg(), current_app.config["PAGE_SIZE"]
     found = reports.disagreement_page(get_codebook(), page, size)
-    return render_template("admin/disagreements.html", found=found, page=page)
+    return render_template(
+        "admin/disagreements.html", found=found, page=page, has_next=found.has_next
+    )
 
 
 @bp.get("/items/<int:classification_id>")
@@ -141,17 +143,10 @@ def user_create() -> Any:
     return redirect(url_for("admin.user_list"))
 
 
-def _target(user_id: int) -> User:
-    user = db.session.get(User, user_id)
-    if user is None:
-        abort(404)
-    return user
-
-
 @bp.get("/users/<int:user_id>")
 @admin_required
 def user_detail(user_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     return render_template(
         "admin/user.html",
         user=user,
@@ -172,7 +167,7 @@ def _back(user: User) -> Any:
 @bp.post("/users/<int:user_id>/active")
 @admin_required
 def user_set_active(user_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     if ActionForm().validate_on_submit():
         activate = request.form.get("active") == "1"
         if not activate and user.id == current_user.id:
@@ -187,7 +182,7 @@ def user_set_active(user_id: int) -> Any:
 @bp.post("/users/<int:user_id>/password")
 @admin_required
 def user_reset_password(user_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     form = ResetPasswordForm()
     if not form.validate_on_submit():
         for errors in form.errors.values():
@@ -215,7 +210,7 @@ def user_reset_password(user_id: int) -> Any:
 @bp.post("/users/<int:user_id>/tokens/<int:token_id>/revoke")
 @admin_required
 def user_revoke_token(user_id: int, token_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     token = db.session.get(ApiToken, token_id)
     if token is None or token.user_id != user.id:
         abort(404)
@@ -231,7 +226,7 @@ def user_revoke_token(user_id: int, token_id: int) -> Any:
 @bp.post("/users/<int:user_id>/tokens/revoke")
 @admin_required
 def user_revoke_tokens(user_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     if ActionForm().validate_on_submit():
         n = users.revoke_tokens(user)
         db.session.commit()
@@ -242,7 +237,7 @@ def user_revoke_tokens(user_id: int) -> Any:
 @bp.post("/users/<int:user_id>/tokens")
 @admin_required
 def user_token(user_id: int) -> Any:
-    user = _target(user_id)
+    user = db.get_or_404(User, user_id)
     form = TokenForm()
     if not form.validate_on_submit():
         flash("Token name and a lifetime of 1 to 365 days are needed.", "error")
