@@ -39,7 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from audio_pipeline.config import ConfigError, EnvReader, EnvSettings
+from audio_pipeline.config import ConfigError, Device, EnvReader, EnvSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,6 @@ class AsrBackend(StrEnum):
     WHISPERX = "whisperx"
 
 
-class AsrDevice(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
 class AudioDecodeError(RuntimeError):
     """Some files could not be decoded as audio; nothing was transcribed.
 
@@ -92,7 +86,7 @@ class AsrSettings(EnvSettings):
 
     backend: AsrBackend = AsrBackend.FASTER_WHISPER
     model: str = DEFAULT_ASR_MODEL  # relative to MODELS_ROOT
-    device: AsrDevice = AsrDevice.AUTO
+    device: Device = Device.AUTO
     compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
     batch_size: int = DEFAULT_BATCH_SIZE
     beam_size: int = DEFAULT_BEAM_SIZE
@@ -105,7 +99,7 @@ class AsrSettings(EnvSettings):
         return cls(
             backend=env.choice("ASR_BACKEND", AsrBackend, AsrBackend.FASTER_WHISPER),
             model=env.str("ASR_MODEL", DEFAULT_ASR_MODEL),
-            device=env.choice("ASR_DEVICE", AsrDevice, AsrDevice.AUTO),
+            device=env.choice("ASR_DEVICE", Device, Device.AUTO),
             compute_type=env.str("ASR_COMPUTE_TYPE") or None,
             batch_size=env.int("ASR_BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1),
             beam_size=env.int("ASR_BEAM_SIZE", DEFAULT_BEAM_SIZE, minimum=1),
@@ -230,9 +224,9 @@ class Transcriber(ABC):
         ]
 
 
-def resolve_device(device: AsrDevice | str) -> str:
-    device = AsrDevice(device)
-    if device is not AsrDevice.AUTO:
+def resolve_device(device: Device | str) -> str:
+    device = Device(device)
+    if device is not Device.AUTO:
         return device.value
     import ctranslate2
 

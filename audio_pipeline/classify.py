@@ -38,7 +38,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from audio_pipeline.config import ConfigError, EnvReader, EnvSettings
+from audio_pipeline.config import ConfigError, Device, EnvReader, EnvSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,6 @@ class ClassifierBackend(StrEnum):
     COPE_A = "cope-a"
 
 
-class ClassifierDevice(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
 @dataclass(frozen=True)
 class ClassifierSettings(EnvSettings):
     """CLASSIFIER_* and FLAG_THRESHOLD variables; read with ``from_env``."""
@@ -91,7 +85,7 @@ class ClassifierSettings(EnvSettings):
     threshold: float = DEFAULT_THRESHOLD
     max_tokens: int = DEFAULT_MAX_TOKENS
     batch_size: int = DEFAULT_CLASSIFIER_BATCH
-    device: str = ClassifierDevice.AUTO
+    device: str = Device.AUTO
     max_windows: int = DEFAULT_MAX_WINDOWS
 
     @classmethod
@@ -106,7 +100,7 @@ class ClassifierSettings(EnvSettings):
             batch_size=env.int(
                 "CLASSIFIER_BATCH_SIZE", DEFAULT_CLASSIFIER_BATCH, minimum=1, maximum=4096
             ),
-            device=env.choice("CLASSIFIER_DEVICE", ClassifierDevice, ClassifierDevice.AUTO),
+            device=env.choice("CLASSIFIER_DEVICE", Device, Device.AUTO),
             max_windows=env.int(
                 "CLASSIFIER_MAX_WINDOWS", DEFAULT_MAX_WINDOWS, minimum=1, maximum=1 << 20
             ),
@@ -322,7 +316,7 @@ class CopeAClassifier:
         self.threshold = settings.threshold
         self.model_name = settings.model
         device = str(settings.device)
-        if device == ClassifierDevice.AUTO:
+        if device == Device.AUTO:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         # Gemma 2 is trained in bf16 and overflows in fp16; CPUs are fastest in fp32.

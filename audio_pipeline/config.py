@@ -28,6 +28,15 @@ class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+class Device(StrEnum):
+    """Where a model runs (ASR_DEVICE, CLASSIFIER_DEVICE); AUTO takes CUDA when the
+    host has a GPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 PRODUCTION = "production"  # the APP_ENV of a real fleet, which has no dev defaults
 
 

@@ -13,9 +13,9 @@ import jiwer
 import pytest
 
 from audio_pipeline.asr import (
-    AsrDevice,
     AsrSettings,
     AudioDecodeError,
+    Device,
     decode_file,
     decode_many,
     load_transcriber,
@@ -49,7 +49,7 @@ TEXTS = {
 def transcriber(tmp_path_factory: pytest.TempPathFactory):
     models = tmp_path_factory.mktemp("models")
     install_whisper(models)
-    return load_transcriber(models, AsrSettings(device=AsrDevice.CPU))
+    return load_transcriber(models, AsrSettings(device=Device.CPU))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from audio_pipeline.asr import (
     SAMPLE_RATE,
     AsrBackend,
-    AsrDevice,
     AsrSettings,
+    Device,
     _Piece,
     _Unpacker,
     default_compute_type,
@@ -23,7 +23,7 @@ def test_settings_defaults() -> None:
     s = AsrSettings.from_env({})
     assert s.backend is AsrBackend.FASTER_WHISPER
     assert s.model == "whisper/tiny.en"
-    assert s.device is AsrDevice.AUTO
+    assert s.device is Device.AUTO
     assert s.compute_type is None
     assert default_compute_type("cpu") == "int8"
     assert default_compute_type("cuda") == "float16"
@@ -42,7 +42,7 @@ def test_settings_from_env() -> None:
     assert s.backend is AsrBackend.WHISPERX
     assert (s.model, s.device, s.compute_type, s.batch_size) == (
         "whisper/large-v3",
-        AsrDevice.CUDA,
+        Device.CUDA,
         "int8_float16",
         16,
     )
