@@ -29,20 +29,19 @@ import pytest
 
 from devtools import sample
 from tests.fleet import network
-from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
+from tests.fleet.marks import NEEDS_FLEET
+from tests.support.browser_kit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    download_export_as_admin,
+    login_by_keyboard,
+)
 
 if TYPE_CHECKING:
     from tests.fleet.lab import Fleet
 
 
-# The fixture converges three machines from bare Debian (cold: several minutes,
-# pip installs included), beyond the suite's default 600 s timeout.
-pytestmark = [
-    pytest.mark.fleet,
-    pytest.mark.slow,
-    pytest.mark.integration,
-    pytest.mark.timeout(1800),
-]
+pytestmark = NEEDS_FLEET
 
 SERVICES = {
     "orch": ["redis-server", "postgresql@15-main", "ra-app", "nginx", "nftables", "ssh"],
@@ -320,13 +319,9 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
             reviewed += 1
             assert reviewed <= flagged, "the queue handed out more items than were flagged"
         assert reviewed >= 1
-        page.click("text=Log out")
-        login_by_keyboard(page, url, "boss", ADMIN_PASSWORD)
-        page.goto(f"{url}/admin/")
-        with page.expect_download() as info:
-            page.click("#export-csv")
-        export = tmp_path / "export.csv"
-        info.value.save_as(export)
+        export = download_export_as_admin(
+            page, url, "boss", ADMIN_PASSWORD, tmp_path / "export.csv"
+        )
         browser.close()
 
     assert 206 in ranges, f"audio responses seen: {ranges}"

@@ -32,18 +32,13 @@ import yaml
 
 from audio_pipeline import s3_utils
 from tests.fleet import network
+from tests.fleet.marks import NEEDS_FLEET
 
 if TYPE_CHECKING:
     from tests.fleet.lab import Fleet, PlaybookRun
 
-pytestmark = [
-    pytest.mark.fleet,
-    pytest.mark.slow,
-    pytest.mark.integration,
-    # Run alone, this module's first test also waits for the fixture to build the
-    # fleet (as test_fleet.py allows); each command below has its own small limit.
-    pytest.mark.timeout(1800),
-]
+# Each command below has its own small limit besides the fleet's.
+pytestmark = NEEDS_FLEET
 
 TASK_TIMEOUT_S = 60  # per ad-hoc command (ansible --task-timeout)
 WORKER_BY_HAND_TIMEOUT_S = 180  # loads the ASR model before it drains

@@ -3,6 +3,7 @@ syntax check of every playbook. Fast, no machines."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,54 +33,38 @@ def _env() -> dict[str, str]:
     }
 
 
+def _ansible(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run an Ansible tool from the repository root, as an operator would."""
+    return subprocess.run(
+        [str(VENV_BIN / tool), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_the_guides_playbooks_exist() -> None:
     assert {p.name for p in PLAYBOOKS} >= GUIDE_PLAYBOOKS
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:
-    proc = subprocess.run(
-        [str(VENV_BIN / "ansible-lint"), "--profile", "production", "--offline", "--nocolor"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _ansible("ansible-lint", "--profile", "production", "--offline", "--nocolor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("inventory", ["inventory/production.yml", "inventory/staging.yml"])
 def test_every_playbook_passes_the_syntax_check(inventory: str) -> None:
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "ansible-playbook"),
-            "--syntax-check",
-            "-i",
-            inventory,
-            *map(str, PLAYBOOKS),
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _ansible("ansible-playbook", "--syntax-check", "-i", inventory, *map(str, PLAYBOOKS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for playbook in PLAYBOOKS:
         assert f"playbook: {playbook}" in proc.stdout
 
 
 def test_inventories_have_the_guides_groups_and_hosts() -> None:
-    proc = subprocess.run(
-        [str(VENV_BIN / "ansible-inventory"), "-i", "inventory/production.yml", "--list"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    import json
+    proc = _ansible("ansible-inventory", "-i", "inventory/production.yml", "--list", timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
     inv = json.loads(proc.stdout)
     for group in ("orchestrator", "gpu_workers", "transfer"):

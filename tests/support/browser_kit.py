@@ -3,6 +3,7 @@ no browser is ever downloaded)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,3 +32,14 @@ def login_by_keyboard(page: Any, url: str, name: str, password: str) -> None:
     page.keyboard.type(password)
     page.keyboard.press("Enter")
     page.wait_for_url(f"{url}/")
+
+
+def download_export_as_admin(page: Any, url: str, name: str, password: str, dest: Path) -> Path:
+    """Log out, log in as the researcher ``name`` and save the admin page's CSV export."""
+    page.click("text=Log out")
+    login_by_keyboard(page, url, name, password)
+    page.goto(f"{url}/admin/")
+    with page.expect_download() as info:
+        page.click("#export-csv")
+    info.value.save_as(dest)
+    return dest

@@ -19,7 +19,12 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
+from tests.support.browser_kit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    download_export_as_admin,
+    login_by_keyboard,
+)
 from tests.support.media import tone
 from tests.support.web import PASSWORD, seed_items
 
@@ -155,13 +160,7 @@ def test_review_three_items_by_keyboard_and_export(
         )
         assert all(r["time_on_task_ms"] > 0 for r in labels)
 
-        page.click("text=Log out")
-        login_by_keyboard(page, server, "boss", PASSWORD)
-        page.goto(f"{server}/admin/")
-        with page.expect_download() as info:
-            page.click("#export-csv")
-        path = tmp_path / "export.csv"
-        info.value.save_as(path)
+        path = download_export_as_admin(page, server, "boss", PASSWORD, tmp_path / "export.csv")
         browser.close()
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
     assert len(rows) == 3
