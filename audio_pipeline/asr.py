@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import gc
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -625,7 +624,7 @@ def check_punkt_tab(language: str) -> None:
     except LookupError:
         raise ConfigError(
             f"nltk punkt_tab data for {lang} not found (NLTK_DATA="
-            f"{os.environ.get('NLTK_DATA', '')!r}); whisperx's alignment needs it: sync it "
+            f"{EnvReader().raw('NLTK_DATA')!r}); whisperx's alignment needs it: sync it "
             "as a model (role variable gpu_worker_nltk_data) or set NLTK_DATA"
         ) from None
 
