@@ -33,6 +33,7 @@ import redis
 from audio_pipeline import policy_files, queue_admin
 from audio_pipeline.config import ConfigError, Settings, load_settings
 from audio_pipeline.records import batches as batch_records
+from audio_pipeline.records import dead_letters as dead_letter_records
 from audio_pipeline.records import policies as policy_records
 from audio_pipeline.records import results as result_records
 
@@ -234,16 +235,31 @@ def cmd_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> 
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
+    # Autocommit: each job's rows are back in play before the job is, so a worker
+    # that takes it at once never finds them finished (records/dead_letters.py).
     try:
-        report = queue_admin.requeue(r, all_=args.all, index=args.index, stage=args.stage)
-    except queue_admin.RequeueError as exc:
-        raise CommandError(str(exc)) from None
+        conn = psycopg.connect(settings.database_url, connect_timeout=5, autocommit=True)
+    except psycopg.Error as exc:
+        raise CommandError(f"PostgreSQL unavailable, nothing requeued: {exc}") from None
+    with conn:
+        try:
+            report = queue_admin.requeue(
+                r,
+                all_=args.all,
+                index=args.index,
+                stage=args.stage,
+                reopen=lambda queue, payload: dead_letter_records.reopen(conn, queue, payload),
+            )
+        except queue_admin.RequeueError as exc:
+            raise CommandError(str(exc)) from None
     moved = [o for o in report if o["result"] == "requeued"]
     if args.json:
         _print_json({"requeued": len(moved), "entries": report})
     elif report:
-        rows = [(o["index"], o["stage"], o["queue"], o["result"]) for o in report]
-        print(render_table(["index", "stage", "to queue", "result"], rows))
+        rows = [
+            (o["index"], o["stage"], o["queue"], o["result"], o.get("rows") or "-") for o in report
+        ]
+        print(render_table(["index", "stage", "to queue", "result", "rows back in play"], rows))
         print(f"\n{len(moved)} job(s) requeued with attempts reset")
     else:
         print("nothing to requeue")

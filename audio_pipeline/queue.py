@@ -17,6 +17,14 @@ Delivery is at-least-once and never loses a job:
   whose worker has no heartbeat any more.
 - Retries wait in the sorted set ``retry:delayed`` (score = due time) and are
   promoted back to their queue by whichever worker claims next.
+- A lost host: when no worker of host H has beaten for the heartbeat TTL
+  (``host:{H}`` expired, and no live worker hash names H), the reaper moves
+  H's ``queue:transcribe:{H}`` and the delayed retries routed to it to the shared
+  ``queue:transcribe`` (any gpu worker fetches the Opus from S3). A host whose
+  workers still beat, however slowly they work, keeps its queue.
+- A job the reaper dead-letters (its worker died with it once too often) is also
+  listed in ``dead:unsettled:{stage}``; a worker of that stage runs its stage's
+  ``on_job_failed`` hook for it and then forgets it, so its rows end failed too.
 
 Retry counts travel inside the payload as ``_attempts`` (stripped from
 ``Job.payload``), so they survive crashes without any side table.
@@ -47,7 +55,12 @@ PROCESSING_SOURCE_SEP = ":from:"
 DELAYED_KEY = "retry:delayed"  # sorted set: {"queue","raw","id"} scored by due time
 WORKERS_KEY = "workers"  # set of registered worker ids
 HEARTBEAT_PREFIX = "worker:"  # hash per live worker, expires without heartbeats
+# Per host, refreshed by each of its workers' heartbeats with the same TTL. It outlives
+# a graceful stop (which deletes the worker's hash at once), so a host whose workers
+# restart (a deploy) is not taken for lost; only a TTL of silence makes it lost.
+HOST_ALIVE_PREFIX = "host:"
 REAPER_LOCK_KEY = "lock:reaper"
+UNSETTLED_PREFIX = "dead:unsettled:"  # list per stage: reaper dead letters awaiting its hook
 ATTEMPTS_FIELD = "_attempts"  # retries so far, carried inside the payload
 
 # Tunables (seconds unless named otherwise); the env overrides let tests use tiny values.
@@ -62,10 +75,18 @@ PROMOTE_INTERVAL_S = 1.0
 PROMOTE_BATCH = 100  # due retries moved per promotion call
 REAPER_LOCK_S = 30.0  # a reaper that dies holding the lock blocks others this long at most
 ERROR_MAX_CHARS = 4000  # dead-letter error text kept (tracebacks can be huge)
+# How often a worker looks for reaper dead letters of its stage: they are rare, and a
+# few seconds' delay before their rows turn failed costs nothing.
+UNSETTLED_CHECK_S = 5.0
+UNSETTLED_BATCH = 20  # hooks run per look
 
 
 class PermanentJobError(Exception):
     """Bad input that retrying cannot fix: the job goes straight to queue:failed."""
+
+
+class ReapedDeadLetterError(RuntimeError):
+    """The error a stage hook gets for a job the reaper dead-lettered."""
 
 
 def require_fields(
@@ -158,6 +179,14 @@ def reap_destination(source: str) -> str:
     return source
 
 
+def host_alive_key(host: str) -> str:
+    return f"{HOST_ALIVE_PREFIX}{host}"
+
+
+def unsettled_key(stage: str) -> str:
+    return f"{UNSETTLED_PREFIX}{stage}"
+
+
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -188,7 +217,8 @@ return #due
 # time, e.g. out of memory, must not loop forever): _attempts goes up by one, and a
 # job out of tries becomes a dead letter instead. A graceful hand-back (release)
 # does not come through here and costs no try.
-# KEYS: processing list, destination queue, queue:failed
+# Each such dead letter is also listed for its stage's failure hook (KEYS[4]).
+# KEYS: processing list, destination queue, queue:failed, dead:unsettled:{stage}
 # ARGV: max attempts, attempts field, source queue, stage, worker, failed_at
 _RETURN_CRASHED_LUA = """
 local returned, failed = 0, 0
@@ -199,10 +229,12 @@ while true do
   if ok and type(payload) == 'table' then
     local tries = (tonumber(payload[ARGV[2]]) or 0) + 1
     if tries >= tonumber(ARGV[1]) then
-      redis.call('RPUSH', KEYS[3], cjson.encode({
+      local entry = cjson.encode({
         job = raw, queue = ARGV[3], stage = ARGV[4], worker = ARGV[5],
         error = 'WorkerDied: the worker died while processing this job (' .. tries .. ' times)',
-        attempts = tries, failed_at = ARGV[6]}))
+        attempts = tries, failed_at = ARGV[6]})
+      redis.call('RPUSH', KEYS[3], entry)
+      redis.call('RPUSH', KEYS[4], entry)
       failed = failed + 1
     else
       payload[ARGV[2]] = tries
@@ -223,16 +255,10 @@ def return_crashed(
     script: Any, key: str, destination: str, source: str, worker_id: str, max_attempts: int
 ) -> tuple[int, int]:
     """Run _RETURN_CRASHED_LUA on one processing list: (returned, dead-lettered)."""
+    stage = worker_id.split(":", 1)[0]
     returned, failed = script(
-        keys=[key, destination, QUEUE_FAILED],
-        args=[
-            max_attempts,
-            ATTEMPTS_FIELD,
-            source,
-            worker_id.split(":", 1)[0],
-            worker_id,
-            utc_now_iso(),
-        ],
+        keys=[key, destination, QUEUE_FAILED, unsettled_key(stage)],
+        args=[max_attempts, ATTEMPTS_FIELD, source, stage, worker_id, utc_now_iso()],
     )
     if failed:
         log_event(
@@ -244,6 +270,36 @@ def return_crashed(
             jobs=int(failed),
         )
     return int(returned), int(failed)
+
+
+# A lost host's whole transcribe queue, and every delayed retry routed to it, over to
+# the shared queue in one atomic step (a retry keeps its due time). Two reapers can
+# never both move an item: each item moves once, and a second run finds nothing.
+# KEYS: host queue, shared queue, retry:delayed
+_MOVE_HOST_LUA = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+local members = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+for i = 1, #members, 2 do
+  local ok, entry = pcall(cjson.decode, members[i])
+  if ok and type(entry) == 'table' and entry['queue'] == KEYS[1] then
+    entry['queue'] = KEYS[2]
+    redis.call('ZREM', KEYS[3], members[i])
+    redis.call('ZADD', KEYS[3], members[i + 1], cjson.encode(entry))
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+@dataclass(frozen=True)
+class ReapedDeadLetter:
+    """A job the reaper dead-lettered, waiting for its stage's failure hook."""
+
+    entry: str  # the exact item in dead:unsettled:{stage} (forget_reaped removes it)
+    job: Job
+    error: ReapedDeadLetterError
 
 
 class JobQueue:
@@ -265,6 +321,7 @@ class JobQueue:
         self._promote = redis_client.register_script(_PROMOTE_LUA)
         self._return_crashed = redis_client.register_script(_RETURN_CRASHED_LUA)
         self._promoted_at = float("-inf")  # monotonic time of claim()'s last promotion
+        self._unsettled_at = float("-inf")  # monotonic time of the last reaped_dead_letters look
 
     # -- producing -----------------------------------------------------------------
 
@@ -464,10 +521,14 @@ class JobQueue:
         key = heartbeat_key(self.worker_id)
         fields = {k: "" if v is None else str(v) for k, v in info.items()}
         fields["beat_at"] = f"{time.time():.3f}"
+        ttl_ms = max(1, int(ttl_s * 1000))
+        host = fields.get("host") or _host_of(self.worker_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.sadd(WORKERS_KEY, self.worker_id)
         pipe.hset(key, mapping=fields)
-        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        pipe.pexpire(key, ttl_ms)
+        if host:
+            pipe.set(host_alive_key(host), self.worker_id, px=ttl_ms)
         pipe.execute()
 
     def unregister(self) -> None:
@@ -503,6 +564,51 @@ class JobQueue:
     def reap(self) -> list[tuple[str, str, int]]:
         """Return the in-flight items of dead workers; see reap_dead_workers."""
         return reap_dead_workers(self.redis, self._return_crashed, self.retry_policy.max_attempts)
+
+    # -- the reaper's dead letters, settled by a worker of their stage -------------
+
+    def reaped_dead_letters(self) -> list[ReapedDeadLetter]:
+        """This stage's jobs the reaper dead-lettered and no hook has settled yet.
+
+        Looks at most every UNSETTLED_CHECK_S; a Redis error reads as none (the claim
+        meets the same outage and reports it). Entries stay listed until
+        ``forget_reaped``: a worker that dies in the hook leaves them to the next one.
+        """
+        now = time.monotonic()
+        if now - self._unsettled_at < UNSETTLED_CHECK_S:
+            return []
+        self._unsettled_at = now
+        try:
+            entries = self.redis.lrange(unsettled_key(self.stage), 0, UNSETTLED_BATCH - 1)
+        except redis.exceptions.RedisError:
+            return []
+        found = []
+        for entry in entries:
+            try:
+                letter = json.loads(entry)
+                payload = json.loads(letter["job"])
+                queue = str(letter["queue"])
+                error = ReapedDeadLetterError(str(letter.get("error", "the worker died")))
+            except (ValueError, KeyError, TypeError):
+                payload = None
+            if not isinstance(payload, dict):  # nothing a hook could use
+                self.redis.lrem(unsettled_key(self.stage), 1, entry)
+                continue
+            attempts = payload.pop(ATTEMPTS_FIELD, 0)
+            job = Job(queue=queue, raw=letter["job"], payload=payload, attempts=int(attempts or 0))
+            found.append(ReapedDeadLetter(entry, job, error))
+        return found
+
+    def forget_reaped(self, dead: ReapedDeadLetter) -> None:
+        """The hook ran for this reaper dead letter: drop it from the list."""
+        self.redis.lrem(unsettled_key(self.stage), 1, dead.entry)
+        self._log(
+            "job.failed_settled",
+            dead.job.queue,
+            level=logging.WARNING,
+            job=dead.job.short_id,
+            error=str(dead.error),
+        )
 
 
 def reap_dead_workers(
@@ -545,16 +651,63 @@ def reap_dead_workers(
                     queue=destination,
                     jobs=n,
                 )
+        live_hosts: set[str] = set()
         for member in redis_client.smembers(WORKERS_KEY):
-            if not redis_client.exists(heartbeat_key(member)):
+            host = redis_client.hget(heartbeat_key(member), "host")
+            if host is None and not redis_client.exists(heartbeat_key(member)):
                 dead.add(member)
+            else:
+                live_hosts.add(host or _host_of(member))
         if dead:
             redis_client.srem(WORKERS_KEY, *dead)
+        move_lost_hosts(redis_client, live_hosts)
     finally:
         # A lock that expired while we worked has nothing left to release.
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
     return reaped
+
+
+def _host_of(worker_id: str) -> str:
+    """The host in a ``{stage}:{host}:{pid}`` worker id (for a heartbeat without one)."""
+    parts = worker_id.split(":")
+    return ":".join(parts[1:-1]) if len(parts) >= 3 else ""
+
+
+def move_lost_hosts(redis_client: redis.Redis, live_hosts: set[str]) -> dict[str, int]:
+    """Move the host queue and routed retries of every host with no live worker.
+
+    Called by the reaper under its lock with the hosts of live worker hashes; a host
+    is lost when none of them is on it and its ``host:{H}`` key has expired too (a TTL
+    with no heartbeat from any of its workers). Returns {host: items moved} for the
+    hosts it moved anything for. A host only slow to work keeps its queue: its
+    heartbeat is what counts, not its progress.
+    """
+    prefix = QUEUE_TRANSCRIBE + ":"
+    host_queues = {key for key in redis_client.scan_iter(match=prefix + "*", count=200)}
+    for member in redis_client.zrange(DELAYED_KEY, 0, -1):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            queue = json.loads(member)["queue"]
+            if isinstance(queue, str) and queue.startswith(prefix):
+                host_queues.add(queue)
+    script = redis_client.register_script(_MOVE_HOST_LUA)
+    moved: dict[str, int] = {}
+    for queue in sorted(host_queues):
+        host = queue[len(prefix) :]
+        if not host or host in live_hosts or redis_client.exists(host_alive_key(host)):
+            continue
+        n = int(script(keys=[queue, QUEUE_TRANSCRIBE, DELAYED_KEY]))
+        if n:
+            moved[host] = n
+            log_event(
+                log,
+                "queue.host_lost",
+                level=logging.WARNING,
+                host=host,
+                moved=n,
+                queue=QUEUE_TRANSCRIBE,
+            )
+    return moved
 
 
 def _error_text(error: BaseException | str) -> str:

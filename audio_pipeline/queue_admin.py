@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -137,10 +138,23 @@ def reset_attempts(job: str) -> str | None:
     return json.dumps(payload, separators=(",", ":"))
 
 
+# (queue, job payload) -> what rows it put back in play ("" for none)
+Reopen = Callable[[str, dict[str, Any]], str]
+
+
 def requeue(
-    r: redis.Redis, *, all_: bool = False, index: int | None = None, stage: str | None = None
+    r: redis.Redis,
+    *,
+    all_: bool = False,
+    index: int | None = None,
+    stage: str | None = None,
+    reopen: Reopen | None = None,
 ) -> list[dict[str, Any]]:
-    """Move selected dead letters back to their source queues; returns what happened."""
+    """Move selected dead letters back to their source queues; returns what happened.
+
+    ``reopen`` puts each job's rows back in play (records/dead_letters.py) before the
+    job is moved, so a worker that takes it at once never finds them finished.
+    """
     entries = read_failed(r)
     if index is not None:
         if not 0 <= index < len(entries):
@@ -163,11 +177,14 @@ def requeue(
             job = reset_attempts(entry.get("job"))
             if job is None:
                 outcome["result"] = "skipped: the job is not a JSON object (it would fail again)"
-            elif move(keys=[QUEUE_FAILED, entry["queue"]], args=[raw, job]):
-                outcome["result"] = "requeued"
-                outcome["job"] = job
             else:
-                outcome["result"] = "skipped: no longer in queue:failed"
+                if reopen is not None:
+                    outcome["rows"] = reopen(entry["queue"], json.loads(job))
+                if move(keys=[QUEUE_FAILED, entry["queue"]], args=[raw, job]):
+                    outcome["result"] = "requeued"
+                    outcome["job"] = job
+                else:
+                    outcome["result"] = "skipped: no longer in queue:failed"
         report.append(outcome)
     return report
 

@@ -64,6 +64,10 @@ CREATE INDEX IF NOT EXISTS audio_files_batch_status_idx ON audio_files (batch_id
 CREATE INDEX IF NOT EXISTS audio_files_unfinished_idx ON audio_files (status)
     WHERE status <> 'done';
 
+-- How many of a finished batch's files failed (set when it turns 'done'; the
+-- reasons are in audio_files.error). NULL while the batch is not done.
+ALTER TABLE batches ADD COLUMN IF NOT EXISTS files_failed integer CHECK (files_failed >= 0);
+
 -- The transcript of one audio file (the latest run wins; re-classification reads
 -- it without transcribing again). segments is a JSON array of
 --   {"start": s, "end": s, "text": "...", "words": [{"start", "end", "word", "probability"}]}

@@ -150,12 +150,60 @@ def mark_unpacked(conn: psycopg.Connection, batch_id: str, file_count: int) -> N
     )
 
 
-def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> None:
-    """-> failed with the reason (an unsafe or corrupt archive, no convertible audio)."""
-    conn.execute(
-        "UPDATE batches SET status = 'failed', error = %s, updated_at = now() WHERE batch_id = %s",
+def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> bool:
+    """-> failed with the reason (an unsafe or corrupt archive, no convertible audio, a
+    dead-lettered unpack job), with its files still waiting for conversion.
+
+    False (nothing written) for a batch already done or failed: a dead letter of a
+    redelivered job never undoes finished work, and the first reason stays.
+    """
+    cur = conn.execute(
+        """
+        UPDATE batches SET status = 'failed', error = %s, updated_at = now()
+         WHERE batch_id = %s AND status NOT IN ('done', 'failed')
+        """,
         (error, batch_id),
     )
+    if cur.rowcount != 1:
+        return False
+    conn.execute(
+        """
+        UPDATE audio_files SET status = 'failed', error = %s, updated_at = now()
+         WHERE batch_id = %s AND status IN ('pending', 'converted')
+        """,
+        (f"batch failed: {error}", batch_id),
+    )
+    return True
+
+
+def reopen_for_unpack(conn: psycopg.Connection, batch_id: str) -> bool:
+    """failed -> transferred: its unpack job is requeued (``audio-pipeline requeue``).
+
+    The unpack worker then takes it to unpacking, and its failed files back to
+    pending. False when the batch is not failed (nothing to reopen).
+    """
+    cur = conn.execute(
+        """
+        UPDATE batches SET status = 'transferred', error = NULL, updated_at = now()
+         WHERE batch_id = %s AND status = 'failed'
+        """,
+        (batch_id,),
+    )
+    return cur.rowcount == 1
+
+
+def reopen_for_transcription(conn: psycopg.Connection, batch_id: str) -> bool:
+    """done -> unpacked: one of its files is requeued for the gpu stage, so the
+    batch is no longer finished until that file is. False when it was not done."""
+    cur = conn.execute(
+        """
+        UPDATE batches SET status = 'unpacked', completed_at = NULL, files_failed = NULL,
+               updated_at = now()
+         WHERE batch_id = %s AND status = 'done'
+        """,
+        (batch_id,),
+    )
+    return cur.rowcount == 1
 
 
 # --- gpu stage: -> done once every file is done or failed -----------------------
@@ -163,6 +211,8 @@ def mark_unpack_failed(conn: psycopg.Connection, batch_id: str, error: str) -> N
 
 def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str]) -> list[str]:
     """Mark done each batch none of whose files is still waiting; returns those batches.
+
+    ``files_failed`` records how many of its files ended failed.
 
     Runs inside the caller's transaction. Only an unpacked batch that has files and
     none left pending, converted or transcribing completes; one already done is not
@@ -175,7 +225,9 @@ def complete_batches_if_finished(conn: psycopg.Connection, batch_ids: list[str])
     rows = conn.execute(
         """
         UPDATE batches b SET status = 'done', completed_at = now(), error = NULL,
-               updated_at = now()
+               updated_at = now(),
+               files_failed = (SELECT count(*) FROM audio_files a
+                                WHERE a.batch_id = b.batch_id AND a.status = 'failed')
          WHERE b.batch_id = ANY(%s) AND b.status = 'unpacked'
            AND EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id)
            AND NOT EXISTS (SELECT 1 FROM audio_files a WHERE a.batch_id = b.batch_id

@@ -21,7 +21,8 @@ from psycopg.types.json import Jsonb
 
 from audio_pipeline.asr import Transcript
 from audio_pipeline.classify import Verdict
-from audio_pipeline.records.batches import complete_batches_if_finished
+from audio_pipeline.records import select_one
+from audio_pipeline.records.batches import complete_batches_if_finished, reopen_for_transcription
 
 ADHOC_BATCH_ID = "adhoc"
 
@@ -58,14 +59,12 @@ def _row(r: dict[str, Any] | None) -> AudioRow | None:
 
 
 def audio_by_id(conn: psycopg.Connection, audio_id: int) -> AudioRow | None:
-    return _row(conn.execute(_ROW_QUERY + " WHERE a.id = %s", (audio_id,)).fetchone())
+    return _row(select_one(conn, _ROW_QUERY + " WHERE a.id = %s", (audio_id,)))
 
 
 def audio_by_opus_path(conn: psycopg.Connection, opus_path: str) -> AudioRow | None:
     return _row(
-        conn.execute(
-            _ROW_QUERY + " WHERE a.opus_path = %s ORDER BY a.id LIMIT 1", (opus_path,)
-        ).fetchone()
+        select_one(conn, _ROW_QUERY + " WHERE a.opus_path = %s ORDER BY a.id LIMIT 1", (opus_path,))
     )
 
 
@@ -127,6 +126,46 @@ def mark_failed(conn: psycopg.Connection, audio_id: int, error: str) -> list[str
         if row is None:
             return []
         return complete_batches_if_finished(conn, _real_batches([row["batch_id"]]))
+
+
+def resolve_job_row(conn: psycopg.Connection, audio_id: int, opus_path: str) -> AudioRow | None:
+    """The row a transcribe job means, by the gpu worker's rule: the payload's id when
+    that row records the same opus_path (or none), else the row of that path."""
+    row = audio_by_id(conn, audio_id)
+    if row is None or row.opus_path not in (None, opus_path):
+        row = audio_by_opus_path(conn, opus_path)
+    return row
+
+
+def fail_job(
+    conn: psycopg.Connection, audio_id: int, opus_path: str, error: str
+) -> tuple[AudioRow | None, list[str]]:
+    """A dead-lettered transcribe job: its file -> failed with the error (a done file
+    stays done). Returns the row (None if the job names no known file) and the batches
+    this finished."""
+    row = resolve_job_row(conn, audio_id, opus_path)
+    if row is None:
+        return None, []
+    return row, mark_failed(conn, row.id, error)
+
+
+def reopen_job(conn: psycopg.Connection, audio_id: int, opus_path: str) -> AudioRow | None:
+    """A transcribe job requeued from queue:failed: its failed file -> converted and
+    its batch no longer done. Returns the row, or None if the job names no file."""
+    row = resolve_job_row(conn, audio_id, opus_path)
+    if row is None:
+        return None
+    with conn.transaction():
+        conn.execute(
+            """
+            UPDATE audio_files SET status = 'converted', error = NULL, updated_at = now()
+             WHERE id = %s AND status = 'failed'
+            """,
+            (row.id,),
+        )
+        if row.batch_id != ADHOC_BATCH_ID:
+            reopen_for_transcription(conn, row.batch_id)
+    return row
 
 
 def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> list[str]:

@@ -123,6 +123,7 @@ class QueueWorker(Service):
 
     def iterate(self) -> bool:
         """One claim handled; True when a job was handled (or tried)."""
+        self._settle_reaped()
         ahead = self._ahead
         if ahead is not None:
             jobs = ahead.jobs
@@ -222,6 +223,16 @@ class QueueWorker(Service):
             self.on_job_failed(job, error)
         except Exception:  # a failing hook must not stop the worker; the job is dead-lettered
             self.log.exception("on_job_failed hook failed for job %s", job.short_id)
+
+    def _settle_reaped(self) -> None:
+        """on_job_failed for this stage's jobs the reaper dead-lettered (queue.py)."""
+        for dead in self.queue.reaped_dead_letters():
+            try:
+                self.on_job_failed(dead.job, dead.error)
+            except Exception:  # left listed: the next turn (or worker) runs it again
+                self.log.exception("on_job_failed hook failed for reaped job %s", dead.job.short_id)
+                return
+            self.queue.forget_reaped(dead)
 
     def _job_fields(self, job: Job) -> dict[str, Any]:
         fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}

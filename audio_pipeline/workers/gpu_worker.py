@@ -30,6 +30,13 @@ is never inserted: ids come from the sequence, so a hand-typed id cannot collide
 with a file the unpack worker registers later. Files outside SCRATCH_ROOT (an
 operator's own) are never deleted.
 
+A dead-lettered job (a permanent error, retries used up, or the reaper's dead letter
+of a job whose worker kept dying, possibly on another host) ends its file ``failed``
+with the error (``on_job_failed``); its batch then ends ``done`` with
+``files_failed`` counted once nothing else waits. Its Opus and the batch's scratch are
+removed where they are on this host; a dead host's scratch cannot be reached from
+here and stays on that host (the rows are terminal all the same).
+
 Redelivery is harmless: a file already done (transcript stored) is acknowledged
 without work, and every write is an upsert on its natural key.
 
@@ -384,6 +391,47 @@ class GpuWorker(QueueWorker):
             raise self._fail_row(row, str(exc)) from exc
         log_event(self.log, "gpu.fetched", audio_id=row.id, s3_key=row.opus_s3_key)
         return target
+
+    # -- dead letters ----------------------------------------------------------------
+
+    def on_job_failed(self, job: Job, error: BaseException) -> None:
+        """The job is dead-lettered: its file ends failed with the error, for good."""
+        audio_id, opus_path = job.payload.get("audio_id"), job.payload.get("opus_path")
+        if isinstance(audio_id, bool) or not isinstance(audio_id, int):
+            return  # a payload naming no file: the dead letter is all there is
+        if not isinstance(opus_path, str):
+            opus_path = ""
+        reason = f"{type(error).__name__}: {error}"
+        if not isinstance(error, PermanentJobError):
+            reason = f"gave up after {job.attempts + 1} attempts: {reason}"
+        with self.db.connection() as conn:
+            row, finished = records.fail_job(conn, audio_id, opus_path, reason)
+        if row is None:
+            return
+        fetched = self.settings.batch_scratch(row.batch_id) / FETCHED_DIR / f"{row.id}.opus"
+        fetched.unlink(missing_ok=True)
+        if opus_path:
+            self._delete_local_path(Path(opus_path), fetched=False)
+        owner = job.payload.get("host")
+        if isinstance(owner, str) and owner and owner != self.settings.worker_host:
+            # Scratch is local: the file's host cleans its own when it comes back.
+            log_event(
+                self.log,
+                "gpu.scratch_elsewhere",
+                level=logging.WARNING,
+                audio_id=row.id,
+                batch_id=row.batch_id,
+                host=owner,
+            )
+        log_event(
+            self.log,
+            "gpu.file_failed",
+            level=logging.WARNING,
+            audio_id=row.id,
+            batch_id=row.batch_id,
+            error=reason,
+        )
+        self._clean_finished(finished)
 
     def _fail_row(self, row: records.AudioRow, reason: str) -> PermanentJobError:
         with self.db.connection() as conn:

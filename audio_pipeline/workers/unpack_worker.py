@@ -344,19 +344,25 @@ class UnpackWorker(QueueWorker):
             s3_utils.cleanup_scratch(batch_id, self.settings)
 
     def on_job_failed(self, job: Job, error: BaseException) -> None:
-        # Permanent errors already failed the batch in process(); a transient error
-        # that used up its retries would otherwise leave the batch 'unpacking'.
-        if isinstance(error, PermanentJobError):
-            return
+        # Every dead letter ends its batch failed: retries used up, the reaper's (the
+        # worker died with it, maybe on another host), or a payload bad before
+        # process() marked anything. One process() already failed is left as it is.
         batch_id = job.payload.get("batch_id")
-        if is_valid_batch_id(batch_id):
-            self._fail_batch(batch_id, f"gave up after {job.attempts + 1} attempts: {error}")
+        if not is_valid_batch_id(batch_id):
+            return
+        reason = str(error)
+        if not isinstance(error, PermanentJobError):
+            reason = f"gave up after {job.attempts + 1} attempts: {type(error).__name__}: {error}"
+        self._fail_batch(batch_id, reason)
 
     def _fail_batch(self, batch_id: str, reason: str) -> None:
+        """The batch and its unconverted files -> failed; this host's scratch removed
+        (a dead host's stays on that host: it cannot be reached from here)."""
         with self.db.connection() as conn:
-            batches.mark_unpack_failed(conn, batch_id, reason)
+            changed = batches.mark_unpack_failed(conn, batch_id, reason)
         s3_utils.cleanup_scratch(batch_id, self.settings)
-        self._log_batch("unpack.batch_failed", batch_id, level=logging.WARNING, error=reason)
+        if changed:
+            self._log_batch("unpack.batch_failed", batch_id, level=logging.WARNING, error=reason)
 
     def _log_batch(
         self, event: str, batch_id: str, *, level: int = logging.INFO, **fields: Any
