@@ -7,6 +7,7 @@ span a transcript and its classifications.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,10 @@ POOL_MIN = 1
 POOL_MAX = 4  # a worker runs one job at a time; a few spare for heartbeats/tools
 POOL_TIMEOUT = 30.0  # seconds to wait for a free connection
 
+# The pool warns at every failed reconnect, several lines a second while the database is
+# away; the worker logs the outage itself, once (runtime.outage).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
 
 def pool(settings: Settings | None = None, *, max_size: int = POOL_MAX) -> ConnectionPool:
     """An opened pool; connections return rows as dicts."""
@@ -33,6 +38,9 @@ def pool(settings: Settings | None = None, *, max_size: int = POOL_MAX) -> Conne
         max_size=max_size,
         timeout=POOL_TIMEOUT,
         kwargs={"row_factory": dict_row, "application_name": f"audio-pipeline@{s.worker_host}"},
+        # After a database restart every pooled connection is dead; checking one
+        # before handing it out replaces it instead of failing the job that got it.
+        check=ConnectionPool.check_connection,
         open=False,
     )
     p.open(wait=True, timeout=POOL_TIMEOUT)

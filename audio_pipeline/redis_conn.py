@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from audio_pipeline.config import Settings, load_settings
 
 SOCKET_TIMEOUT = 30.0  # seconds; must exceed the longest blocking claim timeout
 HEALTH_CHECK_INTERVAL = 15  # seconds between PINGs on an idle pooled connection
+# A few quick retries absorb a dropped pooled connection (a Redis restart); a longer
+# outage is left to the caller's own backoff (runtime.outage), which logs it once.
+CLIENT_RETRIES = 3
+CLIENT_RETRY_CAP_S = 0.5
 
 
 def get_redis(settings: Settings | None = None) -> redis.Redis:
@@ -22,4 +28,7 @@ def get_redis(settings: Settings | None = None) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=5.0,
         health_check_interval=HEALTH_CHECK_INTERVAL,
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=CLIENT_RETRY_CAP_S), CLIENT_RETRIES
+        ),
     )

@@ -19,6 +19,13 @@ redo or drop: read, download, decode; never a result write.
 On the service's two-stage stop: the first signal lets the claim in hand finish;
 the second interrupts the handler and hands the claim back to the head of its
 queue. Either way nothing is lost.
+
+Outages: a claim cut by a Redis outage waits for Redis, then hands back whatever
+part of it had already moved into this worker's processing lists. Settling (ack,
+retry, dead letter, release) is retried until Redis answers, so a job processed
+during an outage is settled once it is back, neither lost nor run twice. A job
+that failed because Redis or PostgreSQL was away costs no attempt: the worker
+waits for the backend and hands the job back to the head of its queue.
 """
 
 from __future__ import annotations
@@ -27,16 +34,14 @@ import logging
 import time
 from typing import Any
 
-import redis
-
 from audio_pipeline.logs import log_event
-from audio_pipeline.queue import Job, PermanentJobError
+from audio_pipeline.queue import Job, PermanentJobError, processing_key
 from audio_pipeline.runtime.look_ahead import LookAhead
+from audio_pipeline.runtime.outage import backend_unavailable, redis_unavailable
 from audio_pipeline.runtime.service import InHand, RunMode, Service, ServiceState
 
 CLAIM_TIMEOUT_S = 1.0  # longest wait in one claim; bounds how late a stop is noticed
 BACKPRESSURE_SLEEP_S = 2.0  # pause while ready_to_claim() says no
-ERROR_BACKOFF_S = 5.0  # pause after Redis trouble in the claim itself
 
 
 class QueueWorker(Service):
@@ -49,6 +54,7 @@ class QueueWorker(Service):
         super().__init__(*args, **kwargs)
         self._in_hand: list[Job] = []
         self._ahead: LookAhead | None = None
+        self._strays_possible = False  # a claim was cut short: check our processing lists
 
     # -- hooks for stages ----------------------------------------------------------
 
@@ -159,13 +165,30 @@ class QueueWorker(Service):
     # -- one claim -----------------------------------------------------------------
 
     def _claim(self) -> list[Job]:
+        if self._strays_possible:
+            self.redis_call(self._hand_back_strays)
         try:
-            jobs = self.queue.claim_many(self.source_queues(), self.batch_size, CLAIM_TIMEOUT_S)
-        except redis.exceptions.ConnectionError as exc:
-            log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
-            self.sleep(ERROR_BACKOFF_S)
+            return self.queue.claim_many(self.source_queues(), self.batch_size, CLAIM_TIMEOUT_S)
+        except Exception as exc:
+            if not redis_unavailable(exc):
+                raise
+            # claim_many may have moved some jobs before the outage cut it short.
+            self._strays_possible = True
+            self.backends["redis"].failed(exc)
+            self.wait_for("redis")
             return []
-        return jobs
+
+    def _hand_back_strays(self) -> None:
+        """Give back what sits in our processing lists but is not in hand (a claim
+        the outage cut short), to the head of its queue, in order, at no attempt's cost."""
+        held = {job.raw for job in self._in_hand}
+        if self._ahead is not None:
+            held.update(job.raw for job in self._ahead.jobs)
+        for queue in self.source_queues():
+            raws = self.redis.lrange(processing_key(self.worker_id, queue), 0, -1)
+            strays = [Job(queue=queue, raw=raw, payload={}) for raw in raws if raw not in held]
+            self._release(strays)
+        self._strays_possible = False
 
     def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:
         """Prepare ``jobs`` (unless the look-ahead did), start on the next claim,
@@ -207,15 +230,24 @@ class QueueWorker(Service):
 
     def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
         fields = self._job_fields(job)
+        # Each settling step goes through redis_call: it waits out an outage, since a
+        # job left in our processing list while we live would never be settled.
         if error is None:
-            self.queue.ack(job)
+            self.redis_call(lambda: self.queue.ack(job))
             log_event(self.log, "job.done", **fields, duration_s=duration_s)
+            return
+        away = backend_unavailable(error)
+        if away is not None:
+            # Not the job's fault: wait for the backend, then give the job back untried.
+            self.backends[away].failed(error)
+            self.wait_for(away)
+            self.redis_call(lambda: self.queue.release(job))
         elif isinstance(error, PermanentJobError):
-            self.queue.dead_letter(job, f"{type(error).__name__}: {error}")
+            self.redis_call(lambda: self.queue.dead_letter(job, f"{type(error).__name__}: {error}"))
             self._final_failure(job, error)
         else:
             self.log.debug("job %s failed", job.short_id, exc_info=error)
-            if not self.queue.retry(job, error):
+            if not self.redis_call(lambda: self.queue.retry(job, error)):
                 self._final_failure(job, error)
 
     def _final_failure(self, job: Job, error: BaseException) -> None:
@@ -244,7 +276,7 @@ class QueueWorker(Service):
     def _release(self, jobs: list[Job]) -> None:
         # Each release pushes onto the head: last claimed first keeps the queue's order.
         for job in reversed(jobs):
-            self.queue.release(job)
+            self.redis_call(lambda job=job: self.queue.release(job))
 
     # -- look-ahead ------------------------------------------------------------------
 
@@ -259,9 +291,13 @@ class QueueWorker(Service):
         with self.shielded():
             try:
                 jobs = self.queue.claim_many(self.source_queues(), self.batch_size, 0)
-            except redis.exceptions.ConnectionError as exc:
-                # Not fatal: the loop claims again after this batch, and reports there.
-                log_event(self.log, "worker.redis_error", level=logging.ERROR, error=str(exc))
+            except Exception as exc:
+                if not redis_unavailable(exc):
+                    raise
+                # Not fatal: the loop claims again after this batch (and hands back
+                # first what this cut-short claim may have moved).
+                self.backends["redis"].failed(exc)
+                self._strays_possible = True
                 jobs = []
             if jobs:
                 self._ahead = LookAhead(jobs, self.prepare_batch, name=f"prepare-{self.stage}")

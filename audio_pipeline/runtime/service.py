@@ -17,6 +17,11 @@ A side thread keeps the heartbeat hash alive (what ``audio-pipeline status`` sho
 and runs the reaper, which returns the jobs of workers whose heartbeat lapsed; every
 service runs it, whatever it consumes.
 
+A Redis or PostgreSQL outage never ends the process: start-up steps and turns that
+meet one wait for the backend (``runtime.outage``: capped, jittered backoff; one
+``redis.unavailable`` / ``postgres.unavailable`` line and one ``*.recovered``) and
+then carry on where they stopped.
+
 ``queue_worker.QueueWorker`` builds the queue consumer on this class; the transfer
 worker is a polling service built on it directly.
 """
@@ -28,12 +33,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from psycopg_pool import ConnectionPool
@@ -43,6 +48,15 @@ from audio_pipeline.logs import log_event
 from audio_pipeline.queue import JobQueue, RetryPolicy, utc_now_iso
 from audio_pipeline.redis_conn import get_redis
 from audio_pipeline.runtime.heartbeat import Heartbeat, HeartbeatTimings
+from audio_pipeline.runtime.outage import (
+    Backend,
+    Backoff,
+    backend_unavailable,
+    probe_postgres,
+    probe_redis,
+)
+
+T = TypeVar("T")
 
 JOB_EXCERPT_CHARS = 500  # of the payload in hand, in the heartbeat hash
 
@@ -149,8 +163,18 @@ class Service:
         self._db: ConnectionPool | None = None
         self._db_lock = threading.Lock()  # a side thread may be the first to ask
         self._started_at = utc_now_iso()
+        # One per backend and process: the main loop and the heartbeat thread share
+        # them, so an outage is logged once, not once per thread or per retry.
+        self.backends = {
+            name: Backend(name, self.log, stage=self.stage, worker=self.worker_id)
+            for name in ("redis", "postgres")
+        }
         self.heartbeat = Heartbeat(
-            self.queue, timings or HeartbeatTimings(), self._heartbeat_fields, self.log
+            self.queue,
+            timings or HeartbeatTimings(),
+            self._heartbeat_fields,
+            self.log,
+            self.backends["redis"],
         )
 
     # -- what a service built on this one provides ---------------------------------
@@ -209,28 +233,106 @@ class Service:
     def work(self) -> int:
         """Run until stopped (or until the mode says done); returns the exit code."""
         self._install_signal_handlers()
-        self.heartbeat.start()
         try:
-            self.on_start()
-            self.queue.reap()
-            self.setup()
+            self.through_outages(self.heartbeat.beat)  # before the first claim (the reaper)
+            self.heartbeat.start()
+            self.through_outages(self.on_start)
+            self.through_outages(self.queue.reap)
+            self.through_outages(self.setup)
             self.log_stage_event(
                 "worker.started", worker=self.worker_id, mode=self.mode.value, **self.describe()
             )
             while not self.stopping:
-                did_work = self.iterate()
-                if self.mode is RunMode.ONCE and (did_work or self.drained()):
-                    break
-                if self.mode is RunMode.DRAIN and not did_work and self.drained():
-                    break
+                try:
+                    did_work = self.iterate()
+                    if self.mode is RunMode.ONCE and (did_work or self.drained()):
+                        break
+                    if self.mode is RunMode.DRAIN and not did_work and self.drained():
+                        break
+                except Exception as exc:
+                    # A turn cut short by an outage holds nothing (jobs in hand are
+                    # settled by the queue worker itself): wait, then turn again.
+                    name = backend_unavailable(exc)
+                    if name is None:
+                        raise
+                    self.backends[name].failed(exc)
+                    self.wait_for(name)
             self.on_stop()
         except ShutdownForced:
-            self.on_forced_stop()
+            try:
+                self.on_forced_stop()
+            except Exception as exc:
+                self._stopped_during_outage(exc)
+        except Exception as exc:
+            self._stopped_during_outage(exc)
         finally:
             self.state = ServiceState.STOPPING
             self._shutdown()
         self.log_stage_event("worker.stopped", worker=self.worker_id, exit_code=self.exit_code)
         return self.exit_code
+
+    # -- outages ---------------------------------------------------------------------
+
+    def _stopped_during_outage(self, exc: Exception) -> None:
+        """A stop came while a backend was away: exit cleanly all the same. Whatever
+        was in hand stays in this worker's processing lists; the reaper returns it
+        once the heartbeat lapses. Any other error is the caller's."""
+        if not self.stopping or backend_unavailable(exc) is None:
+            raise exc
+        self.log_stage_event(
+            "worker.stopped_during_outage",
+            level=logging.WARNING,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+
+    def through_outages(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried while Redis or PostgreSQL is away (until a stop).
+
+        Only for steps that are safe to repeat from the start.
+        """
+        backoff = Backoff()
+        failed: set[str] = set()
+        while True:
+            try:
+                result = fn()
+            except Exception as exc:
+                name = backend_unavailable(exc)
+                if name is None or self.stopping:
+                    raise
+                self.backends[name].failed(exc)
+                failed.add(name)
+                self.sleep(backoff.next_delay())
+                continue
+            for name in failed:
+                self.backends[name].succeeded()  # what fn() needed is back
+            return result
+
+    def redis_call(self, fn: Callable[[], T]) -> T:
+        """A Redis call that must happen (a settle, a push of results): retried while
+        Redis is away. A stop ends the wait (the error is raised): the job is still in
+        this worker's processing list, so nothing is lost by exiting."""
+        return self.backends["redis"].call(fn, sleep=self.sleep, give_up=lambda: self.stopping)
+
+    def wait_for(self, name: str) -> None:
+        """Block until backend ``name`` answers again (or a stop is requested)."""
+        backend = self.backends[name]
+        probe = (
+            probe_redis(self.redis)
+            if name == "redis"
+            else probe_postgres(self.settings.database_url)
+        )
+        backoff = Backoff()
+        while not self.stopping:
+            try:
+                probe()
+            except Exception as exc:
+                if backend_unavailable(exc) != name:
+                    raise
+                backend.failed(exc)
+                self.sleep(backoff.next_delay())
+                continue
+            backend.succeeded()
+            return
 
     def log_stage_event(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
         """``event`` with this service's stage as its first field, where operators look."""

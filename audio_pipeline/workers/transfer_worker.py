@@ -43,6 +43,7 @@ from audio_pipeline.logs import log_event
 from audio_pipeline.queue import backoff_delay_s
 from audio_pipeline.records import batches
 from audio_pipeline.runtime.command import run_worker
+from audio_pipeline.runtime.outage import backend_unavailable
 from audio_pipeline.runtime.service import InHand, RunMode, Service
 from audio_pipeline.ssh_source import CONNECTION_ERRORS, CollectionHost, RemoteFile, SshSettings
 
@@ -277,6 +278,8 @@ class TransferWorker(Service):
                 reason=str(exc),
             )
         except Exception as exc:  # reported; the worker goes on with other archives
+            if backend_unavailable(exc) is not None:
+                raise  # not this archive's fault: the service waits for the backend
             self._record_failure(info.name, batch_id, exc)
         else:
             self._failures.pop(info.name, None)

@@ -337,7 +337,9 @@ class UnpackWorker(QueueWorker):
             conn.commit()
             unfinished = audio_files.count_unfinished(conn, batch_id)
         for payload in outcome.converted:
-            self.queue.enqueue(self.settings.host_queue, payload)
+            # Waits out a Redis outage here: handing the job back instead would convert
+            # and queue the files pushed so far a second time.
+            self.redis_call(lambda p=payload: self.queue.enqueue(self.settings.host_queue, p))
         if not outcome.converted and unfinished == 0:
             # A redelivery found every file already transcribed: nothing will
             # come back for this batch's scratch, so clear it here.
