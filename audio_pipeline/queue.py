@@ -22,9 +22,11 @@ Delivery is at-least-once and never loses a job:
   H's ``queue:transcribe:{H}`` and the delayed retries routed to it to the shared
   ``queue:transcribe`` (any gpu worker fetches the Opus from S3). A host whose
   workers still beat, however slowly they work, keeps its queue.
-- A job the reaper dead-letters (its worker died with it once too often) is also
-  listed in ``dead:unsettled:{stage}``; a worker of that stage runs its stage's
-  ``on_job_failed`` hook for it and then forgets it, so its rows end failed too.
+- Every dead letter of a job (the worker's own, or the reaper's when the job's
+  worker died with it once too often) is also listed, in the same atomic step, in
+  ``dead:unsettled:{stage}`` until its stage's ``on_job_failed`` hook has run: by the
+  worker that dead-lettered it, or, if that worker died first (or it was the
+  reaper's), by any worker of the stage. So no dead letter leaves its rows working.
 
 Retry counts travel inside the payload as ``_attempts`` (stripped from
 ``Job.payload``), so they survive crashes without any side table.
@@ -86,7 +88,9 @@ class PermanentJobError(Exception):
 
 
 class ReapedDeadLetterError(RuntimeError):
-    """The error a stage hook gets for a job the reaper dead-lettered."""
+    """The error a stage hook gets for a dead letter settled from dead:unsettled (the
+    reaper's, or one whose worker died before its hook ran): the dead letter's text,
+    which already says why and after how many attempts."""
 
 
 def require_fields(
@@ -197,7 +201,11 @@ _SETTLE_LUA = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 if ARGV[2] == 'rpush' then redis.call('RPUSH', KEYS[2], ARGV[3])
 elseif ARGV[2] == 'lpush' then redis.call('LPUSH', KEYS[2], ARGV[3])
-elseif ARGV[2] == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
+elseif ARGV[2] == 'zadd' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+elseif ARGV[2] == 'dead' then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+end
 return 1
 """
 
@@ -322,6 +330,7 @@ class JobQueue:
         self._return_crashed = redis_client.register_script(_RETURN_CRASHED_LUA)
         self._promoted_at = float("-inf")  # monotonic time of claim()'s last promotion
         self._unsettled_at = float("-inf")  # monotonic time of the last reaped_dead_letters look
+        self._own_unsettled: dict[str, str] = {}  # job raw -> its dead:unsettled entry
 
     # -- producing -----------------------------------------------------------------
 
@@ -444,8 +453,17 @@ class JobQueue:
         return True
 
     def dead_letter(self, job: Job, error: str) -> None:
-        """Move the job to queue:failed with why, where from and by whom."""
-        self._dead_letter_raw(job.queue, job.raw, job.attempts + 1, error)
+        """Move the job to queue:failed with why, where from and by whom; it stays
+        listed for its stage's hook until ``forget_dead_letter``."""
+        self._dead_letter_raw(job.queue, job.raw, job.attempts + 1, error, unsettled=True)
+
+    def forget_dead_letter(self, job: Job) -> None:
+        """The stage's hook ran for a job this worker dead-lettered."""
+        entry = self._own_unsettled.pop(job.raw, None)
+        if entry is not None:
+            # Left listed if Redis is away: the hook then runs again later (idempotent).
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.redis.lrem(unsettled_key(self.stage), 1, entry)
 
     def release(self, job: Job) -> None:
         """Hand the job back to the head of its source queue (graceful stop)."""
@@ -458,7 +476,9 @@ class JobQueue:
         else:
             self._lost(job, "release")
 
-    def _dead_letter_raw(self, queue: str, raw: str, attempts: int, error: str) -> None:
+    def _dead_letter_raw(
+        self, queue: str, raw: str, attempts: int, error: str, *, unsettled: bool = False
+    ) -> None:
         entry = {
             "job": raw,
             "queue": queue,
@@ -468,10 +488,13 @@ class JobQueue:
             "attempts": attempts,
             "failed_at": utc_now_iso(),
         }
-        moved = self._settle(
-            keys=[processing_key(self.worker_id, queue), QUEUE_FAILED],
-            args=[raw, "rpush", json.dumps(entry), 0],
-        )
+        text = json.dumps(entry)
+        keys = [processing_key(self.worker_id, queue), QUEUE_FAILED]
+        if unsettled:
+            keys.append(unsettled_key(self.stage))
+        moved = self._settle(keys=keys, args=[raw, "dead" if unsettled else "rpush", text, 0])
+        if moved and unsettled:
+            self._own_unsettled[raw] = text
         if moved:
             self._log(
                 "job.failed",
@@ -568,11 +591,13 @@ class JobQueue:
     # -- the reaper's dead letters, settled by a worker of their stage -------------
 
     def reaped_dead_letters(self) -> list[ReapedDeadLetter]:
-        """This stage's jobs the reaper dead-lettered and no hook has settled yet.
+        """This stage's dead letters whose hook has not run: the reaper's, those of a
+        worker that died before its hook ran, and this worker's own whose hook failed.
 
-        Looks at most every UNSETTLED_CHECK_S; a Redis error reads as none (the claim
-        meets the same outage and reports it). Entries stay listed until
-        ``forget_reaped``: a worker that dies in the hook leaves them to the next one.
+        Another live worker's own are its to settle. Looks at most every
+        UNSETTLED_CHECK_S; a Redis error reads as none (the claim meets the same outage
+        and reports it). Entries stay listed until ``forget_reaped``: a worker that dies
+        in the hook leaves them to the next one.
         """
         now = time.monotonic()
         if now - self._unsettled_at < UNSETTLED_CHECK_S:
@@ -594,14 +619,20 @@ class JobQueue:
             if not isinstance(payload, dict):  # nothing a hook could use
                 self.redis.lrem(unsettled_key(self.stage), 1, entry)
                 continue
-            attempts = payload.pop(ATTEMPTS_FIELD, 0)
-            job = Job(queue=queue, raw=letter["job"], payload=payload, attempts=int(attempts or 0))
+            owner = letter.get("worker")
+            if owner != self.worker_id and self.redis.exists(heartbeat_key(str(owner))):
+                continue  # its own worker runs the hook (or will, once its DB is back)
+            payload.pop(ATTEMPTS_FIELD, None)
+            tries = letter.get("attempts")
+            attempts = max(0, tries - 1) if isinstance(tries, int) else 0
+            job = Job(queue=queue, raw=letter["job"], payload=payload, attempts=attempts)
             found.append(ReapedDeadLetter(entry, job, error))
         return found
 
     def forget_reaped(self, dead: ReapedDeadLetter) -> None:
-        """The hook ran for this reaper dead letter: drop it from the list."""
+        """The hook ran for this dead letter: drop it from the list."""
         self.redis.lrem(unsettled_key(self.stage), 1, dead.entry)
+        self._own_unsettled.pop(dead.job.raw, None)
         self._log(
             "job.failed_settled",
             dead.job.queue,

@@ -253,8 +253,10 @@ class QueueWorker(Service):
     def _final_failure(self, job: Job, error: BaseException) -> None:
         try:
             self.on_job_failed(job, error)
-        except Exception:  # a failing hook must not stop the worker; the job is dead-lettered
+        except Exception:  # must not stop the worker; _settle_reaped runs it again later
             self.log.exception("on_job_failed hook failed for job %s", job.short_id)
+            return
+        self.queue.forget_dead_letter(job)
 
     def _settle_reaped(self) -> None:
         """on_job_failed for this stage's jobs the reaper dead-lettered (queue.py)."""

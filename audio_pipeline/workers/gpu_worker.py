@@ -76,7 +76,7 @@ from audio_pipeline.classify import (
 )
 from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader, EnvSettings
 from audio_pipeline.logs import log_event
-from audio_pipeline.queue import Job, PermanentJobError, require_fields
+from audio_pipeline.queue import Job, PermanentJobError, ReapedDeadLetterError, require_fields
 from audio_pipeline.records import results as records
 from audio_pipeline.records.policies import active_policies
 from audio_pipeline.runtime.command import run_worker
@@ -401,9 +401,12 @@ class GpuWorker(QueueWorker):
             return  # a payload naming no file: the dead letter is all there is
         if not isinstance(opus_path, str):
             opus_path = ""
-        reason = f"{type(error).__name__}: {error}"
-        if not isinstance(error, PermanentJobError):
-            reason = f"gave up after {job.attempts + 1} attempts: {reason}"
+        if isinstance(error, ReapedDeadLetterError):
+            reason = str(error)  # the dead letter's own words
+        elif isinstance(error, PermanentJobError):
+            reason = f"{type(error).__name__}: {error}"
+        else:
+            reason = f"gave up after {job.attempts + 1} attempts: {type(error).__name__}: {error}"
         with self.db.connection() as conn:
             row, finished = records.fail_job(conn, audio_id, opus_path, reason)
         if row is None:

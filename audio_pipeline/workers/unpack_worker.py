@@ -59,7 +59,7 @@ from audio_pipeline.audio import (
 )
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, ConfigError, EnvReader, EnvSettings, Settings
-from audio_pipeline.queue import Job, PermanentJobError, require_fields
+from audio_pipeline.queue import Job, PermanentJobError, ReapedDeadLetterError, require_fields
 from audio_pipeline.records import audio_files, batches
 from audio_pipeline.records.audio_files import GPU_STATES, FoundFile
 from audio_pipeline.runtime.command import run_worker
@@ -352,8 +352,8 @@ class UnpackWorker(QueueWorker):
         batch_id = job.payload.get("batch_id")
         if not is_valid_batch_id(batch_id):
             return
-        reason = str(error)
-        if not isinstance(error, PermanentJobError):
+        reason = str(error)  # a permanent error's or a settled dead letter's own words
+        if not isinstance(error, PermanentJobError | ReapedDeadLetterError):
             reason = f"gave up after {job.attempts + 1} attempts: {type(error).__name__}: {error}"
         self._fail_batch(batch_id, reason)
 

@@ -108,6 +108,7 @@ def test_unpack_reaper_dead_letter_and_bad_payload_end_failed_then_requeue_reope
     add_audio_file(db_conn, "b-dl-reaped", "b.mp3", "converted", opus_path="/x/b.opus")
     add_audio_file(db_conn, "b-dl-reaped", "c.mp3", "done")
     add_batch(db_conn, "b-dl-bad", "transferred")
+    add_batch(db_conn, "b-dl-orphan", "unpacking")
     db_conn.commit()
     scratch = leftover_scratch(settings, "b-dl-reaped")
     held_by_dead_worker(
@@ -117,6 +118,20 @@ def test_unpack_reaper_dead_letter_and_bad_payload_end_failed_then_requeue_reope
         {"batch_id": "b-dl-reaped", "s3_key": "archives/b-dl-reaped.tar", ATTEMPTS_FIELD: 1},
     )
     redis_client.rpush(QUEUE_UNPACK, json.dumps({"batch_id": "b-dl-bad", "s3_key": " "}))
+    # a worker that dead-lettered a job and died before its hook ran
+    orphan = json.dumps(
+        {
+            "job": json.dumps({"batch_id": "b-dl-orphan", "s3_key": "archives/b-dl-orphan.tar"}),
+            "queue": QUEUE_UNPACK,
+            "stage": "unpack",
+            "worker": "unpack:testhost:999998",
+            "error": "ConnectionError: S3 away (gave up after 5 attempts)",
+            "attempts": 5,
+            "failed_at": "2026-01-01T00:00:00+00:00",
+        }
+    )
+    redis_client.rpush(QUEUE_FAILED, orphan)
+    redis_client.rpush(unsettled_key("unpack"), orphan)
 
     out = drain(UNPACK, pipeline_env, QUEUE_MAX_ATTEMPTS="2")
 
@@ -138,11 +153,18 @@ def test_unpack_reaper_dead_letter_and_bad_payload_end_failed_then_requeue_reope
     bad = batch(db_conn, "b-dl-bad")
     assert bad["status"] == "failed"
     assert "'s3_key' is empty" in bad["error"]
+    assert batch(db_conn, "b-dl-orphan")["error"] == (
+        "ConnectionError: S3 away (gave up after 5 attempts)"
+    )
 
     report = requeue_all(pipeline_env)
-    assert report["requeued"] == 2
-    assert {e["rows"] for e in report["entries"]} == {"batch b-dl-reaped", "batch b-dl-bad"}
-    for batch_id in ("b-dl-reaped", "b-dl-bad"):
+    assert report["requeued"] == 3
+    assert {e["rows"] for e in report["entries"]} == {
+        "batch b-dl-reaped",
+        "batch b-dl-bad",
+        "batch b-dl-orphan",
+    }
+    for batch_id in ("b-dl-reaped", "b-dl-bad", "b-dl-orphan"):
         row = batch(db_conn, batch_id)
         assert (row["status"], row["error"]) == ("transferred", None)
 
