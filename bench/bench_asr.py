@@ -50,7 +50,7 @@ import jiwer
 
 from audio_pipeline.asr import SAMPLE_RATE, AsrSettings, Transcriber, load_transcriber
 from audio_pipeline.audio import AudioSettings, Conversion, convert_many
-from audio_pipeline.workers.gpu_worker import batch_size_from_env
+from audio_pipeline.workers.gpu_worker import GpuSettings
 from bench import benchlib
 from devtools.dev_models import install_whisper
 
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_clips = SMOKE_CLIPS if args.smoke else FULL_CLIPS
     min_s, max_s = SMOKE_CLIP_S if args.smoke else CORPORA[args.corpus]
     settings = AsrSettings.from_env()
-    batch_size = batch_size_from_env()
+    batch_size = GpuSettings.from_env().batch_size
     with tempfile.TemporaryDirectory(prefix="bench-asr-") as tmp:
         work = Path(tmp)
         paths, texts = make_corpus(work, n_clips, min_s, max_s)

@@ -47,7 +47,7 @@ from audio_pipeline.classify import (
 from audio_pipeline.config import QUEUE_UNPACK, load_settings
 from audio_pipeline.records import results as records
 from audio_pipeline.records.policies import active_policies
-from audio_pipeline.workers.gpu_worker import batch_size_from_env
+from audio_pipeline.workers.gpu_worker import GpuSettings
 from bench import benchlib
 from devtools.dev_models import install_whisper
 
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = benchlib.parse_args(__doc__.split("\n\n")[0], argv)
     report = benchlib.Report("pipeline", args.smoke)
     n_files = SMOKE_FILES if args.smoke else FULL_FILES
-    batch_size = batch_size_from_env()
+    batch_size = GpuSettings.from_env().batch_size
     with (
         benchlib.isolated_stack("pipeline") as iso,
         tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
