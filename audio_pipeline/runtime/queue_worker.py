@@ -256,7 +256,7 @@ class QueueWorker(Service):
         except Exception:  # must not stop the worker; _settle_reaped runs it again later
             self.log.exception("on_job_failed hook failed for job %s", job.short_id)
             return
-        self.queue.forget_dead_letter(job)
+        self.redis_call(lambda: self.queue.forget_dead_letter(job))
 
     def _settle_reaped(self) -> None:
         """on_job_failed for this stage's jobs the reaper dead-lettered (queue.py)."""
@@ -266,7 +266,7 @@ class QueueWorker(Service):
             except Exception:  # left listed: the next turn (or worker) runs it again
                 self.log.exception("on_job_failed hook failed for reaped job %s", dead.job.short_id)
                 return
-            self.queue.forget_reaped(dead)
+            self.redis_call(lambda dead=dead: self.queue.forget_reaped(dead))
 
     def _job_fields(self, job: Job) -> dict[str, Any]:
         fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}
