@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import redis
 from psycopg_pool import ConnectionPool
 
-from audio_pipeline.config import EnvReader, Settings, read_all
+from audio_pipeline.config import EnvReader, EnvSettings, Settings, read_all
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import JobQueue, RetryPolicy, utc_now_iso
 from audio_pipeline.redis_conn import get_redis
@@ -121,6 +121,8 @@ class Service:
     """Base of every worker process; see the module docstring for the contract."""
 
     stage: str = ""
+    # The stage's own settings class, read with the shared ones by read_service_config.
+    stage_settings_class: type[EnvSettings] | None = None
 
     def __init__(
         self,
@@ -182,7 +184,7 @@ class Service:
     @classmethod
     def read_stage_settings(cls, env: EnvReader) -> Any:
         """The stage's own settings (read at start-up with the others); None: none."""
-        return None
+        return None if cls.stage_settings_class is None else cls.stage_settings_class.read(env)
 
     def iterate(self) -> bool:
         """One turn of the loop; True when it did (or tried) some work."""

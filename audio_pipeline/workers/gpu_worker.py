@@ -142,10 +142,7 @@ class GpuWorker(QueueWorker):
     """Transcribes and classifies audio files (queue:transcribe:{host}, then queue:transcribe)."""
 
     stage = "gpu"
-
-    @classmethod
-    def read_stage_settings(cls, env: EnvReader) -> GpuSettings:
-        return GpuSettings.read(env)
+    stage_settings_class = GpuSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

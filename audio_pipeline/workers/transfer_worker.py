@@ -139,10 +139,7 @@ class TransferWorker(Service):
     """Copies complete archives from the collection host to S3 and queues them."""
 
     stage = "transfer"
-
-    @classmethod
-    def read_stage_settings(cls, env: EnvReader) -> TransferSettings:
-        return TransferSettings.read(env)
+    stage_settings_class = TransferSettings
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)

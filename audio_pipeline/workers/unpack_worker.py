@@ -155,10 +155,7 @@ class UnpackWorker(QueueWorker):
     """Unpack archives from S3 into Opus files and queue them for transcription here."""
 
     stage = "unpack"
-
-    @classmethod
-    def read_stage_settings(cls, env: EnvReader) -> UnpackSettings:
-        return UnpackSettings.read(env)
+    stage_settings_class = UnpackSettings
 
     def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
