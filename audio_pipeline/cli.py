@@ -145,6 +145,10 @@ def print_status(status: dict[str, Any]) -> None:
     else:
         print("(none)")
     print(f"\nFAILED (dead letters): {status['failed']}")
+    for stage, n in status["unsettled_dead_letters"].items():
+        # the reaper's dead letters: their rows are marked failed by the next worker
+        # of that stage; a count that stays means none of that stage is running
+        print(f"  {n} of them from stage {stage}: rows not yet marked failed")
     print("\nWORKERS")
     if status["workers"]:
         rows = [
@@ -169,6 +173,12 @@ def print_status(status: dict[str, Any]) -> None:
         print(render_table(["status", "batches"], sorted(batches["by_status"].items())))
     else:
         print("(none)")
+    if batches["files_failed"]:
+        print(
+            f"files failed: {batches['files_failed']} in all; "
+            f"{batches['done_with_failures']} done batches have failed files "
+            "(each file's reason is in audio_files.error)"
+        )
     if batches["in_flight"]:
         print("\nIN FLIGHT")
         rows = [

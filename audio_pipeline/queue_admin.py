@@ -19,6 +19,7 @@ from audio_pipeline.queue import (
     ATTEMPTS_FIELD,
     DELAYED_KEY,
     PROCESSING_PREFIX,
+    UNSETTLED_PREFIX,
     WORKERS_KEY,
     heartbeat_key,
     parse_processing_key,
@@ -54,8 +55,19 @@ def queue_status(r: redis.Redis) -> dict[str, Any]:
         "processing": _processing(r),
         "delayed_retries": _delayed_retries(r, now),
         "failed": queues[QUEUE_FAILED],
+        "unsettled_dead_letters": _unsettled(r),
         "workers": _workers(r, now),
     }
+
+
+def _unsettled(r: redis.Redis) -> dict[str, int]:
+    """Per stage, the reaper's dead letters whose rows a worker of that stage has not
+    yet marked failed (queue.py: dead:unsettled). A count that stays above zero means
+    no worker of that stage is running to do it."""
+    counts = {}
+    for key in r.scan_iter(match=UNSETTLED_PREFIX + "*", count=500):
+        counts[key.removeprefix(UNSETTLED_PREFIX)] = int(r.llen(key))
+    return {stage: n for stage, n in sorted(counts.items()) if n}
 
 
 def _processing(r: redis.Redis) -> list[dict[str, Any]]:

@@ -259,6 +259,13 @@ def status_summary(conn: psycopg.Connection, in_flight_limit: int) -> dict[str, 
             """,
             (in_flight_limit,),
         ).fetchall()
+        failed_files, with_failures = cur.execute(
+            """
+            SELECT count(*),
+                   count(DISTINCT a.batch_id) FILTER (WHERE b.status = 'done')
+            FROM audio_files a JOIN batches b USING (batch_id) WHERE a.status = 'failed'
+            """
+        ).fetchone() or (0, 0)
     in_flight = [
         {
             "batch_id": b,
@@ -271,4 +278,10 @@ def status_summary(conn: psycopg.Connection, in_flight_limit: int) -> dict[str, 
         }
         for b, s, fc, h, d, f, idle in rows
     ]
-    return {"by_status": counts, "in_flight": in_flight}
+    return {
+        "by_status": counts,
+        "in_flight": in_flight,
+        # every batch, finished or not: a batch can end `done` with some files failed
+        "files_failed": int(failed_files),
+        "done_with_failures": int(with_failures),
+    }

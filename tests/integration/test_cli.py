@@ -13,8 +13,8 @@ import redis
 
 from audio_pipeline.cli import render_table
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
-from audio_pipeline.queue import JobQueue, RetryPolicy, processing_key
-from tests.support.rows import add_batch
+from audio_pipeline.queue import JobQueue, RetryPolicy, processing_key, reap_dead_workers
+from tests.support.rows import add_audio_file, add_batch
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +93,33 @@ def test_status_shows_queues_workers_processing_retries_and_batches(
     # health-check.yml reads these (playbooks/templates/health-*.j2)
     assert data["schema"] == 1
     assert data["results"] == {"active_policies": 0, "flagged": 0}
+    # dead_letter() runs no stage hook, so its rows are still to be marked failed
+    assert data["unsettled_dead_letters"] == {"unpack": 1}
+    assert data["batches"]["files_failed"] == 0
+
+
+def test_status_counts_failed_files_and_unsettled_dead_letters(pipeline_env, redis_client, db_conn):
+    add_batch(db_conn, "b-ok", "done", file_count=2)
+    add_audio_file(db_conn, "b-ok", "a.wav", "done")
+    add_audio_file(db_conn, "b-ok", "b.wav", "failed", error="undecodable audio")
+    add_batch(db_conn, "b-run", "unpacking", file_count=1)
+    add_audio_file(db_conn, "b-run", "c.wav", "failed", error="gave up")
+    db_conn.commit()
+    # A worker that died holding its last attempt: the reaper dead-letters the job and
+    # leaves its row bookkeeping to the next worker of its stage.
+    redis_client.rpush(QUEUE_UNPACK, json.dumps({"batch_id": "b-run", "_attempts": 4}))
+    JobQueue(redis_client, "unpack:gone:1", "unpack").claim([QUEUE_UNPACK], 0)
+    reap_dead_workers(redis_client, max_attempts=5)
+
+    data = json.loads(cli(pipeline_env, "status", "--json").stdout)
+    assert data["failed"] == 1
+    assert data["unsettled_dead_letters"] == {"unpack": 1}
+    assert data["batches"]["files_failed"] == 2
+    assert data["batches"]["done_with_failures"] == 1
+
+    out = cli(pipeline_env, "status").stdout
+    assert "1 of them from stage unpack: rows not yet marked failed" in out
+    assert "files failed: 2 in all; 1 done batches have failed files" in out
 
 
 def test_failed_lists_dead_letters_with_indexes(pipeline_env, redis_client):
