@@ -12,15 +12,11 @@ done exactly once and every queue and processing list is empty.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,18 +28,22 @@ from psycopg_pool import PoolTimeout
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import (
-    DEV_DB,
-    DEV_PIPELINE_PASSWORD,
-    DEV_REDIS_PASSWORD,
     QUEUE_FAILED,
     QUEUE_UNPACK,
 )
-from audio_pipeline.db import apply_schema
 from audio_pipeline.queue import JobQueue
 from audio_pipeline.runtime.heartbeat import Heartbeat, HeartbeatTimings
 from audio_pipeline.runtime.outage import Backend, Backoff, backend_unavailable
 from devtools import devstack
 from devtools.sample import make_speech_batch
+from tests.support.private_stack import (
+    backend_env,
+    pipeline_url,
+    redis_client,
+    running_private_stack,
+    stop_postgres,
+    stop_redis,
+)
 from tests.support.workerkit.echo_worker import DONE_KEY
 from tests.support.workerkit.procs import start_module, wait_for
 
@@ -58,67 +58,10 @@ BATCHES = 12
 FILES_PER_BATCH = 3
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _private_ports() -> devstack.Ports:
-    for base in range(21000, 40000, 137):
-        ports = devstack.Ports(base)
-        if _free(ports.redis) and _free(ports.postgres):
-            return ports
-    raise RuntimeError("no free port pair for the private Redis and PostgreSQL")
-
-
 @pytest.fixture(scope="module")
 def private_stack() -> Iterator[devstack.Stack]:
-    # Under /tmp itself: the postgres user must traverse every parent directory.
-    root = Path(tempfile.mkdtemp(prefix="outage-stack-", dir="/tmp"))
-    root.chmod(0o755)
-    stack = devstack.Stack(root=root, ports=_private_ports())
-    try:
-        devstack.start_redis(stack)
-        devstack.start_postgres(stack)
-        apply_schema(_pipeline_url(stack))
+    with running_private_stack("outage-stack-") as stack:
         yield stack
-    finally:
-        devstack.down(stack, purge=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _pipeline_url(stack: devstack.Stack) -> str:
-    return (
-        f"postgresql://pipeline:{DEV_PIPELINE_PASSWORD}@127.0.0.1:{stack.ports.postgres}/{DEV_DB}"
-    )
-
-
-def stop_redis(stack: devstack.Stack) -> None:
-    client = redis.Redis(port=stack.ports.redis, password=DEV_REDIS_PASSWORD)
-    # SAVE: the queues survive, as with the fleet's appendonly Redis.
-    with contextlib.suppress(redis.exceptions.ConnectionError):
-        client.shutdown(save=True)
-    wait_for(lambda: not _listening(stack.ports.redis), timeout=15, what="redis to stop")
-
-
-def stop_postgres(stack: devstack.Stack) -> None:
-    subprocess.run(
-        [str(devstack.PG_BIN / "pg_ctl"), "-D", str(stack.pg_data), "-m", "fast", "-w", "stop"],
-        user="postgres",
-        group="postgres",
-        extra_groups=[],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
 
 
 def stop_all(procs: dict[str, subprocess.Popen[str]]) -> dict[str, int]:
@@ -218,14 +161,7 @@ def test_workers_ride_out_a_redis_then_a_postgres_outage(
     env = {
         **{k: v for k, v in stack_env.items() if k.startswith("S3_")},
         "S3_BUCKET": bucket,
-        "REDIS_HOST": "127.0.0.1",
-        "REDIS_PORT": str(st.ports.redis),
-        "REDIS_PASSWORD": DEV_REDIS_PASSWORD,
-        "POSTGRES_HOST": "127.0.0.1",
-        "POSTGRES_PORT": str(st.ports.postgres),
-        "POSTGRES_DB": DEV_DB,
-        "POSTGRES_USER": "pipeline",
-        "POSTGRES_PASSWORD": DEV_PIPELINE_PASSWORD,
+        **backend_env(st),
         "SCRATCH_ROOT": str(tmp_path / "scratch"),
         "MODELS_ROOT": str(tmp_path / "models"),
         "WORKER_HOST": "outagehost",
@@ -233,7 +169,7 @@ def test_workers_ride_out_a_redis_then_a_postgres_outage(
     }
     (tmp_path / "scratch").mkdir()
     (tmp_path / "models").mkdir()
-    r = redis.Redis(port=st.ports.redis, password=DEV_REDIS_PASSWORD, decode_responses=True)
+    r = redis_client(st)
     r.flushall()
 
     # The archives, uploaded before any outage (S3 is not under test here).
@@ -288,7 +224,7 @@ def test_workers_ride_out_a_redis_then_a_postgres_outage(
                 QUEUE_UNPACK,
                 json.dumps({"batch_id": batch_id, "s3_key": s3_utils.archive_key(batch_id)}),
             )
-        db = _pipeline_url(st)
+        db = pipeline_url(st)
 
         def unpacked() -> int:
             with psycopg.connect(db) as conn:
