@@ -29,7 +29,9 @@ Delivery is at-least-once and never loses a job:
   reaper's), by any worker of the stage. So no dead letter leaves its rows working.
 
 Retry counts travel inside the payload as ``_attempts`` (stripped from
-``Job.payload``), so they survive crashes without any side table.
+``Job.payload``), so they survive crashes without any side table. A retry waits a
+jittered backoff (``jittered_backoff_s``): jobs that failed together (one outage, one
+bad claim) come due spread out, not in step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -67,7 +70,7 @@ ATTEMPTS_FIELD = "_attempts"  # retries so far, carried inside the payload
 
 # Tunables (seconds unless named otherwise); the env overrides let tests use tiny values.
 DEFAULT_MAX_ATTEMPTS = 5  # total tries of one job before it is dead-lettered
-DEFAULT_RETRY_BASE_S = 30.0  # first retry delay; doubles with every retry
+DEFAULT_RETRY_BASE_S = 30.0  # longest first retry delay; doubles with every retry
 DEFAULT_RETRY_CAP_S = 900.0  # no retry waits longer than this
 BLOCK_SLICE_S = 1.0  # longest single BLMOVE; between slices other queues and retries are seen
 # While jobs flow, due retries are promoted at most this often, not on every claim: it
@@ -120,8 +123,23 @@ def short_job_id(raw: str) -> str:
 
 def backoff_delay_s(base_s: float, cap_s: float, retries_so_far: int) -> float:
     """Capped exponential backoff: ``base_s`` before the first retry, doubling, at most
-    ``cap_s``."""
+    ``cap_s``. The ceiling of ``jittered_backoff_s``."""
     return min(cap_s, base_s * 2**retries_so_far)
+
+
+def jittered_backoff_s(
+    base_s: float, cap_s: float, retries_so_far: int, rng: random.Random | None = None
+) -> float:
+    """The queue's one backoff rule: a delay drawn evenly from the upper half of the
+    capped exponential backoff (``backoff_delay_s``), "equal jitter".
+
+    Jobs retried together (one outage, one bad claim) come due spread over half their
+    backoff instead of all at once, and so are not claimed together again; keeping
+    the lower half fixed means no retry comes back at once, and the backoff still
+    grows with each try. ``rng`` is for tests (a seeded ``random.Random``).
+    """
+    ceiling = backoff_delay_s(base_s, cap_s, retries_so_far)
+    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 @dataclass(frozen=True)
@@ -153,7 +171,12 @@ class RetryPolicy(EnvSettings):
         )
 
     def delay_s(self, retries_so_far: int) -> float:
+        """The longest a retry after ``retries_so_far`` retries waits (no jitter)."""
         return backoff_delay_s(self.base_s, self.cap_s, retries_so_far)
+
+    def jittered_delay_s(self, retries_so_far: int, rng: random.Random | None = None) -> float:
+        """What a retry after ``retries_so_far`` retries waits: see jittered_backoff_s."""
+        return jittered_backoff_s(self.base_s, self.cap_s, retries_so_far, rng)
 
 
 def processing_key(worker_id: str, queue: str) -> str:
@@ -320,11 +343,13 @@ class JobQueue:
         stage: str,
         *,
         retry_policy: RetryPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.redis = redis_client
         self.worker_id = worker_id
         self.stage = stage
         self.retry_policy = retry_policy or RetryPolicy.from_env()
+        self._rng = rng  # the retry jitter's source; None: the random module's
         self._settle = redis_client.register_script(_SETTLE_LUA)
         self._promote = redis_client.register_script(_PROMOTE_LUA)
         self._return_crashed = redis_client.register_script(_RETURN_CRASHED_LUA)
@@ -418,7 +443,8 @@ class JobQueue:
             self._lost(job, "ack")
 
     def retry(self, job: Job, error: BaseException | str) -> bool:
-        """Retry later with capped exponential backoff, or dead-letter when out of tries.
+        """Retry later with jittered, capped exponential backoff, or dead-letter when
+        out of tries.
 
         Returns False when the job was dead-lettered instead (its final failure).
         """
@@ -427,7 +453,7 @@ class JobQueue:
         if job.attempts + 1 >= policy.max_attempts:
             self.dead_letter(job, f"{text} (gave up after {job.attempts + 1} attempts)")
             return False
-        delay = policy.delay_s(job.attempts)
+        delay = policy.jittered_delay_s(job.attempts, self._rng)
         retried = dict(job.payload)
         retried[ATTEMPTS_FIELD] = job.attempts + 1
         member = json.dumps(

@@ -26,6 +26,27 @@ retry, dead letter, release) is retried until Redis answers, so a job processed
 during an outage is settled once it is back, neither lost nor run twice. A job
 that failed because Redis or PostgreSQL was away costs no attempt: the worker
 waits for the backend and hands the job back to the head of its queue.
+
+Poison isolation: when a claim of several jobs fails as a whole (``prepare_batch``
+or ``process_batch`` raised, so no job is to blame), no job pays for it. The worker
+runs the claim again in parts, each part prepared and processed on its own and
+settled as soon as it ends: one job at a time (``worker.claim_isolated``), so the
+good files complete now and only a job that also fails alone is retried (an attempt
+of its own) and in the end dead-lettered; or, when the claim ran out of GPU memory
+(``runtime.out_of_memory``), in halves (``worker.claim_halved``), halved again while
+they run out of memory, down to one job, whose out-of-memory is an ordinary retry.
+The size that fitted also becomes the claim size for the next claims for a while
+(``runtime.claim_size``: ``worker.claim_size_lowered``, then
+``worker.claim_size_restored``). A claim that failed because a backend was away is
+not split: it is handed back as above.
+
+The parts run here, in the worker, rather than being retried through the queue one
+by one: the good files are done without waiting out a retry's backoff, no marker has
+to travel in payloads to keep the jobs from being claimed together again, and the
+jobs never leave this worker's processing lists until each is settled, so a kill -9
+mid-isolation loses nothing (the reaper returns the unsettled ones) and a forced stop
+hands back every unsettled job of the claim, in order, at no attempt's cost. A first
+stop lets the isolation finish, as it lets any claim in hand finish.
 """
 
 from __future__ import annotations
@@ -36,7 +57,9 @@ from typing import Any
 
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, processing_key
+from audio_pipeline.runtime.claim_size import DEFAULT_HOLD_S, ClaimSize
 from audio_pipeline.runtime.look_ahead import LookAhead
+from audio_pipeline.runtime.out_of_memory import is_out_of_memory
 from audio_pipeline.runtime.outage import backend_unavailable, redis_unavailable
 from audio_pipeline.runtime.service import InHand, RunMode, Service, ServiceState
 
@@ -49,10 +72,12 @@ class QueueWorker(Service):
 
     batch_size: int = 1
     look_ahead: bool = False  # claim and prepare the next batch while this one runs
+    claim_size_hold_s: float = DEFAULT_HOLD_S  # claims stay smaller this long after an OOM
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_hand: list[Job] = []
+        self._in_hand: list[Job] = []  # claimed and not yet settled, in claim order
+        self._claim_size = ClaimSize(self.claim_size_hold_s)
         self._ahead: LookAhead | None = None
         self._strays_possible = False  # a claim was cut short: check our processing lists
 
@@ -70,7 +95,9 @@ class QueueWorker(Service):
         Its return value is handed to ``process_batch``. With ``look_ahead`` it runs
         in a side thread while the previous claim is processed, and its jobs may be
         handed back unprocessed on a stop (then ``discard_prepared`` is called), so it
-        must be harmless to redo. An exception fails (retries) every job of the claim.
+        must be harmless to redo. An exception fails the claim as a whole: it is then
+        run again in parts (see "Poison isolation" in the module docstring), each part
+        prepared again on its own.
         """
         return None
 
@@ -82,7 +109,8 @@ class QueueWorker(Service):
     ) -> dict[str, BaseException | None]:
         """Default: one process() call per job; override to batch model calls.
 
-        Returns each job's outcome keyed by ``job.raw``: None (done) or the error.
+        Returns each job's outcome keyed by ``job.raw``: None (done) or the error. An
+        exception fails the claim as a whole, which is then run again in parts.
         """
         results: dict[str, BaseException | None] = {}
         for job in jobs:
@@ -168,7 +196,7 @@ class QueueWorker(Service):
         if self._strays_possible:
             self.redis_call(self._hand_back_strays)
         try:
-            return self.queue.claim_many(self.source_queues(), self.batch_size, CLAIM_TIMEOUT_S)
+            return self.queue.claim_many(self.source_queues(), self._claim_limit(), CLAIM_TIMEOUT_S)
         except Exception as exc:
             if not redis_unavailable(exc):
                 raise
@@ -190,23 +218,37 @@ class QueueWorker(Service):
             self._release(strays)
         self._strays_possible = False
 
+    def _claim_limit(self) -> int:
+        """Jobs the next claim may take: ``batch_size``, or fewer for a while after an OOM."""
+        size, restored = self._claim_size.size(self.batch_size)
+        if restored:
+            self.log_stage_event("worker.claim_size_restored", claim_size=size)
+        return size
+
     def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:
         """Prepare ``jobs`` (unless the look-ahead did), start on the next claim,
-        process, settle."""
+        process, settle; a claim that fails as a whole is run again in parts."""
         self.state = ServiceState.BUSY
         for job in jobs:
             log_event(self.log, "job.started", **self._job_fields(job), attempt=job.attempts + 1)
         started = time.monotonic()
+        results: dict[str, BaseException | None] = {}
         with self.interruptible():
             prepared, error = self._prepared(jobs, ahead)
             self._start_look_ahead()
-            if error is not None:  # the whole claim failed: each job carries the reason
-                results: dict[str, BaseException | None] = {job.raw: error for job in jobs}
-            else:
-                results = self._run_handler(jobs, prepared)
+            if error is None:
+                results, error = self._run_handler(jobs, prepared)
+            prepared = None  # a split prepares its parts anew; free this claim's first
+            if error is not None and self._splits(jobs, error):
+                self._split(jobs, error)  # settles every job of the claim
+                return
         duration = time.monotonic() - started
         for job in jobs:
-            self._settle(job, results.get(job.raw, _missing_result(job)), duration)
+            if error is not None:  # the whole claim failed: each job carries the reason
+                outcome: BaseException | None = error
+            else:
+                outcome = results.get(job.raw, _missing_result(job))
+            self._settle(job, outcome, duration)
         self._in_hand = []
 
     def _prepared(self, jobs: list[Job], ahead: LookAhead | None) -> tuple[Any, Exception | None]:
@@ -222,11 +264,78 @@ class QueueWorker(Service):
         except Exception as exc:
             return None, exc
 
-    def _run_handler(self, jobs: list[Job], prepared: Any) -> dict[str, BaseException | None]:
+    def _run_handler(
+        self, jobs: list[Job], prepared: Any
+    ) -> tuple[dict[str, BaseException | None], Exception | None]:
+        """(each job's outcome, None), or ({}, the error) when the claim failed as a whole."""
         try:
-            return self.process_batch(jobs, prepared)
-        except Exception as exc:  # the whole batch failed: each job carries the reason
-            return {job.raw: exc for job in jobs}
+            return self.process_batch(jobs, prepared), None
+        except Exception as exc:
+            return {}, exc
+
+    # -- poison isolation: a claim that failed as a whole, run again in parts --------
+
+    def _splits(self, jobs: list[Job], error: Exception) -> bool:
+        """Whether a claim that failed as a whole with ``error`` is run again in parts:
+        when it has several jobs and no backend was away (then it is handed back)."""
+        return len(jobs) > 1 and backend_unavailable(error) is None
+
+    def _split(self, jobs: list[Job], error: Exception) -> None:
+        """Run ``jobs`` again in parts: halves after a GPU out-of-memory, else one job
+        at a time. Each part is settled as it ends (see the module docstring)."""
+        fields: dict[str, Any] = {
+            "jobs": ",".join(j.short_id for j in jobs),
+            "error": f"{type(error).__name__}: {error}",
+        }
+        if is_out_of_memory(error):
+            half = (len(jobs) + 1) // 2
+            parts = [jobs[:half], jobs[half:]]
+            self.log_stage_event(
+                "worker.claim_halved",
+                level=logging.WARNING,
+                claim_size=len(jobs),
+                new_size=half,
+                **fields,
+            )
+            if self._claim_size.lower(half):
+                self.log_stage_event(
+                    "worker.claim_size_lowered",
+                    level=logging.WARNING,
+                    claim_size=half,
+                    configured=self.batch_size,
+                    hold_s=self._claim_size.hold_s,
+                )
+        else:
+            parts = [[job] for job in jobs]
+            self.log_stage_event(
+                "worker.claim_isolated", level=logging.WARNING, claim_size=len(jobs), **fields
+            )
+        for part in parts:
+            self._run_part(part)
+
+    def _run_part(self, jobs: list[Job]) -> None:
+        """Prepare, process and settle one part of a split claim (splitting it again
+        when it fails as a whole)."""
+        started = time.monotonic()
+        results: dict[str, BaseException | None] = {}
+        try:
+            prepared = self.prepare_batch(jobs)
+        except Exception as exc:
+            error: Exception | None = exc
+        else:
+            results, error = self._run_handler(jobs, prepared)
+            prepared = None
+        if error is not None and self._splits(jobs, error):
+            self._split(jobs, error)
+            return
+        duration = time.monotonic() - started
+        for job in jobs:
+            outcome = error if error is not None else results.get(job.raw, _missing_result(job))
+            # Whole: a forced stop must not find a job settled and still in hand (it
+            # would be handed back too); it takes effect once this job is settled.
+            with self.shielded():
+                self._settle(job, outcome, duration)
+                self._in_hand = [held for held in self._in_hand if held is not job]
 
     def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
         fields = self._job_fields(job)
@@ -292,7 +401,7 @@ class QueueWorker(Service):
         # in our processing list that only the reaper would give back.
         with self.shielded():
             try:
-                jobs = self.queue.claim_many(self.source_queues(), self.batch_size, 0)
+                jobs = self.queue.claim_many(self.source_queues(), self._claim_limit(), 0)
             except Exception as exc:
                 if not redis_unavailable(exc):
                     raise

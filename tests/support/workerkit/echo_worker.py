@@ -11,6 +11,15 @@ ECHO_QUEUES (comma-separated, default queue:echo), batch size from ECHO_BATCH_SI
 With ECHO_LOOK_AHEAD=1 the worker claims ahead: ``prepare_batch`` records each id
 in ``echo:prepared`` (after ``prepare_sleep`` seconds, if a job asks for it) and
 ``discard_prepared`` records the ids it is handed back in ``echo:discarded``.
+
+Whole-claim failures (poison isolation): a job with ``"poison": "process"`` makes
+``process_batch`` raise for any claim it is in (alone too), before any job of it is
+processed; ``"poison": "prepare"`` makes ``prepare_batch`` raise instead. A job with
+``"oom_above": n`` makes ``process_batch`` raise a CUDA out-of-memory error (as
+ctranslate2 words it) for any claim of more than n jobs. ``echo:batches`` records
+each claim's size as ``process_batch`` gets it, and ``echo:done_attempt`` (a hash)
+the attempt on which each id was done. ECHO_CLAIM_SIZE_HOLD_S sets how long claims
+stay smaller after an out-of-memory.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ BATCHES_KEY = "echo:batches"
 PREPARED_KEY = "echo:prepared"
 DISCARDED_KEY = "echo:discarded"
 EVENTS_KEY = "echo:events"  # "prepared:{id}" and "done:{id}" in the order they happened
+DONE_ATTEMPT_KEY = "echo:done_attempt"  # hash: id -> the attempt (1 = first) it was done on
+OOM_MESSAGE = "CUDA failed with error out of memory"  # ctranslate2's words
+
+
+def poison_error(jobs: list[Job], where: str) -> RuntimeError | None:
+    """The error a claim holding a job poisoned ``where`` fails with, if it holds one."""
+    for job in jobs:
+        if job.payload.get("poison") == where:
+            return RuntimeError(f"poison job {job.payload.get('id')} sinks its claim at {where}")
+    return None
 
 
 class EchoWorker(QueueWorker):
@@ -38,11 +57,16 @@ class EchoWorker(QueueWorker):
     stage = "echo"
     batch_size = int(os.environ.get("ECHO_BATCH_SIZE", "1"))
     look_ahead = os.environ.get("ECHO_LOOK_AHEAD") == "1"
+    if "ECHO_CLAIM_SIZE_HOLD_S" in os.environ:
+        claim_size_hold_s = float(os.environ["ECHO_CLAIM_SIZE_HOLD_S"])
 
     def source_queues(self) -> list[str]:
         return os.environ.get("ECHO_QUEUES", "queue:echo").split(",")
 
     def prepare_batch(self, jobs: list[Job]) -> list[str] | None:
+        poisoned = poison_error(jobs, "prepare")
+        if poisoned is not None:
+            raise poisoned
         if not self.look_ahead:
             return None
         ids = [str(j.payload.get("id")) for j in jobs]
@@ -61,6 +85,12 @@ class EchoWorker(QueueWorker):
         self, jobs: list[Job], prepared: Any = None
     ) -> dict[str, BaseException | None]:
         self.redis.rpush(BATCHES_KEY, len(jobs))
+        poisoned = poison_error(jobs, "process")
+        if poisoned is not None:
+            raise poisoned
+        limits = [int(j.payload["oom_above"]) for j in jobs if "oom_above" in j.payload]
+        if limits and len(jobs) > min(limits):
+            raise RuntimeError(f"{OOM_MESSAGE} (a claim of {len(jobs)} jobs)")
         return super().process_batch(jobs, prepared)
 
     def process(self, job: Job) -> None:
@@ -75,6 +105,7 @@ class EchoWorker(QueueWorker):
         if fail == "transient" and job.attempts < int(job.payload.get("fail_times", 1)):
             raise RuntimeError(f"transient failure {job.attempts + 1} of job {job.payload['id']}")
         self.redis.rpush(DONE_KEY, job.payload["id"])
+        self.redis.hset(DONE_ATTEMPT_KEY, job.payload["id"], job.attempts + 1)
         self.redis.rpush(EVENTS_KEY, f"done:{job.payload['id']}")
 
 
