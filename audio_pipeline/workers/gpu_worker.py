@@ -40,6 +40,16 @@ here and stays on that host (the rows are terminal all the same).
 Redelivery is harmless: a file already done (transcript stored) is acknowledged
 without work, and every write is an upsert on its natural key.
 
+A claim that fails as a whole (decoding, the model call, classifying or the one
+transaction raised, so no file is to blame) is run again one file at a time
+(runtime/queue_worker.py's poison isolation): each file is found, fetched and decoded
+again on its own, the good ones are stored once, and only a file that also fails
+alone is retried. A CUDA out-of-memory (faster-whisper's "CUDA failed with error out
+of memory", torch's OutOfMemoryError) runs the claim again in halves instead, and
+the worker claims that many files for a while (``worker.claim_halved``,
+``worker.claim_size_lowered``). A file's ``attempts`` column counts every model call
+it was in, those of a failed claim too.
+
 No active policy: files are still transcribed and stored, with no verdict. The
 worker logs ``event=gpu.no_active_policy`` (level warning) at start and with the
 first claim stored that way, then at most every NO_POLICY_WARN_INTERVAL_S with the

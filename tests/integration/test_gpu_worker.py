@@ -332,3 +332,74 @@ def test_no_active_policy_is_logged_loudly_until_one_is_applied(
     assert "event=gpu.no_active_policy" not in output
     assert "event=gpu.policies_active policies=1" in output
     assert db_conn.execute("SELECT count(*) AS n FROM classifications").fetchone()["n"] == 1
+
+
+# -- poison isolation: one file whose processing fails sinks only itself -------------
+
+
+def test_a_file_whose_results_cannot_be_stored_costs_only_itself(
+    pipeline_env, settings, db_conn, redis_client
+) -> None:
+    """A claim of three whose store step raises for one file (a trigger of this test's
+    own database refuses its transcript), after transcription and classification: the
+    claim fails as a whole, is run again one file at a time, and the other two are
+    stored once each, on their first attempt."""
+    install_whisper(settings.models_root)
+    scratch = settings.batch_scratch(BATCH)
+    add_batch(db_conn, BATCH, "unpacked")
+    db_conn.execute(
+        "INSERT INTO policies (name, version, text, lexicon) VALUES "
+        "('boats', 1, 'Boats.', ARRAY['canoe'])"
+    )
+    ids = {
+        name: insert_file(db_conn, name, speech(text, scratch / name), None)
+        for name, text in TEXTS.items()
+    }
+    poison = ids["in_s3.opus"]
+    db_conn.execute(
+        f"""CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF NEW.audio_id = {poison} THEN
+                RAISE EXCEPTION 'poison transcript for audio %', NEW.audio_id;
+              END IF;
+              RETURN NEW;
+            END $$"""
+    )
+    db_conn.execute(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON transcripts "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+    )
+    db_conn.commit()
+    host_q = host_transcribe_queue("testhost")
+    for name, audio_id in ids.items():
+        redis_client.rpush(
+            host_q, json.dumps({"audio_id": audio_id, "opus_path": str(scratch / name)})
+        )
+
+    output = run_drain({**pipeline_env, "BATCH_SIZE": "3"})
+
+    [isolated] = [line for line in output.splitlines() if "event=worker.claim_isolated" in line]
+    assert "claim_size=3" in isolated
+    assert "poison transcript for audio" in isolated
+    good = [audio_id for audio_id in ids.values() if audio_id != poison]
+    for audio_id in good:  # stored once, by the isolated run
+        assert output.count(f"event=gpu.file_done audio_id={audio_id} ") == 1
+    assert f"event=gpu.file_done audio_id={poison} " not in output
+    started = [line for line in output.splitlines() if "event=job.started" in line]
+    assert sum(f"audio_id={poison} " in line for line in started) == 3  # QUEUE_MAX_ATTEMPTS
+    assert all("attempt=1" in line for line in started if f"audio_id={poison} " not in line)
+
+    rows = {r["id"]: r for r in db_conn.execute("SELECT * FROM audio_files").fetchall()}
+    assert [rows[i]["status"] for i in good] == ["done", "done"]
+    assert rows[poison]["status"] == "failed"
+    assert "poison transcript for audio" in rows[poison]["error"]
+    transcripts = db_conn.execute("SELECT audio_id FROM transcripts").fetchall()
+    assert sorted(t["audio_id"] for t in transcripts) == sorted(good)
+    verdicts = db_conn.execute("SELECT audio_id FROM classifications").fetchall()
+    assert sorted(v["audio_id"] for v in verdicts) == sorted(good)
+    [failed] = [json.loads(e) for e in redis_client.lrange(QUEUE_FAILED, 0, -1)]
+    assert json.loads(failed["job"])["audio_id"] == poison
+    assert failed["attempts"] == 3
+    batch = db_conn.execute("SELECT status FROM batches WHERE batch_id = %s", (BATCH,)).fetchone()
+    assert batch["status"] == "done"
+    assert not scratch.exists()
