@@ -1,4 +1,4 @@
-"""The assignment queue: who codes which flagged item, handed out atomically.
+"""The assignment queue: who codes which item, handed out atomically.
 
 ra_queue (the pipeline's view) cannot be locked by the ra_app role, which only
 reads it, so flagged rows are copied into ra_items, an RA-side table with a
@@ -6,9 +6,10 @@ coder-slot counter. A claim locks one open ra_items row with FOR UPDATE SKIP
 LOCKED, takes a slot and records the assignment in the same transaction: two
 claimers never share a slot, and neither waits on the other.
 
-Whether an item is double-coded and where it falls in a random order are derived
-from md5(seed, classification_id), so they are stable across syncs and processes
-and reproducible from the study's seed.
+Whether an item is double-coded, where it falls in a random order and whether an
+unflagged item is drawn into the audit sample are derived from
+md5(seed, classification_id), so they are stable across syncs and processes and
+reproducible from the study's seed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import text
 
+from ra_app.audit_sample import HASH_SPACE, probability_sql
 from ra_app.config import QueueOrder
 from ra_app.extensions import db
 from ra_app.models import Assignment, AssignmentSource, AssignmentStatus, User
@@ -38,12 +40,14 @@ TOUCH_MIN_AGE = 60.0
 # Classification ids are taken from a sequence, but transactions commit out of
 # order: re-read this many ids below the watermark so a late commit is not missed.
 SYNC_LOOKBACK_IDS = 1000
-HASH_SPACE = 2**32  # md5 prefix of 8 hex digits
 
 _ORDER_SQL = {
     QueueOrder.SCORE: "i.score DESC, i.classification_id",
     QueueOrder.BATCH: "i.batch_id, i.classification_id",
     QueueOrder.RANDOM: "i.shuffle_key, i.classification_id",
+    # Nearest the threshold first: where the classifier is least sure, a label
+    # teaches the most. Items without a known threshold come last.
+    QueueOrder.UNCERTAINTY: "abs(i.score - i.threshold), i.classification_id",
 }
 
 
@@ -51,30 +55,61 @@ class AssignmentError(RuntimeError):
     """The assignment cannot take this action (wrong owner, already done, ...)."""
 
 
+# Flagged rows come from ra_queue, all of them; unflagged rows from classifications,
+# only those the audit draw picks (ra_app.audit_sample says how, and why a hash).
+# Audit items follow the active policy versions only: an inactive version takes no
+# new review work.
 _SYNC_SQL = """
-INSERT INTO ra_items (classification_id, audio_id, batch_id, policy_id, score,
-                      shuffle_key, coders_needed, open_slots)
-SELECT s.classification_id, s.audio_id, s.batch_id, s.policy_id, s.score,
-       s.shuffle_key, s.coders, s.coders
+INSERT INTO ra_items (classification_id, audio_id, batch_id, policy_id, score, threshold,
+                      entry, sample_probability, shuffle_key, coders_needed, open_slots)
+SELECT s.classification_id, s.audio_id, s.batch_id, s.policy_id, s.score, s.threshold,
+       s.entry, s.probability,
+       ('x' || substr(md5(:seed || ':order:' || s.classification_id), 1, 15))
+           ::bit(60)::bigint AS shuffle_key,
+       s.coders, s.coders
 FROM (
-    SELECT q.classification_id, q.audio_id, q.batch_id, q.policy_id, q.score,
-           ('x' || substr(md5(:seed || ':order:' || q.classification_id), 1, 15))
-               ::bit(60)::bigint AS shuffle_key,
-           CASE WHEN ('x' || substr(md5(:seed || ':double:' || q.classification_id), 1, 8))
+    SELECT u.*,
+           CASE WHEN ('x' || substr(md5(:seed || ':double:' || u.classification_id), 1, 8))
                          ::bit(32)::bigint < :double_below
                 THEN 2 ELSE 1 END AS coders
-    FROM ra_queue q
-    WHERE q.classification_id > :after
+    FROM (
+        SELECT q.classification_id, q.audio_id, q.batch_id, q.policy_id, q.score, q.threshold,
+               'flagged' AS entry, 1.0::float8 AS probability
+        FROM ra_queue q
+        WHERE q.classification_id > :after
+        UNION ALL
+        SELECT a.classification_id, a.audio_id, a.batch_id, a.policy_id, a.score, a.threshold,
+               'audit' AS entry, a.probability
+        FROM (
+            SELECT c.id AS classification_id, c.audio_id, f.batch_id, c.policy_id, c.score,
+                   c.threshold, CAST({probability} AS float8) AS probability
+            FROM classifications c
+            JOIN audio_files f ON f.id = c.audio_id
+            JOIN policies p ON p.id = c.policy_id
+            WHERE c.label = 0 AND p.active AND c.id > :after
+        ) a
+        WHERE a.probability > 0
+          AND ('x' || substr(md5(:seed || ':audit:' || a.classification_id), 1, 8))
+                  ::bit(32)::bigint < a.probability * :hash_space
+    ) u
 ) s
 ON CONFLICT (classification_id) DO {conflict}
 """
-_ON_CONFLICT_FULL = (
-    "UPDATE SET score = EXCLUDED.score WHERE ra_items.score IS DISTINCT FROM EXCLUDED.score"
-)
+# A full sync refreshes what a re-run may have changed: the score and threshold, and
+# an audit item's probability when RA_AUDIT_SHARE was raised (draws are nested: an
+# item drawn at a lower share is drawn at any higher one, so the whole sample is a
+# sample at the new share). How the item entered never changes.
+_ON_CONFLICT_FULL = """UPDATE SET score = EXCLUDED.score, threshold = EXCLUDED.threshold,
+    sample_probability = CASE WHEN ra_items.entry = EXCLUDED.entry
+                              THEN EXCLUDED.sample_probability
+                              ELSE ra_items.sample_probability END
+WHERE (ra_items.score, ra_items.threshold, ra_items.sample_probability)
+      IS DISTINCT FROM (EXCLUDED.score, EXCLUDED.threshold, EXCLUDED.sample_probability)"""
 
 
 def sync_queue(full: bool = False) -> int:
-    """Copy new flagged rows from ra_queue into ra_items; returns rows written.
+    """Copy new flagged rows from ra_queue, and the audit sample's share of new
+    unflagged rows, into ra_items; returns rows written.
 
     Incremental syncs read only ids above the watermark (an index range scan);
     a full sync re-reads everything and refreshes scores of re-run classifications.
@@ -87,12 +122,16 @@ def sync_queue(full: bool = False) -> int:
         ).scalar_one()
         after = max(0, watermark - SYNC_LOOKBACK_IDS)
     conflict = _ON_CONFLICT_FULL if full else "NOTHING"
+    probability, band_params = probability_sql("c.score", cfg["RA_AUDIT_BANDS"])
     result = db.session.execute(
-        text(_SYNC_SQL.format(conflict=conflict)),
+        text(_SYNC_SQL.format(conflict=conflict, probability=probability)),
         {
             "seed": cfg["RA_QUEUE_SEED"],
             "double_below": int(cfg["RA_DOUBLE_CODED_SHARE"] * HASH_SPACE),
             "after": after,
+            "audit_share": float(cfg["RA_AUDIT_SHARE"]),
+            "hash_space": HASH_SPACE,
+            **band_params,
         },
     )
     db.session.commit()

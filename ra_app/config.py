@@ -23,6 +23,7 @@ from audio_pipeline.config import (
     EnvReader,
     HasAppEnv,
 )
+from ra_app.audit_sample import AuditBand, parse_audit_bands
 from ra_app.codebook import DEFAULT_CODEBOOK_PATH
 
 DEV_DATABASE_URL = "postgresql://ra_app:dev-ra-app@127.0.0.1:15432/audio_pipeline"
@@ -32,6 +33,9 @@ DEFAULT_CODEBOOK = DEFAULT_CODEBOOK_PATH  # the one default, ra_app.codebook's
 # Seconds an unfinished, self-claimed assignment is held (RA_ASSIGNMENT_TTL_S).
 ASSIGNMENT_TTL = 30 * 60
 DOUBLE_CODED_SHARE = 0.2  # share of items coded by two different RAs
+# Share of the classifier's unflagged items that enters the queue anyway (the audit
+# sample), so that recall and prevalence can be estimated; see ra_app.audit_sample.
+AUDIT_SHARE = 0.05
 SESSION_LIFETIME = 12 * 3600  # seconds a login lasts (one working day)
 API_TOKEN_DAYS = 30  # default lifetime of a bearer token, days
 LOGIN_RATE_LIMIT = "10 per minute;50 per hour"  # per client address, POSTs only
@@ -48,6 +52,15 @@ class QueueOrder(StrEnum):
     SCORE = "score"  # highest classifier score first
     BATCH = "batch"  # batch by batch, in classification order
     RANDOM = "random"  # a shuffle fixed by RA_QUEUE_SEED
+    UNCERTAINTY = "uncertainty"  # nearest the classifier's threshold first
+
+
+class BlindMode(StrEnum):
+    """Which items an RA reviews without the classifier's score, flag and evidence."""
+
+    AUDIT = "audit"  # the audit sample's items only
+    ALL = "all"  # every item
+    NONE = "none"  # no item
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,9 @@ class RASettings(HasAppEnv):
     queue_order: QueueOrder
     queue_seed: str
     double_coded_share: float
+    audit_share: float
+    audit_bands: tuple[AuditBand, ...]
+    blind: BlindMode
     assignment_ttl: int
     ratelimit_storage_uri: str
     session_cookie_secure: bool
@@ -85,6 +101,9 @@ class RASettings(HasAppEnv):
             "RA_QUEUE_ORDER": self.queue_order.value,
             "RA_QUEUE_SEED": self.queue_seed,
             "RA_DOUBLE_CODED_SHARE": self.double_coded_share,
+            "RA_AUDIT_SHARE": self.audit_share,
+            "RA_AUDIT_BANDS": self.audit_bands,
+            "RA_BLIND": self.blind.value,
             "RA_ASSIGNMENT_TTL": self.assignment_ttl,
             "RATELIMIT_STORAGE_URI": self.ratelimit_storage_uri,
             "RATELIMIT_HEADERS_ENABLED": True,
@@ -122,6 +141,17 @@ def _redis_uri(env: EnvReader) -> str:
     return f"redis://{auth}{host}:{port}/{db_number}"
 
 
+def read_audit_bands(env: EnvReader) -> tuple[AuditBand, ...]:
+    """RA_AUDIT_BANDS, e.g. ``0.1:0.01,0.3:0.05``: scores below 0.1 are sampled at 1 %,
+    below 0.3 at 5 %, the rest at RA_AUDIT_SHARE. Empty: one share for every score."""
+    raw = env.raw("RA_AUDIT_BANDS")
+    try:
+        return parse_audit_bands(raw)
+    except ValueError as exc:
+        env.error(f"RA_AUDIT_BANDS={raw!r}: {exc}")
+        return ()
+
+
 def read_ra_settings(env: EnvReader) -> RASettings:
     """The RA app's settings from ``env``; problems are collected in ``env.errors``."""
     codebook = env.path("CODEBOOK_PATH", DEFAULT_CODEBOOK)
@@ -147,6 +177,9 @@ def read_ra_settings(env: EnvReader) -> RASettings:
         double_coded_share=env.float(
             "RA_DOUBLE_CODED_SHARE", DOUBLE_CODED_SHARE, minimum=0.0, maximum=1.0
         ),
+        audit_share=env.float("RA_AUDIT_SHARE", AUDIT_SHARE, minimum=0.0, maximum=1.0),
+        audit_bands=read_audit_bands(env),
+        blind=env.choice("RA_BLIND", BlindMode, BlindMode.AUDIT),
         assignment_ttl=env.int("RA_ASSIGNMENT_TTL_S", ASSIGNMENT_TTL, minimum=60),
         ratelimit_storage_uri=limiter_uri,
         session_cookie_secure=env.bool("RA_COOKIE_SECURE", env.production),

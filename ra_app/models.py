@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from ra_app.audit_sample import Entry
 from ra_app.extensions import db
 
 
@@ -97,12 +98,17 @@ class User(UserMixin, db.Model):
 
 
 class Item(db.Model):
-    """One flagged classification as the RA queue sees it (synced from ra_queue)."""
+    """One classification as the RA queue sees it: a flagged one (synced from ra_queue)
+    or an unflagged one drawn into the audit sample (ra_app.audit_sample)."""
 
     __tablename__ = "ra_items"
     __table_args__ = (
         CheckConstraint("open_slots >= 0 AND open_slots <= coders_needed", name="ra_items_slots"),
         CheckConstraint("coders_needed IN (1, 2)", name="ra_items_coders_needed"),
+        CheckConstraint("entry IN ('flagged', 'audit')", name="ra_items_entry"),
+        CheckConstraint(
+            "sample_probability > 0 AND sample_probability <= 1", name="ra_items_probability"
+        ),
         # One partial index per study order: a claim walks the first open row.
         Index(
             "ra_items_open_score_idx",
@@ -122,6 +128,12 @@ class Item(db.Model):
             "classification_id",
             postgresql_where=text("open_slots > 0"),
         ),
+        Index(
+            "ra_items_open_uncertainty_idx",
+            text("abs(score - threshold)"),
+            "classification_id",
+            postgresql_where=text("open_slots > 0"),
+        ),
         Index("ra_items_batch_idx", "batch_id"),
     )
 
@@ -132,6 +144,18 @@ class Item(db.Model):
     batch_id: Mapped[str] = mapped_column(Text, nullable=False)
     policy_id: Mapped[int] = mapped_column(Integer, nullable=False)
     score: Mapped[float] = mapped_column(Float, nullable=False)
+    # The classifier's threshold for this verdict (NULL on rows synced before it was
+    # kept and whose classification has since gone); the uncertainty order reads it.
+    threshold: Mapped[float | None] = mapped_column(Float)
+    entry: Mapped[str] = mapped_column(
+        Text, nullable=False, default=Entry.FLAGGED.value, server_default=Entry.FLAGGED.value
+    )
+    # The probability with which the item was drawn into the queue: 1 for flagged
+    # items, the audit share of its score band for audit items. Estimates weight each
+    # reviewed item by its inverse (ra_app.evaluation).
+    sample_probability: Mapped[float] = mapped_column(
+        Float, nullable=False, default=1.0, server_default=text("1")
+    )
     shuffle_key: Mapped[int] = mapped_column(BigInteger, nullable=False)
     coders_needed: Mapped[int] = mapped_column(SmallInteger, nullable=False)
     open_slots: Mapped[int] = mapped_column(SmallInteger, nullable=False)
@@ -228,6 +252,9 @@ class Label(db.Model):
     threshold: Mapped[float | None] = mapped_column(REAL)
     language: Mapped[str | None] = mapped_column(Text)
     asr_model: Mapped[str | None] = mapped_column(Text)
+    # Whether the coder saw the item blind (no score, flag or evidence; RA_BLIND).
+    # NULL on labels made before blind review existed (nothing was hidden then).
+    reviewed_blind: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class ApiToken(db.Model):

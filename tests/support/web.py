@@ -8,6 +8,7 @@ are tests/web/conftest.py's.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
@@ -93,5 +94,57 @@ def seed_items(
         evidence = [{"segment": 1, "start": 2.5, "end": 5.0, "score": score, "terms": ["vermin"]}]
         cid = add_classification(conn, audio_id, policy_id, score, label=1, evidence=evidence)
         ids.append(cid)
+    conn.commit()
+    return ids
+
+
+def seed_scored(
+    conn: psycopg.Connection,
+    scores: list[float],
+    batch: str = "batch-1",
+    *,
+    threshold: float = 0.5,
+    policy: str = "hate",
+    version: int = 1,
+    model: str = "cope-a-tiny",
+    active: bool = True,
+) -> list[int]:
+    """One classification per score, flagged when score >= threshold as the pipeline
+    decides (flagged ones with evidence), each on its own audio file in ``batch``;
+    returns the classification ids in the order of ``scores``."""
+    add_batch(conn, batch, "done", exist_ok=True)
+    policy_id = add_policy(conn, policy, "No hate speech.", version=version, active=active)
+    row: Any = conn.execute(
+        "SELECT count(*) AS n FROM audio_files WHERE batch_id = %s", [batch]
+    ).fetchone()
+    first = row["n"] if isinstance(row, Mapping) else row[0]  # dict or tuple rows alike
+    ids = []
+    for n, score in enumerate(scores, start=first):
+        audio_id = add_audio_file(
+            conn,
+            batch,
+            f"calls/scored{n:05d}.mp3",
+            "done",
+            duration_s=7.0,
+            opus_s3_key=f"audio/{batch}/calls/scored{n:05d}.opus",
+        )
+        add_transcript(conn, audio_id, language="en")
+        flagged = score >= threshold
+        evidence = (
+            [{"segment": 1, "start": 2.5, "end": 5.0, "score": score, "terms": ["vermin"]}]
+            if flagged
+            else []
+        )
+        ids.append(
+            add_classification(
+                conn,
+                audio_id,
+                policy_id,
+                score,
+                threshold=threshold,
+                model=model,
+                evidence=evidence,
+            )
+        )
     conn.commit()
     return ids
