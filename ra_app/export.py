@@ -66,6 +66,7 @@ SELECT l.id AS label_id, l.assignment_id, l.classification_id,
        coalesce(l.score, c.score, i.score::real) AS score,
        coalesce(l.threshold, c.threshold) AS threshold,
        u.username AS coder, a.source AS assignment_source, i.coders_needed,
+       i.entry AS entered_as, i.sample_probability, l.reviewed_blind,
        l.codebook_version, l.time_on_task_ms, a.assigned_at, l.created_at AS labeled_at,
        CASE WHEN t.audio_id IS NULL THEN l.language ELSE t.language END AS language,
        CASE WHEN t.audio_id IS NULL THEN l.asr_model ELSE t.model END AS asr_model,
@@ -89,6 +90,9 @@ BASE_COLUMNS = [
     "coder",
     "assignment_source",
     "coders_needed",
+    "entered_as",  # flagged, or audit (an unflagged item drawn into the audit sample)
+    "sample_probability",  # with which it was drawn: 1 for flagged items
+    "reviewed_blind",  # the coder saw no score, flag or evidence (RA_BLIND)
     "codebook_version",
     "time_on_task_ms",
     "assigned_at",

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from ra_app import assignment, pipeline
+from ra_app import assignment, blind, pipeline
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
 from ra_app.models import AssignmentStatus, Label, User
@@ -57,6 +57,7 @@ def record_label(
         answer=cleaned,
         time_on_task_ms=_time_on_task(time_on_task_ms, found.assigned_at, now),
         codebook_version=codebook.version,
+        reviewed_blind=blind.item_is_blind(found.classification_id),
         **facts,
     )
     db.session.add(label)

@@ -6,7 +6,7 @@ them out of SQLAlchemy's metadata keeps them out of the RA migrations too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import RowMapping, text
@@ -41,9 +41,31 @@ class ItemDetail:
     language: str | None
     transcript_text: str
     segments: list[Segment] = field(default_factory=list)
+    # A blind item carries no trace of the classifier's verdict: see blinded().
+    blind: bool = False
+
+    def blinded(self) -> ItemDetail:
+        """This item as a blind reviewer gets it: no score, threshold or evidence.
+
+        The verdict is taken out of the data, not merely left out of the page, so no
+        template, JSON response or attribute can show it by mistake. Score and
+        threshold read NaN rather than a plausible number."""
+        plain = [
+            Segment(index=s.index, start=s.start, end=s.end, text=s.text) for s in self.segments
+        ]
+        nan = float("nan")
+        return replace(self, score=nan, threshold=nan, segments=plain, blind=True)
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        """The item for the API; a blind item's has no score, threshold or evidence keys,
+        the same keys whether it was flagged or drawn for the audit."""
+        segments = []
+        for s in self.segments:
+            seg: dict[str, Any] = {"index": s.index, "start": s.start, "end": s.end, "text": s.text}
+            if not self.blind:
+                seg.update(evidence=s.evidence, terms=list(s.terms), score=s.score)
+            segments.append(seg)
+        data: dict[str, Any] = {
             "classification_id": self.classification_id,
             "audio_id": self.audio_id,
             "batch_id": self.batch_id,
@@ -51,23 +73,13 @@ class ItemDetail:
             "duration_s": self.duration_s,
             "policy": {"name": self.policy_name, "version": self.policy_version},
             "model": self.model,
-            "score": self.score,
-            "threshold": self.threshold,
             "language": self.language,
             "transcript": self.transcript_text,
-            "segments": [
-                {
-                    "index": s.index,
-                    "start": s.start,
-                    "end": s.end,
-                    "text": s.text,
-                    "evidence": s.evidence,
-                    "terms": list(s.terms),
-                    "score": s.score,
-                }
-                for s in self.segments
-            ],
+            "segments": segments,
         }
+        if not self.blind:
+            data.update(score=self.score, threshold=self.threshold)
+        return data
 
 
 def _segments(raw_segments: list[dict[str, Any]], evidence: list[dict[str, Any]]) -> list[Segment]:

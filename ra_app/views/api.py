@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 
-from ra_app import assignment, audio, pipeline
+from ra_app import assignment, audio, blind, pipeline
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.export import ExportFormat
@@ -23,7 +23,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 def _assignment_json(found: Assignment) -> dict[str, Any]:
-    item = pipeline.item_detail(found.classification_id)
+    item = blind.review_item(found.classification_id)
     return {
         "assignment_id": found.id,
         "status": found.status,

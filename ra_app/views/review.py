@@ -8,7 +8,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from werkzeug.datastructures import MultiDict
 
-from ra_app import assignment, audio, pipeline
+from ra_app import assignment, audio, blind, pipeline
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
@@ -37,7 +37,7 @@ def own_assignment(assignment_id: int) -> Assignment:
 @login_required
 def show(assignment_id: int) -> Any:
     found = own_assignment(assignment_id)
-    item = pipeline.item_detail(found.classification_id)
+    item = blind.review_item(found.classification_id)
     if item is None:
         abort(404, description="The pipeline no longer has this item.")
     editable = found.status == AssignmentStatus.ASSIGNED.value and found.user_id == current_user.id
@@ -79,7 +79,7 @@ def submit(assignment_id: int) -> Any:
             ignore=FORM_META_FIELDS,
         )
     except AnswerError as exc:
-        item = pipeline.item_detail(found.classification_id)
+        item = blind.review_item(found.classification_id)
         flash("Please fix the highlighted answers.", "error")
         answer = {k: (form.getlist(k) if len(form.getlist(k)) > 1 else form.get(k)) for k in form}
         return render_template(
