@@ -130,16 +130,19 @@ def _render_template(
 ) -> RenderedFile:
     dest = templar.template(task.args["dest"])
     src = role_path / "templates" / templar.template(task.args["src"])
-    assert not set(task.args) & TEMPLATE_JINJA_ARGS, (
-        f"{task.get_name()}: a task's own Jinja settings are not rendered here"
-    )
+    # A task's own delimiters (variable_start_string and the like), as the template
+    # action applies them: e.g. the alert rules, whose {{ $labels }} are Prometheus's.
+    overrides = {
+        **TEMPLATE_OVERRIDES,
+        **{k: templar.template(v) for k, v in task.args.items() if k in TEMPLATE_JINJA_ARGS},
+    }
     variables = {
         **templar.available_variables,
         **generate_ansible_template_vars(path=task.args["src"], fullpath=str(src), dest_path=dest),
     }
     data = trust_as_template(loader.get_text_file_contents(str(src)))
     text = Templar(loader=loader, variables=variables).template(
-        data, escape_backslashes=False, overrides=TEMPLATE_OVERRIDES
+        data, escape_backslashes=False, overrides=overrides
     )
     return RenderedFile(host=host, role=role, src=src, dest=dest, text=text or "")
 
