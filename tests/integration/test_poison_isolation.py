@@ -5,13 +5,17 @@ Redis, with claims of 8: a "poison" job makes its whole claim raise (at prepare 
 process); an "oom_above" job makes a claim too large raise a CUDA out-of-memory error.
 The good jobs must be done once each, on their first attempt; only the poison job is
 retried, then dead-lettered with its own error; a claim that ran out of memory is
-halved until it fits, and the next claims stay that small for a while.
+halved until it fits, and the next claims stay that small for a while. A forced stop,
+a kill -9 and a Redis outage (a private Redis of this module's own) in the middle of
+an isolation lose nothing and spend no attempt of the good jobs but the kill's.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,15 @@ import redis
 
 from audio_pipeline.config import QUEUE_FAILED
 from audio_pipeline.queue import DELAYED_KEY, WORKERS_KEY, heartbeat_key, processing_key
+from devtools import devstack
+from tests.support.private_stack import (
+    backend_env,
+    running_private_stack,
+    stop_redis,
+)
+from tests.support.private_stack import (
+    redis_client as private_redis,
+)
 from tests.support.workerkit.echo_worker import (
     BATCHES_KEY,
     DONE_ATTEMPT_KEY,
@@ -221,6 +234,52 @@ def test_a_forced_stop_mid_isolation_hands_back_the_unsettled_jobs_unspent(
         "_attempts": 1,
     }
     assert processing_items(redis_client) == []
+
+
+@pytest.fixture(scope="module")
+def private_stack() -> Iterator[devstack.Stack]:
+    """A Redis (and PostgreSQL) of this module's own: the test stops its Redis."""
+    with running_private_stack("poison-stack-") as stack:
+        yield stack
+
+
+def test_a_redis_outage_mid_isolation_costs_no_attempt(
+    private_stack: devstack.Stack, pipeline_env, tmp_path: Path
+):
+    st = private_stack
+    r = private_redis(st)
+    r.flushall()
+    env = {**pipeline_env, **backend_env(st), "REDIS_DB": "0"}
+    push(
+        r,
+        {"id": "poison", "poison": "process"},
+        {"id": "long", "sleep": 3.0},  # ends while Redis is away: its result write fails
+        {"id": "c"},
+        {"id": "d"},
+    )
+    log = tmp_path / "echo.log"
+    proc = start_module(ECHO, env, ["--drain"], extra_env={"ECHO_BATCH_SIZE": "4"}, log_path=log)
+    try:
+        wait_for(lambda: r.lrange(STARTED_KEY, 0, -1) == ["long"], what="isolation")
+        stop_redis(st)
+        time.sleep(5.0)
+        assert proc.poll() is None, "the worker exited during the outage"
+        devstack.start_redis(st)
+        code, _ = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert code == 0, out
+
+    # "long" was handed back unspent and done later, on its first attempt
+    assert_done_once_on_first_attempt(r, ["long", "c", "d"])
+    assert r.lrange(STARTED_KEY, 0, -1).count("long") == 2
+    assert lines(out, "redis.unavailable")
+    assert lines(out, "redis.recovered")
+    assert lines(out, "job.released")  # "long", back to the head of its queue, untried
+    assert_poison_dead_lettered(r, "poison", "process")
+    assert_nothing_left(r)
 
 
 def test_kill_9_mid_isolation_loses_nothing(pipeline_env, redis_client, tmp_path: Path):
