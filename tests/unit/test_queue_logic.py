@@ -110,6 +110,12 @@ def test_gpu_out_of_memory_is_recognised(error):
     assert is_out_of_memory(error)
 
 
+def test_torchs_own_out_of_memory_error_is_recognised():
+    torch = pytest.importorskip("torch")
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert is_out_of_memory(torch.OutOfMemoryError("Tried to allocate 2.00 GiB"))
+
+
 def test_an_out_of_memory_wrapped_in_another_error_is_recognised():
     wrapped = ValueError("transcribing the claim failed")
     wrapped.__cause__ = RuntimeError("CUDA failed with error out of memory")
