@@ -8,10 +8,15 @@ it is done:
     drain    until a turn does nothing and ``drained()`` says nothing is left
 
 Shutdown is two-stage (like RQ's warm and cold stop): the first SIGTERM/SIGINT sets
-``stopping``, so the turn in hand finishes and the loop ends; a second one sets
+``stopping``, so the turn in hand may finish and the loop ends, and starts the stop
+grace (WORKER_STOP_GRACE_S). A second signal, or the grace running out first, sets
 ``stop_forced`` and, while the service is inside ``interruptible()``, raises
-ShutdownForced there to abandon the work in hand (``on_forced_stop`` gives it back).
-Either way the exit code is 0 unless the run itself set ``exit_code``.
+ShutdownForced there to abandon the work in hand: child processes (ffmpeg) are
+terminated and ``on_forced_stop`` gives the work back unspent (a queue worker
+releases its jobs to the head of their queues, no attempt counted). So a deploy
+never waits past the grace and never costs an attempt; the units set a grace
+shorter than their TimeoutStopSec, which stays the hard bound. Either way the exit
+code is 0 unless the run itself set ``exit_code``.
 
 A side thread keeps the heartbeat hash alive (what ``audio-pipeline status`` shows)
 and runs the reaper, which returns the jobs of workers whose heartbeat lapsed; every
@@ -34,9 +39,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -59,6 +65,13 @@ from audio_pipeline.runtime.outage import (
 T = TypeVar("T")
 
 JOB_EXCERPT_CHARS = 500  # of the payload in hand, in the heartbeat hash
+# How long the first stop signal lets the work in hand go on before it is handed
+# back, where nothing sets WORKER_STOP_GRACE_S (a terminal, a test). The units set
+# their own, below their TimeoutStopSec.
+DEFAULT_STOP_GRACE_S = 60.0
+# The grace runs out on SIGALRM, so it works whatever the main thread is blocked in.
+GRACE_SIGNAL = signal.SIGALRM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RunMode(StrEnum):
@@ -82,11 +95,27 @@ class ShutdownForced(BaseException):
 
 
 @dataclass(frozen=True)
+class ServiceTimings(EnvSettings):
+    """How a worker process keeps time: its heartbeat, and the grace a stop gives the
+    work in hand (WORKER_STOP_GRACE_S; 0: hand it back at the first signal)."""
+
+    heartbeat: HeartbeatTimings = field(default_factory=HeartbeatTimings)
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
+
+    @classmethod
+    def read(cls, env: EnvReader) -> ServiceTimings:
+        return cls(
+            heartbeat=HeartbeatTimings.read(env),
+            stop_grace_s=env.seconds("WORKER_STOP_GRACE_S", DEFAULT_STOP_GRACE_S, allow_zero=True),
+        )
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything a worker process reads from its environment, read once at start-up."""
 
     settings: Settings
-    timings: HeartbeatTimings
+    timings: ServiceTimings
     retry: RetryPolicy
     stage: Any  # the stage's own settings: ``read_stage_settings``
 
@@ -99,7 +128,7 @@ def read_service_config(
     env = EnvReader(environ)
     config = ServiceConfig(
         settings=Settings.read(env),
-        timings=HeartbeatTimings.read(env),
+        timings=ServiceTimings.read(env),
         retry=RetryPolicy.read(env),
         stage=service_cls.read_stage_settings(env),
     )
@@ -130,7 +159,7 @@ class Service:
         *,
         mode: RunMode = RunMode.FOREVER,
         worker_id: str | None = None,
-        timings: HeartbeatTimings | None = None,
+        timings: ServiceTimings | None = None,
         retry: RetryPolicy | None = None,
         stage_settings: Any = None,
     ) -> None:
@@ -149,6 +178,7 @@ class Service:
             stage_settings = read_all(type(self).read_stage_settings, {})
         self.settings = settings
         self.stage_settings = stage_settings
+        self.timings = timings or ServiceTimings()
         self.mode = RunMode(mode)
         self.worker_id = worker_id or f"{self.stage}:{self.settings.worker_host}:{os.getpid()}"
         self.log = logging.getLogger(f"audio_pipeline.workers.{self.stage}")
@@ -162,6 +192,7 @@ class Service:
         self.state = ServiceState.STARTING
         self._stop_forced = False
         self._interruptible = False  # True only inside interruptible()
+        self._signals_installed = False  # handlers (and the grace timer) are ours
         self._db: ConnectionPool | None = None
         self._db_lock = threading.Lock()  # a side thread may be the first to ask
         self._started_at = utc_now_iso()
@@ -173,7 +204,7 @@ class Service:
         }
         self.heartbeat = Heartbeat(
             self.queue,
-            timings or HeartbeatTimings(),
+            self.timings.heartbeat,
             self._heartbeat_fields,
             self.log,
             self.backends["redis"],
@@ -261,6 +292,10 @@ class Service:
                     self.wait_for(name)
             self.on_stop()
         except ShutdownForced:
+            self._disarm_grace()
+            # Nothing may still work on what goes back (an ffmpeg started just before
+            # the stop): another worker may claim it at once.
+            self._terminate_children()
             try:
                 self.on_forced_stop()
             except Exception as exc:
@@ -268,6 +303,7 @@ class Service:
         except Exception as exc:
             self._stopped_during_outage(exc)
         finally:
+            self._disarm_grace()
             self.state = ServiceState.STOPPING
             self._shutdown()
         self.log_stage_event("worker.stopped", worker=self.worker_id, exit_code=self.exit_code)
@@ -401,21 +437,68 @@ class Service:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # tests may run the loop in a thread; signals stay with the runner
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
+        for signum in (*STOP_SIGNALS, GRACE_SIGNAL):
+            signal.signal(signum, self._on_stop_signal)
+        self._signals_installed = True
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT: the first starts the grace, the second forces the stop;
+        SIGALRM: the grace ran out, which forces it too. Runs on the main thread,
+        whatever it is blocked in (a subprocess wait, a lock, Python code)."""
+        if signum == GRACE_SIGNAL:
+            if self.stopping and not self._stop_forced:  # else a stray alarm
+                self._force_stop("worker.stop_grace_expired", grace_s=self.timings.stop_grace_s)
+            return
         name = signal.Signals(signum).name
-        held = self.in_hand().count
         if not self.stopping:
             self.stopping = True
             self.state = ServiceState.STOPPING  # shown in the heartbeat / `status`
-            self.log_stage_event("worker.stop_requested", signal=name, jobs_in_hand=held)
+            grace = self.timings.stop_grace_s
+            self.log_stage_event(
+                "worker.stop_requested",
+                signal=name,
+                jobs_in_hand=self.in_hand().count,
+                grace_s=grace,
+            )
+            if grace > 0:
+                if self._signals_installed:  # else the alarm is not ours to set
+                    signal.setitimer(signal.ITIMER_REAL, grace)
+            else:
+                self._force_stop("worker.stop_grace_expired", grace_s=grace)
             return
+        self._force_stop("worker.stop_forced", signal=name)
+
+    def force_stop(self, **why: Any) -> None:
+        """What a second stop signal does, for a stage whose work in hand cannot finish
+        in this process (its ffmpeg got the stop signal too): hand it back now."""
+        self.stopping = True
+        self.state = ServiceState.STOPPING
+        self._force_stop("worker.stop_forced", **why)
+
+    def _force_stop(self, event: str, **fields: Any) -> None:
+        """Abandon the work in hand: ShutdownForced inside ``interruptible()``; the
+        jobs named in ``event`` go back once it has unwound (``on_forced_stop``)."""
+        self._disarm_grace()
         self._stop_forced = True
-        self.log_stage_event("worker.stop_forced", signal=name, jobs_in_hand=held)
+        held = self.in_hand()
+        self.log_stage_event(
+            event, jobs_in_hand=held.count, jobs=held.ids, look_ahead=held.ahead, **fields
+        )
         if self._interruptible:
             raise ShutdownForced
+
+    def _disarm_grace(self) -> None:
+        if self._signals_installed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _terminate_children(self) -> None:
+        """SIGTERM this process's children: their work was abandoned. Without it the
+        exit would wait for each (an ffmpeg thread pool joins its threads)."""
+        pids = terminate_children()
+        if pids:
+            self.log_stage_event(
+                "worker.children_terminated", pids=",".join(str(pid) for pid in pids)
+            )
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         held = self.in_hand()
@@ -430,3 +513,22 @@ class Service:
             "look_ahead": held.ahead,
             **self.describe(),
         }
+
+
+def terminate_children() -> list[int]:
+    """SIGTERM every child process of this one (found in /proc: Linux); their pids."""
+    me = os.getpid()
+    pids: list[int] = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # after "pid (comm) ": state, ppid, ... (comm may hold spaces and parentheses)
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1] == str(me):
+            pids.append(int(stat.parent.name))
+    for pid in pids:
+        with suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGTERM)
+    return pids

@@ -259,7 +259,11 @@ def load_worker(process: Process, tmp_path: Path) -> dict[str, Any]:
     # The constructors themselves cannot run here (the unpack worker creates
     # SCRATCH_ROOT and wants ffmpeg); what they are given is what is read here.
     config = read_service_config(WORKERS[process.program])
-    loaded: dict[str, Any] = {"settings": config.settings, "stage": config.stage}
+    loaded: dict[str, Any] = {
+        "settings": config.settings,
+        "stage": config.stage,
+        "timings": config.timings,
+    }
     if isinstance(config.stage, GpuSettings):
         loaded |= {"asr": config.stage.asr, "classifier": config.stage.classifier}
     if isinstance(config.stage, TransferSettings):
@@ -418,6 +422,29 @@ def test_each_worker_script_runs_the_worker_checked_here() -> None:
     for program, worker_cls in WORKERS.items():
         module, _, _ = SCRIPTS[program].partition(":")
         assert worker_cls.__module__ == module, f"{program} runs {module}, not {worker_cls}"
+
+
+# What a worker needs after its stop grace to hand its claim back and exit.
+MIN_HANDBACK_S = 15
+
+
+def test_worker_units_hand_the_claim_back_before_systemd_kills_them(
+    procs: list[Process], started: dict[Process, dict[str, Any] | Exception]
+) -> None:
+    workers = [p for p in procs if p.program in WORKERS]
+    assert {p.program for p in workers} == set(WORKERS)
+    problems = []
+    for p in workers:
+        (stop_timeout,) = p.service["TimeoutStopSec"]
+        grace = loaded(started, p)["timings"].stop_grace_s
+        if p.service.get("KillMode") != ["mixed"]:
+            problems.append(f"{p}: KillMode is not mixed: ffmpeg would die at the first SIGTERM")
+        if not 0 < grace <= float(stop_timeout) - MIN_HANDBACK_S:
+            problems.append(
+                f"{p}: stop grace {grace} s leaves under {MIN_HANDBACK_S} s of "
+                f"TimeoutStopSec={stop_timeout} to hand the claim back"
+            )
+    assert not problems, "\n".join(["", *problems])
 
 
 def test_ra_app_runs_the_one_gunicorn_config_on_loopback_behind_nginx(

@@ -12,7 +12,7 @@ import pytest
 from audio_pipeline.config import ConfigError, load_settings
 from audio_pipeline.queue import RetryPolicy
 from audio_pipeline.runtime.heartbeat import HeartbeatTimings
-from audio_pipeline.runtime.service import Service, ShutdownForced
+from audio_pipeline.runtime.service import Service, ServiceTimings, ShutdownForced
 
 BAD_ENV = {
     "WORKER_HEARTBEAT_INTERVAL_S": "soon",
@@ -121,3 +121,35 @@ def test_a_shielded_step_finishes_before_the_forced_stop(service):
     with pytest.raises(ShutdownForced):
         work()
     assert steps == ["claimed and recorded"]
+
+
+def test_the_stop_grace_is_read_with_every_other_setting(monkeypatch):
+    monkeypatch.setenv("WORKER_STOP_GRACE_S", "45")
+    assert Idle().timings.stop_grace_s == 45
+    monkeypatch.setenv("WORKER_STOP_GRACE_S", "soon")
+    monkeypatch.setenv("QUEUE_MAX_ATTEMPTS", "many")
+    with pytest.raises(ConfigError, match="WORKER_STOP_GRACE_S") as raised:
+        Idle()
+    assert "QUEUE_MAX_ATTEMPTS" in str(raised.value)  # listed together
+
+
+def test_the_grace_running_out_abandons_interruptible_work(service):
+    signal_stop(service)
+    assert not service.stop_forced  # the grace runs
+    with pytest.raises(ShutdownForced), service.interruptible():
+        service._on_stop_signal(signal.SIGALRM, None)
+    assert service.stop_forced
+
+
+def test_an_alarm_before_any_stop_is_ignored(service):
+    with service.interruptible():
+        service._on_stop_signal(signal.SIGALRM, None)
+    assert not service.stopping
+    assert not service.stop_forced
+
+
+def test_a_zero_grace_hands_the_work_back_at_the_first_signal():
+    service = Idle(load_settings({}), worker_id="idle:test", timings=ServiceTimings(stop_grace_s=0))
+    with pytest.raises(ShutdownForced), service.interruptible():
+        signal_stop(service)
+    assert service.stop_forced

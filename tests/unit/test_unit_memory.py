@@ -75,11 +75,19 @@ def test_systemd_accepts_the_memory_settings(fleet, host, tmp_path):
 
 TEMPLATES = {
     "roles/gpu_worker/templates/worker.service.j2": lambda high: {
-        "item": {"name": "gpu-worker", "memory_max": "40G", "memory_high": high}
+        "item": {
+            "name": "gpu-worker",
+            "memory_max": "40G",
+            "memory_high": high,
+            "stop_timeout": 300,
+        },
+        "gpu_worker_stop_handback_s": 30,
     },
     "roles/transfer/templates/transfer-worker.service.j2": lambda high: {
         "transfer_memory_max": "1G",
         "transfer_memory_high": high,
+        "transfer_stop_timeout": 120,
+        "transfer_stop_handback_s": 30,
     },
     "roles/orchestrator/templates/ra-app.service.j2": lambda high: {
         "orchestrator_ra_app_memory_max": "6G",
