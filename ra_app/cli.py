@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 from flask import Flask
 from flask.cli import with_appcontext
 from sqlalchemy.exc import IntegrityError
 
 from ra_app import assignment, users
+from ra_app.codebook_support import get_codebook
 from ra_app.config import API_TOKEN_DAYS
+from ra_app.evaluation import DEFAULT_TARGET_PRECISION
+from ra_app.evaluation_source import evaluate_study
 from ra_app.extensions import db
 from ra_app.models import Role, User
 from ra_app.security import issue_token
@@ -147,6 +152,41 @@ def assign_batch(batch_id: str, username: str) -> None:
     click.echo(f"assigned {n} items of {batch_id!r} to {username!r}")
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@click.command("evaluate")
+@with_appcontext
+@click.option("--json", "as_json", is_flag=True, help="one JSON list, one object per group")
+@click.option(
+    "--precision",
+    "target",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_TARGET_PRECISION,
+    show_default=True,
+    help="the precision the suggested threshold must reach",
+)
+def evaluate(as_json: bool, target: float) -> None:
+    """Precision, recall, prevalence and F1 of the classifier per policy version x model,
+    measured with the RAs' labels (recall and prevalence from the audit sample)."""
+    groups = evaluate_study(get_codebook(), target)
+    if groups is None:
+        raise click.ClickException(
+            "the codebook declares no verdict field (see ra_app/codebook.py: verdict)"
+        )
+    if as_json:
+        click.echo(json.dumps([g.as_json() for g in groups], indent=2))
+        return
+    click.echo("policy\tversion\tmodel\tflagged\taudit\tprecision\t95% CI\trecall\tprevalence\tF1")
+    for g in groups:
+        ci = f"{g.precision_ci[0]:.3f}-{g.precision_ci[1]:.3f}" if g.precision_ci else "-"
+        cells = [g.policy, str(g.policy_version), g.model, str(g.reviewed_flagged)]
+        cells += [str(g.reviewed_audit), _figure(g.precision), ci, _figure(g.recall)]
+        cells += [_figure(g.prevalence), _figure(g.f1)]
+        click.echo("\t".join(cells))
+
+
 def init_app(app: Flask) -> None:
     for command in (
         create_user,
@@ -158,5 +198,6 @@ def init_app(app: Flask) -> None:
         sync_queue,
         expire_assignments,
         assign_batch,
+        evaluate,
     ):
         app.cli.add_command(command)

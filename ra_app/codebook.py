@@ -23,6 +23,14 @@ A codebook file looks like::
         label: Notes
         type: text
         max_length: 2000
+    verdict:                  # optional: which answers say "violates" (evaluation)
+      field: violates
+      positive: ["yes"]
+      negative: ["no"]        # any other option (unsure) is excluded and counted
+
+Without a ``verdict`` entry, a single-choice field ``violates`` with options ``yes``
+and ``no`` is the verdict (``yes`` positive, ``no`` negative); a codebook with
+neither has no verdict, and the evaluation says so.
 
 Every problem is reported at once, each naming the path of the bad entry, e.g.
 ``fields[2].options[1].key: duplicate shortcut 'v' (also fields[0].options[0])``.
@@ -121,11 +129,32 @@ class Field:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Which answers of which single-choice field say the content violates the policy."""
+
+    field: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]  # the field's other options are excluded (and counted)
+
+    def of(self, value: Any) -> bool | None:
+        """True for a positive answer, False for a negative one, None otherwise."""
+        if value in self.positive:
+            return True
+        if value in self.negative:
+            return False
+        return None
+
+
+DEFAULT_VERDICT = Verdict(field="violates", positive=("yes",), negative=("no",))
+
+
+@dataclass(frozen=True)
 class Codebook:
     study: str
     version: str
     instructions: str
     fields: tuple[Field, ...]
+    verdict: Verdict | None = None
 
     def field(self, field_id: str) -> Field:
         for f in self.fields:
@@ -195,7 +224,8 @@ def codebook_from_dict(data: Any, *, source: str = "<dict>") -> Codebook:
     return _Validator(source).codebook(data)
 
 
-_CODEBOOK_KEYS = {"study", "version", "instructions", "fields"}
+_CODEBOOK_KEYS = {"study", "version", "instructions", "fields", "verdict"}
+_VERDICT_KEYS = {"field", "positive", "negative"}
 _FIELD_KEYS = {"id", "label", "description", "type", "required", "options", "max_length"}
 _OPTION_KEYS = {"value", "label", "description", "key"}
 
@@ -219,9 +249,45 @@ class _Validator:
         version = self.version(data.get("version"))
         instructions = self.text("instructions", data.get("instructions"), required=False)
         fields = self.fields(data.get("fields"))
+        if "verdict" in data:
+            verdict = self.verdict(data["verdict"], fields)
+        else:
+            verdict = _default_verdict(fields)
         if self.errors:
             raise CodebookError(self.source, self.errors)
-        return Codebook(study=study, version=version, instructions=instructions, fields=fields)
+        return Codebook(
+            study=study, version=version, instructions=instructions, fields=fields, verdict=verdict
+        )
+
+    def verdict(self, raw: Any, fields: tuple[Field, ...]) -> Verdict | None:
+        if not isinstance(raw, Mapping):
+            self.error("verdict", f"expected a mapping, got {_kind(raw)}")
+            return None
+        self.unknown_keys("verdict", raw, _VERDICT_KEYS)
+        field_id = raw.get("field")
+        field = next((f for f in fields if f.id == field_id), None)
+        if field is None:
+            self.error("verdict.field", f"no field {field_id!r} in this codebook")
+            return None
+        if field.type is not FieldType.SINGLE:
+            self.error("verdict.field", f"{field_id!r} must be a single-choice field")
+            return None
+        sides: dict[str, tuple[str, ...]] = {}
+        for side in ("positive", "negative"):
+            values = raw.get(side)
+            if isinstance(values, str):
+                values = [values]
+            if not isinstance(values, list) or not values:
+                self.error(f"verdict.{side}", "expected a non-empty list of option values")
+                values = []
+            for value in values:
+                if value not in field.option_values:
+                    self.error(f"verdict.{side}", f"{value!r} is not an option of {field_id!r}")
+            sides[side] = tuple(str(v) for v in values)
+        both = set(sides["positive"]) & set(sides["negative"])
+        if both:
+            self.error("verdict", f"{', '.join(sorted(both))} cannot be positive and negative")
+        return Verdict(field=field.id, positive=sides["positive"], negative=sides["negative"])
 
     def unknown_keys(self, path: str, data: Mapping[Any, Any], allowed: set[str]) -> None:
         for key in data:
@@ -382,6 +448,16 @@ class _Validator:
             return key
         self.key_owner[key] = owner
         return key
+
+
+def _default_verdict(fields: tuple[Field, ...]) -> Verdict | None:
+    """The default verdict where the codebook has its field and options, else None."""
+    d = DEFAULT_VERDICT
+    for f in fields:
+        if f.id == d.field and f.type is FieldType.SINGLE:
+            wanted = (*d.positive, *d.negative)
+            return d if all(v in f.option_values for v in wanted) else None
+    return None
 
 
 def _kind(value: Any) -> str:

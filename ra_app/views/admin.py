@@ -20,6 +20,8 @@ from flask_login import current_user, login_user
 
 from ra_app import assignment, pipeline, reports, users
 from ra_app.codebook_support import get_codebook
+from ra_app.evaluation import DEFAULT_TARGET_PRECISION
+from ra_app.evaluation_source import evaluate_study
 from ra_app.export import MIME, ExportFormat, export_lines
 from ra_app.extensions import db
 from ra_app.forms import ActionForm, AssignBatchForm, NewUserForm, ResetPasswordForm, TokenForm
@@ -68,6 +70,26 @@ def disagreements() -> Any:
     found = reports.disagreement_page(get_codebook(), page, size)
     return render_template(
         "admin/disagreements.html", found=found, page=page, has_next=found.has_next
+    )
+
+
+@bp.get("/evaluation")
+@admin_required
+def evaluation() -> Any:
+    target = request.args.get("precision", DEFAULT_TARGET_PRECISION, type=float)
+    if target is None or not 0.0 <= target <= 1.0:
+        target = DEFAULT_TARGET_PRECISION
+    codebook = get_codebook()
+    verdict = codebook.verdict
+    excluded = []
+    if verdict is not None:
+        field = codebook.field(verdict.field)
+        excluded = [v for v in field.option_values if verdict.of(v) is None]
+    return render_template(
+        "admin/evaluation.html",
+        groups=evaluate_study(codebook, target),
+        target=target,
+        excluded=excluded,
     )
 
 
