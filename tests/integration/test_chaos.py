@@ -80,6 +80,7 @@ ARRIVAL_GAP_S = 2.0  # between two archives landing on the collection host
 KILLS_PER_KIND = 4
 WORK_TIMEOUT_S = 420.0  # from the first archive to every batch done
 QUIET_TIMEOUT_S = 60.0  # for the last settles, after every batch is done
+STOP_TIMEOUT_S = 60.0  # for every worker to stop on SIGTERM at the end
 STALL_S = 30.0  # nothing queued and no progress this long: the run is over, done or not
 
 HOSTS = ("gpu-a", "gpu-b")
@@ -95,6 +96,10 @@ MAX_ATTEMPTS = 2 * KILLS_PER_KIND + 4
 BUSY_WAIT_S = 8.0  # a kill waits this long for a worker of its kind to hold a job
 HOST_QUEUE_WAIT_S = 60.0  # losing a host waits this long for files in its queue...
 HOST_QUEUE_MIN = 2  # ...and for at least this many
+# Redis and PostgreSQL stay away this long when restarted: long enough for every
+# worker to meet refused connections mid-job, not an outage of minutes
+# (test_outages.py has those).
+RESTART_DOWN_S = 3.0
 
 # Worker timings: a lapsed heartbeat is noticed within seconds, retries come at once.
 # The TTL leaves room for a heartbeat thread starved on 2 busy cores.
@@ -291,10 +296,11 @@ class Fleet:
             assert w.proc is not None
             w.proc.send_signal(signal.SIGTERM)
         codes: dict[str, int] = {}
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for w in running:
             assert w.proc is not None
             try:
-                codes[w.name] = w.proc.wait(timeout=60)
+                codes[w.name] = w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 w.kill()
                 codes[w.name] = -9
@@ -423,7 +429,10 @@ def take_account(
             (policies,),
         ).fetchone()
         batches = conn.execute(
-            "SELECT batch_id, status, files_failed, error FROM batches ORDER BY batch_id"
+            "SELECT b.batch_id, b.status, b.files_failed, b.error,"
+            " count(a.id) FILTER (WHERE a.status = 'done'), count(a.id)"
+            " FROM batches b LEFT JOIN audio_files a USING (batch_id)"
+            " GROUP BY b.batch_id ORDER BY b.batch_id"
         ).fetchall()
     assert duplicates is not None
     account.duplicate_rows = {
@@ -458,8 +467,9 @@ def take_account(
     account.working_rows = [
         f"file {b}/{rel}: {status}" for (b, rel), (status, *_) in found.items() if status != "done"
     ] + [
-        f"batch {b}: {status} (files_failed={failed}, error={error!r})"
-        for b, status, failed, error in batches
+        f"batch {b}: {status} with {done} of {n} files done "
+        f"(files_failed={failed}, error={error!r})"
+        for b, status, failed, error, done, n in batches
         if status != "done" or failed
     ]
     missing = set(samples) - {b for b, *_ in batches}
@@ -629,11 +639,11 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
             fleet.kill_and_restart(rng.choice(busy or candidates), mid_job)
         elif d.action is Action.RESTART_REDIS:
             down = time.monotonic()
-            restart_redis(st)
+            restart_redis(st, RESTART_DOWN_S)
             restarts["redis"] = time.monotonic() - down
         elif d.action is Action.RESTART_POSTGRES:
             down = time.monotonic()
-            restart_postgres(st)
+            restart_postgres(st, RESTART_DOWN_S)
             restarts["postgres"] = time.monotonic() - down
         elif d.action is Action.LOSE_HOST:
             host_queue = f"{QUEUE_TRANSCRIBE}:{lost_host}"
@@ -707,6 +717,15 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
             db=db,
             account=account,
             codes=codes,
+            scratch_left={
+                place: sorted(
+                    str(f.relative_to(tmp_path / place))
+                    for f in (tmp_path / place).rglob("*")
+                    if f.is_file()
+                )
+                for place in (COLLECTOR, *HOSTS)
+                if place != lost_host
+            },
             work_s=work_s,
             total_s=time.monotonic() - started,
         )
@@ -732,10 +751,12 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     assert set(restarts) == {"redis", "postgres"}
     survivors = [h for h in HOSTS if h != lost_host]
     moved = count_events(log_dir, "queue.host_lost", "moved")
-    assert moved >= 1, (
-        f"{lost_queued} files waited for {lost_host} when it was lost, but no reaper "
-        f"moved them to {QUEUE_TRANSCRIBE} (the {survivors[0]} workers' logs say nothing)"
+    assert moved >= lost_queued, (
+        f"{lost_queued} files waited for {lost_host} when it was lost, but the reaper "
+        f"moved {moved} to {QUEUE_TRANSCRIBE} (the {survivors[0]} workers' logs)"
     )
+    # its scratch went with it: what it had unpacked came from S3
+    assert count_events(log_dir, "gpu.fetched") >= 1
 
 
 def report(
@@ -751,6 +772,7 @@ def report(
     db: str,
     account: Account | None,
     codes: dict[str, int],
+    scratch_left: dict[str, list[str]],
     work_s: float,
     total_s: float,
 ) -> str:
@@ -787,11 +809,17 @@ def report(
             f"jobs retried {count_events(log_dir, 'job.retry')}, returned by the reaper "
             f"{count_events(log_dir, 'reaper.returned', 'jobs')}, recovered at start "
             f"{count_events(log_dir, 'worker.recovered', 'jobs')}, lost ownership "
-            f"{count_events(log_dir, 'job.lost_ownership')}, files transcribed again {repeated}",
+            f"{count_events(log_dir, 'job.lost_ownership')}, files transcribed again {repeated}, "
+            f"Opus fetched from S3 {count_events(log_dir, 'gpu.fetched')}",
             f"transcripts' word error rate: mean {sum(wers) / max(1, len(wers)):.2f}, "
             f"worst {worst[1]:.2f} ({worst[0]})",
             f"outage lines: redis.unavailable {count_events(log_dir, 'redis.unavailable')}, "
             f"postgres.unavailable {count_events(log_dir, 'postgres.unavailable')}",
+            "files left in scratch (not required to be none): "
+            + ", ".join(
+                f"{place} {len(left)}" + (f" {left[:3]}" if left else "")
+                for place, left in scratch_left.items()
+            ),
             f"duration: {total_s:.0f} s in all, {work_s:.0f} s from the first archive to the "
             "last batch done",
             "disruptions: " + "; ".join(fired),

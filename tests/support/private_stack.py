@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,13 +113,16 @@ def stop_postgres(stack: devstack.Stack) -> None:
     )
 
 
-def restart_redis(stack: devstack.Stack) -> None:
-    """Stop with its data saved, then start again (it loads the saved data)."""
+def restart_redis(stack: devstack.Stack, down_s: float = 0.0) -> None:
+    """Stop with its data saved, stay away ``down_s``, start again (it loads the data)."""
     stop_redis(stack)
+    time.sleep(down_s)
     devstack.start_redis(stack)
 
 
-def restart_postgres(stack: devstack.Stack) -> None:
-    """``pg_ctl stop -m fast`` (every connection cut), then start with the stack's options."""
+def restart_postgres(stack: devstack.Stack, down_s: float = 0.0) -> None:
+    """``pg_ctl stop -m fast`` (every connection cut), stay away ``down_s``, then start
+    with the stack's options."""
     stop_postgres(stack)
+    time.sleep(down_s)
     devstack.start_postgres(stack)
