@@ -120,4 +120,8 @@ def test_bad_queue_settings_are_named() -> None:
     for name in ("RA_QUEUE_ORDER", "RA_DOUBLE_CODED_SHARE", "CODEBOOK_PATH", "RA_ASSIGNMENT_TTL_S"):
         assert name in message
     assert load_ra_settings({}).queue_order == "score"
+    assert load_ra_settings({"RA_QUEUE_ORDER": "uncertainty"}).queue_order == "uncertainty"
+    assert load_ra_settings({}).blind == "audit"
+    with pytest.raises(ConfigError, match="RA_BLIND"):
+        load_ra_settings({"RA_BLIND": "partly"})
     assert sqlalchemy_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.models import Assignment, Label, User
-from tests.support.web import add_user, login, make_app, seed_items
+from tests.support.web import add_user, login, make_app, seed_items, seed_scored
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +44,18 @@ def test_batch_order(ra_env: dict[str, str], db_conn: Any) -> None:
     app = make_app({**ra_env, "RA_QUEUE_ORDER": "batch"})
     add_user(app, "ann")
     assert _claim_all(app, "ann") == first + later
+
+
+def test_uncertainty_order_serves_the_items_nearest_their_threshold_first(
+    ra_env: dict[str, str], db_conn: Any
+) -> None:
+    # distances to the threshold: 0.03, 0.06, 0.2, 0.4, 0.45 (threshold 0.5), and 0.02
+    # for the item whose own threshold is 0.8; unflagged items come in as audit items
+    far, near, mid, low, close = seed_scored(db_conn, [0.95, 0.56, 0.7, 0.1, 0.47])
+    [own] = seed_scored(db_conn, [0.78], threshold=0.8)
+    app = make_app({**ra_env, "RA_QUEUE_ORDER": "uncertainty", "RA_AUDIT_SHARE": "1"})
+    add_user(app, "ann")
+    assert _claim_all(app, "ann") == [own, close, near, mid, low, far]
 
 
 def test_random_order_is_fixed_by_the_seed(ra_env: dict[str, str], db_conn: Any) -> None:
