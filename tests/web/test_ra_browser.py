@@ -1,5 +1,6 @@
-"""Headless Chromium against a real gunicorn: log in, review three items by
-keyboard only, export. Uses Debian's chromium; never downloads a browser."""
+"""Headless Chromium against a real gunicorn: log in, review three flagged items and
+one blind audit item by keyboard only, export. Uses Debian's chromium; never
+downloads a browser."""
 
 from __future__ import annotations
 
@@ -26,14 +27,18 @@ from tests.support.browser_kit import (
     login_by_keyboard,
 )
 from tests.support.media import tone
-from tests.support.web import PASSWORD, seed_items
+from tests.support.web import PASSWORD, seed_items, seed_scored
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 30.0  # seconds
-SCREENSHOT = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp")) / "ra_review_page.png"
+SCREENSHOTS = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp"))
+SCREENSHOT = SCREENSHOTS / "ra_review_page.png"
+BLIND_SCREENSHOT = SCREENSHOTS / "ra_review_page_blind.png"
+FLAGGED_ITEMS = 3
+AUDIT_SCORE = 0.12  # one unflagged item, drawn into the audit sample (RA_AUDIT_SHARE=1)
 
 
 def _free_port() -> int:
@@ -48,7 +53,8 @@ def server(
 ) -> Iterator[str]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed")
-    seed_items(db_conn, 3)
+    seed_items(db_conn, FLAGGED_ITEMS)
+    seed_scored(db_conn, [AUDIT_SCORE])
     clip = tone(tmp_path / "clip.opus", 7.0)
     for row in db_conn.execute("SELECT opus_s3_key FROM audio_files").fetchall():
         s3_client.upload_file(str(clip), pipeline_env["S3_BUCKET"], row["opus_s3_key"])
@@ -58,6 +64,8 @@ def server(
         "SECRET_KEY": "browser-test",
         "RA_WORKERS": "2",
         "RA_DOUBLE_CODED_SHARE": "0",
+        "RA_AUDIT_SHARE": "1",
+        "RA_BLIND": "audit",
         "RA_NEW_PASSWORD": PASSWORD,
     }
     flask = [str(BIN / "flask"), "--app", "ra_app"]
@@ -106,6 +114,14 @@ def server(
         log.close()
 
 
+def _shows_verdict(page: Any) -> bool:
+    """Whether the page shows any of the classifier's verdict: a score, a threshold,
+    a highlighted segment or the evidence note beside one."""
+    meta = page.inner_text("dl.meta")
+    highlighted = page.locator(".segment.evidence").count() + page.locator(".why").count()
+    return "Score" in meta or "threshold" in meta or highlighted > 0
+
+
 def test_review_three_items_by_keyboard_and_export(
     server: str, pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -119,9 +135,17 @@ def test_review_three_items_by_keyboard_and_export(
         page.keyboard.press("Enter")  # "Next item" has the focus
         page.wait_for_url("**/review/*")
         seen = []
-        for n in range(3):
+        # score order: the flagged items, then the audit item, which is shown blind
+        for n in range(FLAGGED_ITEMS + 1):
             page.wait_for_selector("#label-form")
             seen.append(page.url)
+            if n < FLAGGED_ITEMS:
+                assert _shows_verdict(page)
+            else:
+                assert not _shows_verdict(page)
+                assert f"{AUDIT_SCORE:.2f}" not in page.inner_text("body")
+                assert page.is_visible("text=You people are vermin.")
+                page.screenshot(path=str(BLIND_SCREENSHOT), full_page=True)
             # the audio streams through the app with its metadata readable
             page.wait_for_function("document.getElementById('player').readyState >= 1")
             page.keyboard.press(" ")  # play
@@ -145,13 +169,13 @@ def test_review_three_items_by_keyboard_and_export(
             page.keyboard.press("Enter")  # submit; the next item loads
             page.wait_for_load_state("load")
             page.wait_for_url(lambda u, last=seen[-1]: u != last)
-        assert len(set(seen)) == 3
+        assert len(set(seen)) == FLAGGED_ITEMS + 1
         assert "Nothing left to review" in page.content()
 
         # RA tables are the ra_app role's: the pipeline role cannot read them
         with psycopg.connect(pipeline_env["DATABASE_URL"], row_factory=dict_row) as conn:
             labels = conn.execute("SELECT answer, time_on_task_ms FROM ra_labels").fetchall()
-        assert len(labels) == 3
+        assert len(labels) == FLAGGED_ITEMS + 1
         assert all(
             r["answer"]["violates"] == "yes"
             and r["answer"]["severity"] == "medium"
@@ -163,8 +187,15 @@ def test_review_three_items_by_keyboard_and_export(
         path = download_export_as_admin(page, server, "boss", PASSWORD, tmp_path / "export.csv")
         browser.close()
     rows = list(csv.DictReader(path.open(encoding="utf-8")))
-    assert len(rows) == 3
+    assert len(rows) == FLAGGED_ITEMS + 1
     assert {r["coder"] for r in rows} == {"ann"}
+    # the export keeps what the page hid
+    assert sorted((r["entered_as"], r["reviewed_blind"]) for r in rows) == [
+        ("audit", "True"),
+        *[("flagged", "False")] * FLAGGED_ITEMS,
+    ]
+    [audit] = [r for r in rows if r["entered_as"] == "audit"]
+    assert float(audit["score"]) == pytest.approx(AUDIT_SCORE)
     assert all(
         r["answer_violates"] == "yes"
         and r["answer_categories"] == "hate_speech"
