@@ -152,6 +152,20 @@ def assign_batch(batch_id: str, username: str) -> None:
     click.echo(f"assigned {n} items of {batch_id!r} to {username!r}")
 
 
+EVALUATION_COLUMNS = (
+    "policy",
+    "version",
+    "model",
+    "flagged reviewed/in queue",
+    "audit reviewed/in queue",
+    "precision",
+    "95% CI",
+    "recall",
+    "prevalence",
+    "F1",
+)
+
+
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -178,11 +192,15 @@ def evaluate(as_json: bool, target: float) -> None:
     if as_json:
         click.echo(json.dumps([g.as_json() for g in groups], indent=2))
         return
-    click.echo("policy\tversion\tmodel\tflagged\taudit\tprecision\t95% CI\trecall\tprevalence\tF1")
+    click.echo("\t".join(EVALUATION_COLUMNS))
     for g in groups:
         ci = f"{g.precision_ci[0]:.3f}-{g.precision_ci[1]:.3f}" if g.precision_ci else "-"
-        cells = [g.policy, str(g.policy_version), g.model, str(g.reviewed_flagged)]
-        cells += [str(g.reviewed_audit), _figure(g.precision), ci, _figure(g.recall)]
+        cells = [g.policy, str(g.policy_version), g.model]
+        cells += [
+            f"{g.reviewed_flagged}/{g.entered_flagged}",
+            f"{g.reviewed_audit}/{g.entered_audit}",
+        ]
+        cells += [_figure(g.precision), ci, _figure(g.recall)]
         cells += [_figure(g.prevalence), _figure(g.f1)]
         click.echo("\t".join(cells))
 

@@ -24,14 +24,15 @@ Output, per policy version x model (GroupEvaluation):
 
 The weights assume every flagged item of the group has been reviewed (each weighs
 1); while the review is in progress, recall is underestimated by the share of flagged
-items still unreviewed. Undefined figures are None (null in JSON).
+items still unreviewed, which entered_flagged against reviewed_flagged shows.
+Undefined figures are None (null in JSON).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -91,6 +92,8 @@ class GroupEvaluation:
     policy: str
     policy_version: int
     model: str
+    entered_flagged: int  # items in the RA queue (reviewed or not)
+    entered_audit: int
     reviewed_flagged: int  # items with at least one label
     reviewed_audit: int
     decided_flagged: int  # of those, items with a truth
@@ -201,12 +204,18 @@ def _calibration(decided: Sequence[_Decided]) -> tuple[CalibrationBand, ...]:
     return tuple(bands)
 
 
+GroupKey = tuple[str, int, str]  # policy, policy version, model
+
+
 def evaluate_group(
     items: Sequence[ReviewedItem],
     verdict: Verdict,
     target_precision: float = DEFAULT_TARGET_PRECISION,
+    entered: Mapping[str, int] | None = None,
 ) -> GroupEvaluation:
-    """Every figure for one policy version x model (``items`` all belong to it)."""
+    """Every figure for one policy version x model (``items`` all belong to it);
+    ``entered`` counts the group's items in the queue by entry."""
+    entered = entered or {}
     first = items[0]
     counts: dict[str, int] = defaultdict(int)
     decided: list[_Decided] = []
@@ -250,6 +259,8 @@ def evaluate_group(
         policy=first.policy,
         policy_version=first.policy_version,
         model=first.model,
+        entered_flagged=entered.get(Entry.FLAGGED.value, 0),
+        entered_audit=entered.get(Entry.AUDIT.value, 0),
         reviewed_flagged=counts["reviewed_flagged"],
         reviewed_audit=counts["reviewed_audit"],
         decided_flagged=counts["decided_flagged"],
@@ -277,9 +288,15 @@ def evaluate(
     items: Iterable[ReviewedItem],
     verdict: Verdict,
     target_precision: float = DEFAULT_TARGET_PRECISION,
+    entered: Mapping[GroupKey, Mapping[str, int]] | None = None,
 ) -> list[GroupEvaluation]:
-    """One GroupEvaluation per policy version x model, in name, version, model order."""
-    groups: dict[tuple[str, int, str], list[ReviewedItem]] = defaultdict(list)
+    """One GroupEvaluation per reviewed policy version x model, in name, version, model
+    order; ``entered`` counts each group's items in the queue by entry."""
+    groups: dict[GroupKey, list[ReviewedItem]] = defaultdict(list)
     for item in items:
         groups[(item.policy, item.policy_version, item.model)].append(item)
-    return [evaluate_group(groups[key], verdict, target_precision) for key in sorted(groups)]
+    entered = entered or {}
+    return [
+        evaluate_group(groups[key], verdict, target_precision, entered.get(key))
+        for key in sorted(groups)
+    ]

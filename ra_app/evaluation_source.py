@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import text
 
 from ra_app.codebook import Codebook, Verdict
-from ra_app.evaluation import GroupEvaluation, ReviewedItem, evaluate
+from ra_app.evaluation import GroupEvaluation, GroupKey, ReviewedItem, evaluate
 from ra_app.extensions import db
 
 # Where adjudication (issue 13, item 4) will keep final labels. Until that table
@@ -36,6 +36,25 @@ LEFT JOIN classifications c ON c.id = l.classification_id
 LEFT JOIN policies p ON p.id = c.policy_id
 ORDER BY l.classification_id, l.id
 """
+
+
+# Items in the queue per policy version x model and entry, reviewed or not. Items
+# whose classification the pipeline has since deleted are not counted.
+_ENTERED_SQL = """
+SELECT p.name AS policy, p.version AS policy_version, c.model, i.entry, count(*) AS n
+FROM ra_items i
+JOIN classifications c ON c.id = i.classification_id
+JOIN policies p ON p.id = c.policy_id
+GROUP BY p.name, p.version, c.model, i.entry
+"""
+
+
+def entered_counts() -> dict[GroupKey, dict[str, int]]:
+    counts: dict[GroupKey, dict[str, int]] = defaultdict(dict)
+    for row in db.session.execute(text(_ENTERED_SQL)).mappings():
+        key = (row["policy"], int(row["policy_version"]), row["model"])
+        counts[key][row["entry"]] = int(row["n"])
+    return counts
 
 
 def adjudicated_values(field: str) -> dict[int, Any]:
@@ -96,4 +115,5 @@ def evaluate_study(codebook: Codebook, target_precision: float) -> list[GroupEva
     """The evaluation of every policy version x model; None when the codebook has no verdict."""
     if codebook.verdict is None:
         return None
-    return evaluate(reviewed_items(codebook.verdict), codebook.verdict, target_precision)
+    verdict = codebook.verdict
+    return evaluate(reviewed_items(verdict), verdict, target_precision, entered_counts())

@@ -14,12 +14,13 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from flask import Flask
 
 from ra_app import assignment, pipeline
+from ra_app.audit_sample import in_audit_sample
 from ra_app.codebook import DEFAULT_VERDICT, CodebookError, Verdict, parse_codebook
 from ra_app.evaluation import Truth, truth_of, wilson_interval
 from ra_app.extensions import db
@@ -52,10 +53,17 @@ PLAN: dict[tuple[int, str, float], list[tuple[str, str]]] = {
 UNFLAGGED_PER_SCORE = 40  # enough that at least two of each score are drawn at 0.25
 
 
+class Study(NamedTuple):
+    app: Flask
+    env: dict[str, str]
+    drawn: int  # unflagged v1 x m1 items in the queue
+
+
 @pytest.fixture
-def study(ra_env: dict[str, str], db_conn: Any) -> tuple[Flask, dict[str, str]]:
+def study(ra_env: dict[str, str], db_conn: Any) -> Study:
     seed_scored(db_conn, [0.9, 0.9, 0.8, 0.7, 0.6, 0.6, 0.55], model="m1")
-    seed_scored(db_conn, [0.4] * UNFLAGGED_PER_SCORE + [0.2] * UNFLAGGED_PER_SCORE, model="m1")
+    scores = [0.4] * UNFLAGGED_PER_SCORE + [0.2] * UNFLAGGED_PER_SCORE
+    unflagged = seed_scored(db_conn, scores, model="m1")
     seed_scored(db_conn, [0.8, 0.6], version=2, model="m1")
     seed_scored(db_conn, [0.9], model="m2")
     env = {**ra_env, "RA_AUDIT_SHARE": "0.25", "RA_DOUBLE_CODED_SHARE": "1"}
@@ -65,7 +73,11 @@ def study(ra_env: dict[str, str], db_conn: Any) -> tuple[Flask, dict[str, str]]:
     add_user(app, "boss", "admin")
     for who in (0, 1):
         _code(app, ("ann", "bob")[who], who)
-    return app, env
+    # how many unflagged items the documented rule draws into the queue at 0.25
+    drawn = sum(
+        in_audit_sample("study", c, s, 0.25) for c, s in zip(unflagged, scores, strict=True)
+    )
+    return Study(app, env, drawn)
 
 
 def _code(app: Flask, name: str, who: int) -> None:
@@ -92,6 +104,7 @@ V1_M1 = {
     "policy": "hate",
     "policy_version": 1,
     "model": "m1",
+    "entered_flagged": 7,
     "reviewed_flagged": 7,
     "reviewed_audit": 4,
     "decided_flagged": 5,
@@ -194,8 +207,8 @@ def _groups(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.integration
-def test_every_figure_by_hand_through_the_cli(study: tuple[Flask, dict[str, str]]) -> None:
-    _, env = study
+def test_every_figure_by_hand_through_the_cli(study: Study) -> None:
+    env = study.env
     groups = _groups(env)
     assert [(g["policy"], g["policy_version"], g["model"]) for g in groups] == [
         ("hate", 1, "m1"),
@@ -204,6 +217,8 @@ def test_every_figure_by_hand_through_the_cli(study: tuple[Flask, dict[str, str]
     ]
     v1_m1, v1_m2, v2_m1 = groups
     _check(v1_m1, V1_M1)
+    assert v1_m1["entered_audit"] == study.drawn
+    assert (v2_m1["entered_flagged"], v2_m1["entered_audit"]) == (2, 0)
     _check(v2_m1, V2_M1)
     _check(v1_m2, V1_M2)
 
@@ -233,10 +248,25 @@ def test_every_figure_by_hand_through_the_cli(study: tuple[Flask, dict[str, str]
     assert relaxed["target_precision"] == 0.7
     assert relaxed["precision"] == pytest.approx(0.6)
 
+    # without --json: a table, one line per group
+    table = subprocess.run(
+        [*FLASK, "evaluate"],
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert table[0].startswith("policy\tversion\tmodel")
+    expected = f"hate\t1\tm1\t7/7\t4/{study.drawn}\t0.600\t0.231-0.882\t0.429\t0.333\t0.500"
+    assert table[1] == expected
+    assert len(table) == 4
+
 
 @pytest.mark.integration
-def test_the_admin_page_shows_the_figures_and_charts(study: tuple[Flask, dict[str, str]]) -> None:
-    app, _ = study
+def test_the_admin_page_shows_the_figures_and_charts(study: Study) -> None:
+    app = study.app
     client = app.test_client()
     login(client, "boss")
     response = client.get("/admin/evaluation?precision=0.7")
@@ -244,7 +274,9 @@ def test_the_admin_page_shows_the_figures_and_charts(study: tuple[Flask, dict[st
     html = response.get_data(as_text=True)
     first = html[html.index('id="group-1"') : html.index('id="group-2"')]
     assert "hate v1 <small>m1</small>" in first
-    assert '<span class="reviewed-flagged">7</span>' in first
+    assert (
+        '<span class="reviewed-flagged">7</span> of <span class="entered-flagged">7</span>' in first
+    )
     assert '<span class="reviewed-audit">4</span>' in first
     assert 'class="precision">0.600' in first
     assert "(95 % CI 0.231\u20130.882)" in first
