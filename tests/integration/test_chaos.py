@@ -185,8 +185,8 @@ class Worker:
     name: str
     kind: Kind
     host: str
-    env: dict[str, str]
-    log_dir: Path
+    env: dict[str, str] = field(repr=False)
+    log_dir: Path = field(repr=False)
     proc: subprocess.Popen[str] | None = None
     runs: int = 0
     lost: bool = False  # its host is gone: never started again
@@ -618,7 +618,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     fleet = build_fleet(st, stack_env, bucket, collection, tmp_path, log_dir)
 
     restarts: dict[str, float] = {}  # service -> seconds it was down
-    lost_queued = 0  # files waiting in the lost host's queue when it went
+    lost_queued: int | None = None  # files waiting in the lost host's queue when it went
     fired: list[str] = []
     arrivals = list(samples.values())
     account: Account | None = None
@@ -654,7 +654,8 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
                 except redis.exceptions.RedisError:
                     return False
 
-            assert fleet.wait(files_waiting, HOST_QUEUE_WAIT_S), (
+            queued = fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
+            assert queued, (
                 f"{host_queue} never held {HOST_QUEUE_MIN} files in {HOST_QUEUE_WAIT_S:.0f} s: "
                 "the host could not be lost with work queued (a schedule too late?)"
             )
@@ -751,6 +752,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     assert set(restarts) == {"redis", "postgres"}
     survivors = [h for h in HOSTS if h != lost_host]
     moved = count_events(log_dir, "queue.host_lost", "moved")
+    assert lost_queued is not None
     assert moved >= lost_queued, (
         f"{lost_queued} files waited for {lost_host} when it was lost, but the reaper "
         f"moved {moved} to {QUEUE_TRANSCRIBE} (the {survivors[0]} workers' logs)"
@@ -766,7 +768,7 @@ def report(
     fleet: Fleet,
     restarts: dict[str, float],
     lost_host: str,
-    lost_queued: int,
+    lost_queued: int | None,
     fired: list[str],
     log_dir: Path,
     db: str,
@@ -802,9 +804,13 @@ def report(
             f"archives {len(samples)}, files {files} ({speech:.0f} s of speech), "
             f"policies {len(POLICIES)}",
             f"kills -9: {kills}",
-            f"lost host {lost_host}: both workers killed with {lost_queued} files in its "
-            f"queue; moved to {QUEUE_TRANSCRIBE} by the reaper: "
-            f"{count_events(log_dir, 'queue.host_lost', 'moved')}",
+            (
+                f"lost host {lost_host}: both workers killed with {lost_queued} files in its "
+                f"queue; moved to {QUEUE_TRANSCRIBE} by the reaper: "
+                f"{count_events(log_dir, 'queue.host_lost', 'moved')}"
+                if lost_queued is not None
+                else f"host {lost_host} not lost: the run ended before"
+            ),
             f"restarts: {down}",
             f"jobs retried {count_events(log_dir, 'job.retry')}, returned by the reaper "
             f"{count_events(log_dir, 'reaper.returned', 'jobs')}, recovered at start "
@@ -820,8 +826,9 @@ def report(
                 f"{place} {len(left)}" + (f" {left[:3]}" if left else "")
                 for place, left in scratch_left.items()
             ),
-            f"duration: {total_s:.0f} s in all, {work_s:.0f} s from the first archive to the "
-            "last batch done",
+            f"duration: {total_s:.0f} s in all, "
+            + (f"{work_s:.0f} s" if work_s else "not reached")
+            + " from the first archive to the end of the work",
             "disruptions: " + "; ".join(fired),
             ", ".join(f"{name} {n}" for name, n in zeros.items())
             + f", worker exits but the kills {len(bad_exits)}"
