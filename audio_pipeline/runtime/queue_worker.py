@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from audio_pipeline.logs import log_event
@@ -240,7 +242,8 @@ class QueueWorker(Service):
                 results, error = self._run_handler(jobs, prepared)
             prepared = None  # a split prepares its parts anew; free this claim's first
             if error is not None and self._splits(jobs, error):
-                self._split(jobs, error)  # settles every job of the claim
+                failure, error = ClaimFailure.of(error), None
+                self._split(jobs, failure)  # settles every job of the claim
                 return
         duration = time.monotonic() - started
         for job in jobs:
@@ -255,7 +258,8 @@ class QueueWorker(Service):
         if ahead is not None:
             ahead.wait()  # usually long done: it ran while the previous claim was processed
             if ahead.error is None:
-                return ahead.prepared, None
+                prepared, ahead.prepared = ahead.prepared, None  # held here only
+                return prepared, None
             if isinstance(ahead.error, Exception):
                 return None, ahead.error
             raise ahead.error  # KeyboardInterrupt and the like are not job failures
@@ -280,14 +284,11 @@ class QueueWorker(Service):
         when it has several jobs and no backend was away (then it is handed back)."""
         return len(jobs) > 1 and backend_unavailable(error) is None
 
-    def _split(self, jobs: list[Job], error: Exception) -> None:
+    def _split(self, jobs: list[Job], failure: ClaimFailure) -> None:
         """Run ``jobs`` again in parts: halves after a GPU out-of-memory, else one job
         at a time. Each part is settled as it ends (see the module docstring)."""
-        fields: dict[str, Any] = {
-            "jobs": ",".join(j.short_id for j in jobs),
-            "error": f"{type(error).__name__}: {error}",
-        }
-        if is_out_of_memory(error):
+        fields: dict[str, Any] = {"jobs": ",".join(j.short_id for j in jobs), "error": failure.text}
+        if failure.out_of_memory:
             half = (len(jobs) + 1) // 2
             parts = [jobs[:half], jobs[half:]]
             self.log_stage_event(
@@ -326,7 +327,8 @@ class QueueWorker(Service):
             results, error = self._run_handler(jobs, prepared)
             prepared = None
         if error is not None and self._splits(jobs, error):
-            self._split(jobs, error)
+            failure, error = ClaimFailure.of(error), None
+            self._split(jobs, failure)
             return
         duration = time.monotonic() - started
         for job in jobs:
@@ -435,6 +437,30 @@ class QueueWorker(Service):
                 except Exception:  # the jobs still go back; leftovers are only disk space
                     self.log.exception("discard_prepared failed")
         self._release(ahead.jobs)
+
+
+@dataclass(frozen=True)
+class ClaimFailure:
+    """Why a claim failed as a whole, kept without the error itself."""
+
+    text: str  # "{type}: {message}", for the log line
+    out_of_memory: bool  # the GPU ran out of memory: run the claim again in halves
+
+    @classmethod
+    def of(cls, error: BaseException) -> ClaimFailure:
+        """Read ``error``, then let go of what its tracebacks hold: the failed call's
+        frames keep its arguments and locals alive (a claim's decoded audio, the GPU
+        tensors of a model call), and they must be freed before the parts run, or the
+        halves of an out-of-memory claim would meet the same full GPU."""
+        failure = cls(f"{type(error).__name__}: {error}", is_out_of_memory(error))
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if current.__traceback__ is not None:
+                traceback.clear_frames(current.__traceback__)
+            current = current.__cause__ or current.__context__
+        return failure
 
 
 def _missing_result(job: Job) -> BaseException:
