@@ -307,6 +307,71 @@ class Fleet:
         return codes
 
 
+@dataclass
+class Chaos:
+    """Carries out the disruptions of a plan on a running fleet and records them."""
+
+    fleet: Fleet
+    stack: devstack.Stack
+    redis_client: redis.Redis
+    rng: random.Random
+    lost_host: str
+    root: Path  # each host's scratch is root/{host}
+    started: float = 0.0  # monotonic time the work started
+    restarts: dict[str, float] = field(default_factory=dict)  # service -> seconds down
+    lost_queued: int | None = None  # files in the lost host's queue when it went
+    fired: list[str] = field(default_factory=list)
+
+    def fire(self, d: Disruption) -> None:
+        if d.action in KILL_KINDS:
+            self.kill(KILL_KINDS[d.action])
+        elif d.action is Action.RESTART_REDIS:
+            down = time.monotonic()
+            restart_redis(self.stack, RESTART_DOWN_S)
+            self.restarts["redis"] = time.monotonic() - down
+        elif d.action is Action.RESTART_POSTGRES:
+            down = time.monotonic()
+            restart_postgres(self.stack, RESTART_DOWN_S)
+            self.restarts["postgres"] = time.monotonic() - down
+        elif d.action is Action.LOSE_HOST:
+            self.lose_host()
+        self.fired.append(f"{d} ({time.monotonic() - self.started:.0f} s)")
+
+    def kill(self, kind: Kind) -> None:
+        """kill -9 a worker of ``kind`` that holds a job (any, if none does in time)."""
+        candidates = self.fleet.live(kind)
+        busy: list[Worker] = []
+
+        def some_busy() -> bool:
+            busy[:] = [w for w in candidates if w.holds_a_job(self.redis_client)]
+            return bool(busy)
+
+        mid_job = self.fleet.wait(some_busy, BUSY_WAIT_S)
+        self.fleet.kill_and_restart(self.rng.choice(busy or candidates), mid_job)
+
+    def lose_host(self) -> None:
+        """Once files wait in its queue: both its workers killed for good, its disk gone."""
+        host_queue = f"{QUEUE_TRANSCRIBE}:{self.lost_host}"
+
+        def files_waiting() -> bool:
+            try:
+                return int(self.redis_client.llen(host_queue)) >= HOST_QUEUE_MIN
+            except redis.exceptions.RedisError:
+                return False
+
+        queued = self.fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
+        assert queued, (
+            f"{host_queue} never held {HOST_QUEUE_MIN} files in {HOST_QUEUE_WAIT_S:.0f} s: "
+            "the host could not be lost with work queued (a schedule too late?)"
+        )
+        for w in self.fleet.workers:
+            if w.host == self.lost_host:
+                w.lost = True
+                w.kill()
+        self.lost_queued = int(self.redis_client.llen(host_queue))
+        shutil.rmtree(self.root / self.lost_host)
+
+
 # -- what the test watches ---------------------------------------------------------
 
 
@@ -617,59 +682,15 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = build_fleet(st, stack_env, bucket, collection, tmp_path, log_dir)
 
-    restarts: dict[str, float] = {}  # service -> seconds it was down
-    lost_queued: int | None = None  # files waiting in the lost host's queue when it went
-    fired: list[str] = []
+    chaos = Chaos(fleet, st, r, rng, lost_host, tmp_path)
     arrivals = list(samples.values())
     account: Account | None = None
     codes: dict[str, int] = {}
-    work_started = work_s = 0.0
-
-    def fire(d: Disruption) -> None:
-        nonlocal lost_queued
-        if d.action in KILL_KINDS:
-            candidates = fleet.live(KILL_KINDS[d.action])
-            busy: list[Worker] = []
-
-            def some_busy() -> bool:
-                busy[:] = [w for w in candidates if w.holds_a_job(r)]
-                return bool(busy)
-
-            mid_job = fleet.wait(some_busy, BUSY_WAIT_S)
-            fleet.kill_and_restart(rng.choice(busy or candidates), mid_job)
-        elif d.action is Action.RESTART_REDIS:
-            down = time.monotonic()
-            restart_redis(st, RESTART_DOWN_S)
-            restarts["redis"] = time.monotonic() - down
-        elif d.action is Action.RESTART_POSTGRES:
-            down = time.monotonic()
-            restart_postgres(st, RESTART_DOWN_S)
-            restarts["postgres"] = time.monotonic() - down
-        elif d.action is Action.LOSE_HOST:
-            host_queue = f"{QUEUE_TRANSCRIBE}:{lost_host}"
-
-            def files_waiting() -> bool:
-                try:
-                    return int(r.llen(host_queue)) >= HOST_QUEUE_MIN
-                except redis.exceptions.RedisError:
-                    return False
-
-            queued = fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
-            assert queued, (
-                f"{host_queue} never held {HOST_QUEUE_MIN} files in {HOST_QUEUE_WAIT_S:.0f} s: "
-                "the host could not be lost with work queued (a schedule too late?)"
-            )
-            for w in fleet.workers:
-                if w.host == lost_host:
-                    w.lost = True
-                    w.kill()
-            lost_queued = int(r.llen(host_queue))
-            shutil.rmtree(tmp_path / lost_host)  # its disk is gone with it
-        fired.append(f"{d} ({time.monotonic() - work_started:.0f} s)")
+    work_s = 0.0
 
     try:
         fleet.start()
-        work_started = time.monotonic()
+        work_started = chaos.started = time.monotonic()
         next_arrival = last_change = work_started
         last_progress: dict[Measure, float] | None = None
         pending = list(plan)
@@ -684,7 +705,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
                 due = [d for d in pending if progress[d.measure] >= d.at]
                 if due:
                     pending.remove(due[0])
-                    fire(due[0])
+                    chaos.fire(due[0])
                     continue
                 if progress != last_progress:
                     last_progress, last_change = progress, now
@@ -710,10 +731,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
             seed=seed,
             samples=samples,
             fleet=fleet,
-            restarts=restarts,
-            lost_host=lost_host,
-            lost_queued=lost_queued,
-            fired=fired,
+            chaos=chaos,
             log_dir=log_dir,
             db=db,
             account=account,
@@ -749,9 +767,10 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="audio/").get("KeyCount", 0)
     assert listed == total_files, f"{listed} Opus objects in S3 for {total_files} files"
     assert fleet.kills == {kind: KILLS_PER_KIND for kind in Kind}, fleet.kills
-    assert set(restarts) == {"redis", "postgres"}
+    assert set(chaos.restarts) == {"redis", "postgres"}
     survivors = [h for h in HOSTS if h != lost_host]
     moved = count_events(log_dir, "queue.host_lost", "moved")
+    lost_queued = chaos.lost_queued
     assert lost_queued is not None
     assert moved >= lost_queued, (
         f"{lost_queued} files waited for {lost_host} when it was lost, but the reaper "
@@ -766,10 +785,7 @@ def report(
     seed: int,
     samples: dict[str, SampleBatch],
     fleet: Fleet,
-    restarts: dict[str, float],
-    lost_host: str,
-    lost_queued: int | None,
-    fired: list[str],
+    chaos: Chaos,
     log_dir: Path,
     db: str,
     account: Account | None,
@@ -784,7 +800,7 @@ def report(
     kills = ", ".join(
         f"{kind} {fleet.kills[kind]} ({fleet.kills_mid_job[kind]} mid-job)" for kind in Kind
     )
-    down = ", ".join(f"{name} down {s:.1f} s" for name, s in sorted(restarts.items())) or "none"
+    down = ", ".join(f"{name} down {s:.1f} s" for name, s in sorted(chaos.restarts.items()))
     repeated: Any = "?"
     try:
         with psycopg.connect(db, connect_timeout=2) as conn:
@@ -805,13 +821,13 @@ def report(
             f"policies {len(POLICIES)}",
             f"kills -9: {kills}",
             (
-                f"lost host {lost_host}: both workers killed with {lost_queued} files in its "
-                f"queue; moved to {QUEUE_TRANSCRIBE} by the reaper: "
+                f"lost host {chaos.lost_host}: both workers killed with {chaos.lost_queued} files "
+                f"in its queue; moved to {QUEUE_TRANSCRIBE} by the reaper: "
                 f"{count_events(log_dir, 'queue.host_lost', 'moved')}"
-                if lost_queued is not None
-                else f"host {lost_host} not lost: the run ended before"
+                if chaos.lost_queued is not None
+                else f"host {chaos.lost_host} not lost: the run ended before"
             ),
-            f"restarts: {down}",
+            f"restarts: {down or 'none'}",
             f"jobs retried {count_events(log_dir, 'job.retry')}, returned by the reaper "
             f"{count_events(log_dir, 'reaper.returned', 'jobs')}, recovered at start "
             f"{count_events(log_dir, 'worker.recovered', 'jobs')}, lost ownership "
@@ -829,7 +845,7 @@ def report(
             f"duration: {total_s:.0f} s in all, "
             + (f"{work_s:.0f} s" if work_s else "not reached")
             + " from the first archive to the end of the work",
-            "disruptions: " + "; ".join(fired),
+            "disruptions: " + "; ".join(chaos.fired),
             ", ".join(f"{name} {n}" for name, n in zeros.items())
             + f", worker exits but the kills {len(bad_exits)}"
             + (f" {bad_exits}" if bad_exits else ""),
