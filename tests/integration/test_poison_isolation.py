@@ -169,12 +169,12 @@ def test_a_lowered_claim_size_is_restored_after_its_hold(pipeline_env, redis_cli
     push(
         redis_client,
         *[{"id": f"m{n}", "oom_above": 2} for n in range(4)],
-        {"id": "slow", "sleep": 3.0},  # outlasts the hold
+        {"id": "slow", "sleep": 6.0},  # outlasts the hold by far
         {"id": "s1"},
         *[{"id": f"n{n}"} for n in range(6)],
     )
 
-    out = drain(pipeline_env, {"ECHO_BATCH_SIZE": "4", "ECHO_CLAIM_SIZE_HOLD_S": "2"})
+    out = drain(pipeline_env, {"ECHO_BATCH_SIZE": "4", "ECHO_CLAIM_SIZE_HOLD_S": "3"})
 
     # 4 ran out of memory, 2 + 2 fitted; the next claim takes 2 (the slow job and the
     # one behind it); the hold is over by then, so the claims after it take 4 again.
