@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from flask import Flask
+from sqlalchemy import text
 
 from ra_app import assignment, pipeline
 from ra_app.audit_sample import in_audit_sample
@@ -297,6 +298,41 @@ def test_the_admin_page_shows_the_figures_and_charts(study: Study) -> None:
     ra = app.test_client()
     login(ra, "ann")
     assert ra.get("/admin/evaluation").status_code == 403
+
+
+@pytest.mark.integration
+def test_an_adjudicated_label_is_the_truth_where_there_is_one(study: Study) -> None:
+    """The seam for adjudication: once a table ra_adjudications exists, its answer wins
+    over the coders' majority (here it settles the tie at 0.6 as a violation)."""
+    with study.app.app_context():
+        db.session.execute(
+            text("""CREATE TABLE ra_adjudications
+                    (id serial PRIMARY KEY, classification_id bigint NOT NULL, answer jsonb)""")
+        )
+        [tie] = db.session.execute(
+            text("""SELECT classification_id FROM ra_labels GROUP BY classification_id
+                    HAVING array_agg(answer ->> 'violates' ORDER BY id) = '{yes,no}'""")
+        ).scalars()
+        db.session.execute(
+            text("""INSERT INTO ra_adjudications (classification_id, answer)
+                    VALUES (:c, '{"violates": "no"}'), (:c, '{"violates": "yes"}')"""),
+            {"c": tie},
+        )
+        db.session.commit()
+    v1_m1 = _groups(study.env)[0]
+    _check(
+        v1_m1,
+        {
+            "adjudicated": 1,
+            "undecided_ties": 0,
+            "decided_flagged": 6,
+            "positives_flagged": 4,
+            "precision": 4 / 6,  # the latest adjudication (yes) counts
+            "recall": 0.5,  # TP 4, FN 1 * 4 = 4
+            "prevalence": 8 / 22,  # (4 + 4) / (6 * 1 + 4 * 4)
+            "f1": 4 / 7,  # 2 * 2/3 * 1/2 / (2/3 + 1/2) = (2/3) / (7/6)
+        },
+    )
 
 
 def test_truth_is_the_adjudication_else_the_majority() -> None:
