@@ -201,6 +201,26 @@ def _state(r: redis.Redis) -> str | None:
     return r.hget(heartbeat_key(members[0]), "state") if members else None
 
 
+def test_a_first_stop_mid_isolation_lets_the_claim_finish(pipeline_env, redis_client):
+    push(
+        redis_client,
+        {"id": "poison", "poison": "process"},
+        {"id": "long", "sleep": 1.0},
+        {"id": "c"},
+        {"id": "behind"},  # not in the claim of 3: never claimed after the stop
+    )
+    proc = start_module(ECHO, pipeline_env, extra_env={"ECHO_BATCH_SIZE": "3"})
+    wait_for(lambda: redis_client.lrange(STARTED_KEY, 0, -1) == ["long"], what="isolation")
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=20)
+    assert code == 0, out
+
+    assert_done_once_on_first_attempt(redis_client, ["long", "c"])
+    assert [j["id"] for j in queued(redis_client)] == ["behind"]
+    assert redis_client.zcard(DELAYED_KEY) == 1  # the poison job's own retry
+    assert processing_items(redis_client) == []
+
+
 def test_a_forced_stop_mid_isolation_hands_back_the_unsettled_jobs_unspent(
     pipeline_env, redis_client
 ):
