@@ -22,6 +22,15 @@ A side thread keeps the heartbeat hash alive (what ``audio-pipeline status`` sho
 and runs the reaper, which returns the jobs of workers whose heartbeat lapsed; every
 service runs it, whatever it consumes.
 
+Under systemd (Type=notify, WatchdogSec=) the service tells it READY=1 once setup()
+is done (so model loading is not watched), EXTEND_TIMEOUT_USEC while start-up waits
+out an outage, STOPPING=1 when a stop begins, and feeds the watchdog from the main
+thread only: every loop turn, every ``sleep()``, and ``alive()``, which stage code
+calls at progress points of a long job. A job that hangs stops the pings, systemd
+kills and restarts the process, and the reaper returns the job once the dead
+worker's heartbeat lapses. The heartbeat thread never pings: it would keep a hung
+worker looking alive.
+
 A Redis or PostgreSQL outage never ends the process: start-up steps and turns that
 meet one wait for the backend (``runtime.outage``: capped, jittered backoff; one
 ``redis.unavailable`` / ``postgres.unavailable`` line and one ``*.recovered``) and
@@ -33,6 +42,7 @@ worker is a polling service built on it directly.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -61,6 +71,7 @@ from audio_pipeline.runtime.outage import (
     probe_postgres,
     probe_redis,
 )
+from audio_pipeline.runtime.systemd_notify import SystemdNotifier
 
 T = TypeVar("T")
 
@@ -72,6 +83,10 @@ DEFAULT_STOP_GRACE_S = 60.0
 # The grace runs out on SIGALRM, so it works whatever the main thread is blocked in.
 GRACE_SIGNAL = signal.SIGALRM
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# While start-up waits out an outage, systemd is asked for this much more time past
+# TimeoutStartSec at each wait: enough for setup() (model loading) once the backend
+# is back, since the last extension is all the time setup() then gets.
+START_EXTENSION_S = 900.0
 
 
 class RunMode(StrEnum):
@@ -193,6 +208,10 @@ class Service:
         self._stop_forced = False
         self._interruptible = False  # True only inside interruptible()
         self._signals_installed = False  # handlers (and the grace timer) are ours
+        # systemd's notify socket, opened by work(): nothing reads the environment
+        # before that (a process given its settings reads no other).
+        self._systemd: SystemdNotifier | None = None
+        self._ready = False  # setup() done: READY=1 sent, the watchdog armed
         self._db: ConnectionPool | None = None
         self._db_lock = threading.Lock()  # a side thread may be the first to ask
         self._started_at = utc_now_iso()
@@ -266,16 +285,23 @@ class Service:
     def work(self) -> int:
         """Run until stopped (or until the mode says done); returns the exit code."""
         self._install_signal_handlers()
+        self._systemd = SystemdNotifier(log=self.log)
+        if self._systemd.watchdog_s is not None:
+            # The watchdog's SIGABRT then prints every thread's stack: where it hung.
+            faulthandler.enable(all_threads=True)
         try:
             self.through_outages(self.heartbeat.beat)  # before the first claim (the reaper)
             self.heartbeat.start()
             self.through_outages(self.on_start)
             self.through_outages(self.queue.reap)
             self.through_outages(self.setup)
+            self._ready = True
+            self._systemd.ready(status=f"{self.stage} worker {self.worker_id}")
             self.log_stage_event(
                 "worker.started", worker=self.worker_id, mode=self.mode.value, **self.describe()
             )
             while not self.stopping:
+                self.alive()
                 try:
                     did_work = self.iterate()
                     if self.mode is RunMode.ONCE and (did_work or self.drained()):
@@ -377,16 +403,38 @@ class Service:
         log_event(self.log, event, level=level, stage=self.stage, **fields)
 
     def sleep(self, seconds: float) -> None:
-        """Sleep, but wake early when a stop is requested."""
+        """Sleep, but wake early when a stop is requested. Keeps systemd content
+        meanwhile: watchdog pings once started, more start-up time before."""
         deadline = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < deadline:
+            self._still_here()
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def alive(self) -> None:
+        """The main loop is making progress: ping systemd's watchdog (rate-limited).
+
+        Stage code calls it at progress points of a long job (an archive member, a
+        file converted, a model batch). Only the main thread's calls count: a side
+        thread that runs on while the main one hangs proves nothing.
+        """
+        if self._ready and self._systemd is not None and _on_main_thread():
+            self._systemd.watchdog()
+
+    def _still_here(self) -> None:
+        if self._systemd is None or not _on_main_thread():
+            return
+        if self._ready:
+            self._systemd.watchdog()
+        else:  # start-up waiting out an outage: do not let systemd time it out
+            self._systemd.extend_start(START_EXTENSION_S)
 
     def _shutdown(self) -> None:
         try:
             self.teardown()
         finally:
             self.heartbeat.stop()
+            if self._systemd is not None:
+                self._systemd.close()
             try:
                 self.queue.unregister()
             except redis.exceptions.RedisError as exc:
@@ -453,6 +501,8 @@ class Service:
         if not self.stopping:
             self.stopping = True
             self.state = ServiceState.STOPPING  # shown in the heartbeat / `status`
+            if self._systemd is not None:
+                self._systemd.stopping(status=f"stopping on {name}")
             grace = self.timings.stop_grace_s
             self.log_stage_event(
                 "worker.stop_requested",
@@ -513,6 +563,10 @@ class Service:
             "look_ahead": held.ahead,
             **self.describe(),
         }
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def terminate_children() -> list[int]:

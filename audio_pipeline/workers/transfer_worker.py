@@ -324,7 +324,9 @@ class TransferWorker(Service):
         self.log_stage_event("job.started", batch_id=batch_id, bytes=info.size)
         local = self.staging / f"{batch_id}{ARCHIVE_SUFFIX}.part"
         sha256 = self._copy(info, batch_id, local)
+        self.alive()  # systemd's watchdog: the copy and its checks are done
         self._upload(local, batch_id, s3_key, sha256)
+        self.alive()
         with self.db.connection() as conn:
             batches.mark_transferred(conn, batch_id, local.stat().st_size, sha256)
             state = batches.transfer_state(conn, batch_id)
@@ -334,7 +336,12 @@ class TransferWorker(Service):
         local.unlink(missing_ok=True)
 
     def _copy(self, info: RemoteFile, batch_id: str, local: Path) -> str:
-        progress = _ProgressLog(self.log, batch_id, self.transfer.progress_every_s)
+        log_progress = _ProgressLog(self.log, batch_id, self.transfer.progress_every_s)
+
+        def progress(done: int, total: int) -> None:
+            self.alive()  # systemd's watchdog: each chunk copied proves the copy is not hung
+            log_progress(done, total)
+
         resumed_at = self.host.download(
             info.name, local, progress=progress, should_stop=lambda: self.stop_forced
         )
@@ -346,6 +353,7 @@ class TransferWorker(Service):
                 f"{info.name}: copied {size} bytes, remote has {info.size}"
             )
         sha256 = s3_utils.sha256_file(local)
+        self.alive()
         if self.transfer.verify_remote_sha256:
             remote_sha = self.host.sha256(info.name)
             if remote_sha is None:

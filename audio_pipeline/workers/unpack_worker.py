@@ -236,10 +236,12 @@ class UnpackWorker(QueueWorker):
         if not s3_utils.object_exists(self.s3, bucket, request.s3_key):
             raise PermanentJobError(f"archive s3://{bucket}/{request.s3_key} does not exist")
         s3_utils.download_file(self.s3, bucket, request.s3_key, paths.archive)
+        self.alive()  # systemd's watchdog: each step done proves the worker is not hung
         try:
             extracted = extract_archive(paths.archive, paths.files, self.unpack.limits)
         except ArchiveError as exc:
             raise PermanentJobError(f"{_archive_problem(exc)} archive: {exc}") from exc
+        self.alive()
         if request.file_count is not None and request.file_count != len(extracted.files):
             self._log_batch(
                 "unpack.file_count_mismatch",
@@ -282,6 +284,7 @@ class UnpackWorker(QueueWorker):
             conn.commit()
 
             for result in _converted(conversions, self.unpack.audio):
+                self.alive()  # one more file converted
                 rel = result.key
                 if result.interrupted:
                     if self.stopping:  # ffmpeg got the stop signal too: hand the batch back

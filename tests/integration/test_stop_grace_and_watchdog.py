@@ -4,14 +4,26 @@ The stop grace (WORKER_STOP_GRACE_S): the first SIGTERM lets the claim in hand g
 that long; then the claim is handed back to the head of its queue, untouched and in
 order, at no attempt's cost, and the process exits 0. A fresh worker then does the
 work once.
+
+The watchdog: the test plays systemd's part (a unix datagram socket in NOTIFY_SOCKET,
+WATCHDOG_USEC set): READY=1 after start-up, WATCHDOG=1 from the main loop while it
+works or idles, none while a job hangs (the heartbeat thread never pings); then it
+kills the worker as systemd would, and a new worker gets the job back through the
+reaper and finishes it. The units' side (Type=notify, WatchdogSec=) is tested in the
+fleet.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import resource
 import signal
+import socket
+import threading
 import time
+import uuid
 from contextlib import suppress
 from pathlib import Path
 
@@ -20,6 +32,7 @@ import redis
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_UNPACK
+from audio_pipeline.queue import WORKERS_KEY, heartbeat_key
 from devtools.sample import make_speech_batch
 from tests.support.workerkit.echo_worker import DONE_KEY, STARTED_KEY
 from tests.support.workerkit.procs import finish, start_module, wait_for
@@ -191,3 +204,147 @@ def test_a_claim_that_ends_within_the_grace_is_finished(pipeline_env, redis_clie
     assert redis_client.lrange(DONE_KEY, 0, -1) == ["short"]
     assert "event=worker.stop_grace_expired" not in out
     assert "event=job.released" not in out
+
+
+# -- systemd's watchdog, fed from the main loop ---------------------------------------
+
+# Above twice the longest idle gap (a claim blocks up to queue_worker.CLAIM_TIMEOUT_S).
+WATCHDOG_S = 3.0
+
+
+class NotifySocket:
+    """What systemd listens on: a unix datagram socket (abstract namespace, as '@...'
+    in NOTIFY_SOCKET), every message kept with the time it came."""
+
+    def __init__(self) -> None:
+        self.name = f"@audio-pipeline-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def times(self, line: str, since: float = 0.0) -> list[float]:
+        return [t for t, m in list(self.messages) if m == line and t >= since]
+
+    def has(self, prefix: str) -> bool:
+        return any(m.startswith(prefix) for _, m in list(self.messages))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket():
+    listener = NotifySocket()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def no_core_files():
+    """Children inherit no core limit: the SIGABRT a test sends writes no core file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def systemd_env(notify: NotifySocket) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": str(int(WATCHDOG_S * 1_000_000))}
+
+
+def largest_gap(times: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def test_a_hung_job_stops_the_watchdog_pings_and_comes_back_after_the_kill(
+    pipeline_env, redis_client, notify_socket, no_core_files, tmp_path: Path
+):
+    proc = start_module(
+        ECHO, pipeline_env, extra_env=systemd_env(notify_socket), log_path=tmp_path / "hung.log"
+    )
+    wait_for(lambda: notify_socket.times("READY=1"), what="READY=1")
+    (ready,) = notify_socket.times("READY=1")
+    assert not [t for t in notify_socket.times("WATCHDOG=1") if t < ready], "pinged before ready"
+
+    # working: short jobs, each turn of the loop pings
+    working = time.monotonic()
+    redis_client.rpush(ECHO_QUEUE, *[json.dumps({"id": f"w{n}", "sleep": 0.2}) for n in range(15)])
+    wait_for(lambda: redis_client.llen(DONE_KEY) == 15, what="the short jobs")
+    pings = notify_socket.times("WATCHDOG=1", since=working)
+    assert len(pings) >= 5
+    assert largest_gap([working, *pings]) < WATCHDOG_S / 2
+
+    # a job that hangs (no alive() inside): the pings stop for longer than the interval
+    redis_client.rpush(ECHO_QUEUE, json.dumps({"id": "hung", "sleep": 2 * WATCHDOG_S}))
+    wait_for(lambda: "hung" in redis_client.lrange(STARTED_KEY, 0, -1), what="the hung job")
+    hung_at = time.monotonic()
+    time.sleep(WATCHDOG_S * 1.5)
+    late = notify_socket.times("WATCHDOG=1", since=hung_at + 0.5)
+    assert late == [], "the heartbeat thread must not feed the watchdog"
+    assert time.monotonic() - max(notify_socket.times("WATCHDOG=1")) > WATCHDOG_S
+    assert redis_client.lrange(DONE_KEY, 0, -1)[-1] != "hung"
+
+    # what systemd does then (WatchdogSignal=SIGABRT), and the restart
+    [worker_id] = redis_client.smembers(WORKERS_KEY)
+    proc.send_signal(signal.SIGABRT)
+    assert proc.wait(timeout=10) == -signal.SIGABRT
+    # the heartbeat lapses (1.5 s in tests): the next worker's reaper returns the job
+    wait_for(lambda: not redis_client.exists(heartbeat_key(worker_id)), 5, "heartbeat expiry")
+    out = (tmp_path / "hung.log").read_text()
+    assert "Fatal Python error: Aborted" in out  # faulthandler: where the main thread was
+    assert "echo_worker.py" in out
+    code, out = finish(start_module(ECHO, pipeline_env, ["--drain"]), timeout=60)
+    assert code == 0, out
+    assert "event=reaper.returned" in out
+    assert redis_client.lrange(DONE_KEY, 0, -1)[-1] == "hung"
+    assert redis_client.lrange(STARTED_KEY, 0, -1).count("hung") == 2
+    assert redis_client.llen(ECHO_QUEUE) == 0
+    assert processing_items(redis_client) == []
+
+
+def test_a_stop_says_stopping_and_an_idle_worker_keeps_pinging(
+    pipeline_env, notify_socket, tmp_path: Path
+):
+    proc = start_module(ECHO, pipeline_env, extra_env=systemd_env(notify_socket))
+    wait_for(lambda: notify_socket.times("READY=1"), what="READY=1")
+    idle = time.monotonic()
+    time.sleep(3 * WATCHDOG_S)  # idle: blocked in claims, one after the other
+    assert largest_gap([idle, *notify_socket.times("WATCHDOG=1", since=idle)]) < WATCHDOG_S / 2
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=10)
+    assert code == 0, out
+    wait_for(lambda: notify_socket.has("STOPPING=1"), 2, "STOPPING=1")
+
+
+def test_start_up_waiting_out_an_outage_extends_the_start_and_is_not_ready(
+    pipeline_env, notify_socket
+):
+    # Redis on a port nothing listens on: start-up waits for it
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    proc = start_module(
+        ECHO, {**pipeline_env, "REDIS_PORT": str(port)}, extra_env=systemd_env(notify_socket)
+    )
+    try:
+        wait_for(lambda: notify_socket.has("EXTEND_TIMEOUT_USEC="), 15, "EXTEND_TIMEOUT_USEC")
+        assert not notify_socket.times("READY=1")
+        assert not notify_socket.times("WATCHDOG=1")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -56,7 +56,7 @@ from audio_pipeline.config import Settings, load_settings
 from audio_pipeline.envfile import parse_env_file
 from audio_pipeline.redis_conn import get_redis
 from audio_pipeline.runtime.service import Service, read_service_config
-from audio_pipeline.ssh_source import SshSettings
+from audio_pipeline.ssh_source import REMOTE_HASH_TIMEOUT_S, SshSettings
 from audio_pipeline.workers.gpu_worker import GpuSettings, GpuWorker
 from audio_pipeline.workers.transfer_worker import TransferSettings, TransferWorker
 from audio_pipeline.workers.unpack_worker import UnpackWorker
@@ -444,6 +444,41 @@ def test_worker_units_hand_the_claim_back_before_systemd_kills_them(
                 f"{p}: stop grace {grace} s leaves under {MIN_HANDBACK_S} s of "
                 f"TimeoutStopSec={stop_timeout} to hand the claim back"
             )
+    assert not problems, "\n".join(["", *problems])
+
+
+def longest_silent_step(program: str, stage: Any) -> tuple[str, float]:
+    """The longest step of a worker that reports no progress, as the process sets it."""
+    if program == "unpack-worker":
+        return "one ffmpeg (UNPACK_FFMPEG_TIMEOUT_S)", stage.audio.timeout_s
+    if program == "transfer-worker":
+        return "the remote sha256sum (REMOTE_HASH_TIMEOUT_S)", REMOTE_HASH_TIMEOUT_S
+    return "zero", 0.0
+
+
+def test_worker_units_are_watched_by_systemd_from_their_main_loop(
+    procs: list[Process], started: dict[Process, dict[str, Any] | Exception]
+) -> None:
+    """Type=notify with a watchdog, longer than the longest step that reports no
+    progress (a setting the process loads, so the two cannot drift apart)."""
+    problems = []
+    for p in procs:
+        if p.program not in WORKERS:
+            continue
+        s = p.service
+        wanted = {"Type": ["notify"], "NotifyAccess": ["main"], "LimitCORE": ["0"]}
+        problems += [
+            f"{p}: {key}={s.get(key)}, not {value}"
+            for key, value in wanted.items()
+            if s.get(key) != value
+        ]
+        (watchdog,) = s.get("WatchdogSec", ["0"])
+        (start,) = s.get("TimeoutStartSec", ["0"])
+        if not float(start) > 0:
+            problems.append(f"{p}: no TimeoutStartSec")
+        what, seconds = longest_silent_step(p.program, loaded(started, p)["stage"])
+        if not float(watchdog) > seconds:
+            problems.append(f"{p}: WatchdogSec={watchdog} is not above {what}: {seconds} s")
     assert not problems, "\n".join(["", *problems])
 
 

@@ -1,10 +1,13 @@
-"""The process service without a loop: where its settings come from, and how a second
-stop signal reaches the work in hand (``interruptible()``, ``shielded()``)."""
+"""The process service without a loop: where its settings come from, how a second
+stop signal (or the stop grace running out) reaches the work in hand
+(``interruptible()``, ``shielded()``), and what it tells systemd (sd_notify)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterator, Mapping
 
 import pytest
@@ -13,6 +16,7 @@ from audio_pipeline.config import ConfigError, load_settings
 from audio_pipeline.queue import RetryPolicy
 from audio_pipeline.runtime.heartbeat import HeartbeatTimings
 from audio_pipeline.runtime.service import Service, ServiceTimings, ShutdownForced
+from audio_pipeline.runtime.systemd_notify import SystemdNotifier
 
 BAD_ENV = {
     "WORKER_HEARTBEAT_INTERVAL_S": "soon",
@@ -153,3 +157,69 @@ def test_a_zero_grace_hands_the_work_back_at_the_first_signal():
     with pytest.raises(ShutdownForced), service.interruptible():
         signal_stop(service)
     assert service.stop_forced
+
+
+# -- the link to systemd (sd_notify) ----------------------------------------------------
+
+
+def test_without_notify_socket_nothing_is_sent():
+    notifier = SystemdNotifier({"WATCHDOG_USEC": "1000000"})
+    assert not notifier.enabled
+    assert notifier.send("READY=1") is False
+
+
+def test_the_abstract_namespace_and_a_path_are_both_understood():
+    assert SystemdNotifier({"NOTIFY_SOCKET": "@sd/notify"}).address == "\0sd/notify"
+    assert SystemdNotifier({"NOTIFY_SOCKET": "/run/sd.sock"}).address == "/run/sd.sock"
+    assert SystemdNotifier({"NOTIFY_SOCKET": "vsock:2:1234"}).address is None
+
+
+def test_the_watchdog_is_ours_only_when_its_pid_is_ours_or_unset():
+    usec = {"WATCHDOG_USEC": "30000000"}
+    assert SystemdNotifier(usec).watchdog_s == 30
+    assert SystemdNotifier({**usec, "WATCHDOG_PID": str(os.getpid())}).watchdog_s == 30
+    assert SystemdNotifier({**usec, "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_s is None
+    assert SystemdNotifier({"WATCHDOG_USEC": "soon"}).watchdog_s is None
+
+
+def test_a_socket_nobody_listens_on_is_logged_once_and_never_raised(caplog):
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": "@audio-pipeline-test-nobody-listens"})
+    assert notifier.send("READY=1") is False
+    assert notifier.send("WATCHDOG=1") is False
+    assert caplog.text.count("systemd.notify_failed") == 1
+
+
+def test_watchdog_pings_are_rate_limited_to_a_fraction_of_the_interval(tmp_path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "n.sock"))
+    server.settimeout(0.5)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "n.sock"), "WATCHDOG_USEC": "60000000"}
+    notifier = SystemdNotifier(env)
+    for _ in range(5):
+        notifier.watchdog()
+    assert server.recv(100) == b"WATCHDOG=1"
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.recv(100)  # one ping, not five, within 60 s / PINGS_PER_INTERVAL
+    server.close()
+    notifier.close()
+
+
+def test_alive_pings_only_once_started_and_only_from_the_main_thread(service, tmp_path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "n.sock"))
+    server.setblocking(False)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "n.sock"), "WATCHDOG_USEC": "1"}
+    service._systemd = SystemdNotifier(env)
+    service.alive()
+    with pytest.raises(BlockingIOError):
+        server.recv(100)  # not started yet: the watchdog is not armed
+    service._ready = True
+    side = threading.Thread(target=service.alive)
+    side.start()
+    side.join()
+    with pytest.raises(BlockingIOError):
+        server.recv(100)  # a side thread proves nothing
+    service.alive()
+    assert server.recv(100) == b"WATCHDOG=1"
+    server.close()

@@ -80,6 +80,8 @@ TEMPLATES = {
             "memory_max": "40G",
             "memory_high": high,
             "stop_timeout": 300,
+            "start_timeout": 900,
+            "watchdog_s": 3600,
         },
         "gpu_worker_stop_handback_s": 30,
     },
@@ -88,6 +90,8 @@ TEMPLATES = {
         "transfer_memory_high": high,
         "transfer_stop_timeout": 120,
         "transfer_stop_handback_s": 30,
+        "transfer_start_timeout": 300,
+        "transfer_watchdog_s": 5400,
     },
     "roles/orchestrator/templates/ra-app.service.j2": lambda high: {
         "orchestrator_ra_app_memory_max": "6G",
