@@ -2,8 +2,9 @@
 
 A polling service (runtime/service.py): it scans a remote directory instead of
 claiming from a queue, and shares the process service of every worker: logs,
-heartbeats, two-stage SIGTERM (a second one abandons the copy in hand, which
-resumes on the next run) and the --once / --drain modes (--once: copy at most one
+heartbeats, two-stage SIGTERM (a second one, or the stop grace running out,
+abandons the copy in hand, which resumes on the next run), systemd's watchdog (each
+chunk copied reports progress) and the --once / --drain modes (--once: copy at most one
 archive; --drain: copy every complete archive, then exit).
 
 Each archive goes through steps that are each safe to repeat, so a crash at any

@@ -23,6 +23,13 @@ twice is harmless because the gpu stage is idempotent. A bad archive, a missing
 S3 key or a malformed payload is permanent: the batch is marked failed with the
 reason, its scratch is removed and the job goes to queue:failed.
 
+A stop (a deploy): the batch in hand may go on for the stop grace
+(WORKER_STOP_GRACE_S). Still unfinished then, its ffmpeg runs are terminated and the
+job goes back to the head of queue:unpack as it came, no attempt spent. Nothing of
+it was queued (jobs are pushed only at the end), the tar and the extracted MP3s are
+removed on the way out, and Opus files already written stay in scratch: the redo
+downloads and extracts again, resets its rows to pending, and converts over them.
+
 Back-pressure: a new archive is claimed only while this host's transcribe queue
 is shorter than UNPACK_MAX_HOST_QUEUE and scratch has more than
 UNPACK_MIN_FREE_BYTES free, so archives flow to hosts with spare GPU time.
