@@ -96,12 +96,15 @@ FROM (
 ON CONFLICT (classification_id) DO {conflict}
 """
 # A full sync refreshes what a re-run may have changed: the score and threshold, and
-# an audit item's probability when RA_AUDIT_SHARE was raised (draws are nested: an
-# item drawn at a lower share is drawn at any higher one, so the whole sample is a
-# sample at the new share). How the item entered never changes.
+# an audit item's probability when RA_AUDIT_SHARE was raised. Draws are nested (an
+# item drawn at a lower share is drawn at any higher one), so after a full sync at a
+# higher share the whole sample is a sample at that share. A lowered share changes
+# nothing already drawn: those items were drawn at the old, higher share, and stay.
+# How an item entered never changes.
 _ON_CONFLICT_FULL = """UPDATE SET score = EXCLUDED.score, threshold = EXCLUDED.threshold,
     sample_probability = CASE WHEN ra_items.entry = EXCLUDED.entry
-                              THEN EXCLUDED.sample_probability
+                              THEN greatest(ra_items.sample_probability,
+                                            EXCLUDED.sample_probability)
                               ELSE ra_items.sample_probability END
 WHERE (ra_items.score, ra_items.threshold, ra_items.sample_probability)
       IS DISTINCT FROM (EXCLUDED.score, EXCLUDED.threshold, EXCLUDED.sample_probability)"""

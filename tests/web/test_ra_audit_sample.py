@@ -122,6 +122,9 @@ def test_raising_the_share_keeps_the_sample_nested(ra_env: dict[str, str], db_co
     assert small_audit < large_audit
     # after a full sync every audit item carries the share it would be drawn at now
     assert {large[c][1] for c in large_audit} == {0.4}
+    # lowering the share again leaves what was drawn, at the share it was drawn at
+    lowered = _items(make_app({**ra_env, "RA_AUDIT_SHARE": "0.1"}))
+    assert lowered == large
 
 
 def test_bad_audit_settings_are_named() -> None:
