@@ -77,7 +77,7 @@ from tests.support.workerkit.procs import FAST_ENV, REPO_ROOT, finish, start_mod
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# -- size: about 3 minutes on a 2-core CI machine -------------------------------------
+# -- size: a few minutes on 2 CPU cores (the terminal summary says how long) ----------
 ARCHIVES = 20
 FILES_PER_ARCHIVE = (2, 4)  # inclusive range, drawn per archive
 SPEECH_S = (1.5, 3.5)  # length range of one file
@@ -115,11 +115,6 @@ TIMINGS = {
     "WORKER_REAPER_INTERVAL_S": "1",
     "QUEUE_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
 }
-MODULES = {
-    "transfer": "audio_pipeline.workers.transfer_worker",
-    "unpack": "audio_pipeline.workers.unpack_worker",
-    "gpu": "audio_pipeline.workers.gpu_worker",
-}
 SUMMARY_PROPERTY = "terminal_summary"  # printed by tests/conftest.py's summary hook
 
 
@@ -127,6 +122,13 @@ class Kind(StrEnum):
     TRANSFER = "transfer"
     UNPACK = "unpack"
     GPU = "gpu"
+
+
+MODULES = {
+    Kind.TRANSFER: "audio_pipeline.workers.transfer_worker",
+    Kind.UNPACK: "audio_pipeline.workers.unpack_worker",
+    Kind.GPU: "audio_pipeline.workers.gpu_worker",
+}
 
 
 class Measure(StrEnum):
@@ -317,7 +319,8 @@ class Chaos:
     """Carries out the disruptions of a plan on a running fleet and records them."""
 
     fleet: Fleet
-    stack: devstack.Stack
+    stack: devstack.Stack  # the private one
+    shared: devstack.Stack  # S3 and sshd
     redis_client: redis.Redis
     rng: random.Random
     lost_host: str
@@ -367,7 +370,9 @@ class Chaos:
         queued = self.fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
         assert queued, (
             f"{host_queue} never held {HOST_QUEUE_MIN} files in {HOST_QUEUE_WAIT_S:.0f} s: "
-            "the host could not be lost with work queued (a schedule too late?)"
+            "the host could not be lost with work queued (a schedule too late?); "
+            f"{services(self.shared)}\n"
+            f"queues: {json.dumps(queue_status(self.redis_client), indent=1, default=str)}"
         )
         for w in self.fleet.workers:
             if w.host == self.lost_host:
@@ -441,6 +446,15 @@ def count_events(log_dir: Path, event: str, field_name: str | None = None) -> in
             if match:
                 total += int(match.group(1) or 0) if field_name else 1
     return total
+
+
+def services(shared: devstack.Stack) -> str:
+    """Whether the shared S3 and sshd answer: a test session that started the shared
+    stack stops it when it ends, which no worker rides out."""
+    up = devstack.status(shared)
+    return "shared stack: " + ", ".join(
+        f"{name} {'up' if up[name] else 'DOWN'}" for name in ("s3", "sshd")
+    )
 
 
 def error_lines(log_dir: Path, limit: int = 30) -> str:
@@ -657,6 +671,7 @@ def build_fleet(
 
 def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     private_stack: devstack.Stack,
+    stack: devstack.Stack,
     stack_env: dict[str, str],
     bucket: str,
     collection: Path,
@@ -687,7 +702,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = build_fleet(st, stack_env, bucket, collection, tmp_path, log_dir)
 
-    chaos = Chaos(fleet, st, r, rng, lost_host, tmp_path)
+    chaos = Chaos(fleet, st, stack, r, rng, lost_host, tmp_path)
     arrivals = list(samples.values())
     account: Account | None = None
     codes: dict[str, int] = {}
@@ -721,7 +736,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
                     break  # nothing moves any more: the account says what is stuck
             assert now - work_started < WORK_TIMEOUT_S, (
                 f"the work did not finish in {WORK_TIMEOUT_S:.0f} s (progress {progress}); "
-                f"disruptions not yet fired: {[str(d) for d in pending]}\n"
+                f"disruptions not yet fired: {[str(d) for d in pending]}; {services(stack)}\n"
                 f"queues: {json.dumps(queue_status(r), indent=1, default=str)}\n"
                 f"errors in the logs:\n{error_lines(log_dir)}"
             )
@@ -895,13 +910,13 @@ def test_a_redelivered_unpack_job_that_meets_its_batch_finished_leaves_it_done(
         assert code == 0, out
 
     redis_client.rpush(QUEUE_UNPACK, job)
-    drain(MODULES["unpack"])  # unpacked, its files queued; then killed before the ack
+    drain(MODULES[Kind.UNPACK])  # unpacked, its files queued; then killed before the ack
     redis_client.rpush(QUEUE_UNPACK, job)  # the reaper hands the job back
     # The redelivery takes the batch before the gpu worker stores its last file...
     mark_unpacking(db_conn, "b-race", key, settings.worker_host)
     db_conn.commit()
-    drain(MODULES["gpu"])
-    drain(MODULES["unpack"])  # ...and ends after it
+    drain(MODULES[Kind.GPU])
+    drain(MODULES[Kind.UNPACK])  # ...and ends after it
     rows = db_conn.execute(
         "SELECT b.status, count(a.id) FILTER (WHERE a.status = 'done') AS done"
         " FROM batches b JOIN audio_files a USING (batch_id)"
