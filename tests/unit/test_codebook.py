@@ -183,7 +183,7 @@ def test_all_problems_are_reported_at_once_with_paths() -> None:
     )
     errors = _errors(text)
     assert errors == (
-        "(top): unknown key 'colour' (allowed: fields, instructions, study, version)",
+        "(top): unknown key 'colour' (allowed: fields, instructions, study, verdict, version)",
         "study: must not be empty",
         "version: expected text or an integer (quote it), got float 1.1",
         "fields[0]: unknown key 'requried' (allowed: description, id, label, max_length, "
