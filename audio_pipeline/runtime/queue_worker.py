@@ -16,9 +16,10 @@ returns them); a stop hands them back to the head of their queues, in order,
 unprocessed. ``prepare_batch`` must therefore only do work that is harmless to
 redo or drop: read, download, decode; never a result write.
 
-On the service's two-stage stop: the first signal lets the claim in hand finish;
-the second interrupts the handler and hands the claim back to the head of its
-queue. Either way nothing is lost.
+On the service's two-stage stop: the first signal lets the claim in hand go on for
+the stop grace (``WORKER_STOP_GRACE_S``); a second signal, or the grace running out,
+interrupts the handler and hands the claim back to the head of its queue, unspent.
+Either way nothing is lost.
 
 Outages: a claim cut by a Redis outage waits for Redis, then hands back whatever
 part of it had already moved into this worker's processing lists. Settling (ack,
@@ -317,6 +318,7 @@ class QueueWorker(Service):
     def _run_part(self, jobs: list[Job]) -> None:
         """Prepare, process and settle one part of a split claim (splitting it again
         when it fails as a whole)."""
+        self.alive()  # an isolated claim runs many model calls in one turn of the loop
         started = time.monotonic()
         results: dict[str, BaseException | None] = {}
         try:

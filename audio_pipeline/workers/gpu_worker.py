@@ -204,6 +204,7 @@ class GpuWorker(QueueWorker):
         assert self.transcriber is not None, "setup() loads the models"
         prepared = _Prepared()
         for job in jobs:
+            self.alive()  # a download each (a no-op in the look-ahead's thread)
             try:
                 item = self._resolve(job)
             except Exception as exc:  # reported for this job only
@@ -255,7 +256,10 @@ class GpuWorker(QueueWorker):
         outcomes: dict[str, BaseException | None] = {}
         with self.db.connection() as conn:
             records.mark_transcribing(conn, [w.row.id for w in work], self.settings.worker_host)
+        # alive(): the watchdog's pings from the main thread, between the long steps
+        self.alive()
         transcripts = self.transcriber.transcribe_prepared(audio)
+        self.alive()
         with self.db.connection() as conn:
             policies = active_policies(conn)
         self._note_policies(len(policies), len(work))
@@ -268,6 +272,7 @@ class GpuWorker(QueueWorker):
             for w, t in zip(work, transcripts, strict=True)
         ]
         verdicts = self.classifier.classify(items, policies) if policies else []
+        self.alive()
         by_audio: dict[int, list[Any]] = {}
         for v in verdicts:
             by_audio.setdefault(v.key, []).append(v)
