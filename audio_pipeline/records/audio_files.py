@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import psycopg
 
-from audio_pipeline.records import select_all, select_one
+from audio_pipeline.records import select_all
 
 
 class AudioFileStatus(StrEnum):
@@ -124,14 +124,3 @@ def mark_failed(
         (error, host, batch_id, rel_path, _GPU_STATE_VALUES),
     )
     return cur.rowcount == 1
-
-
-def count_unfinished(conn: psycopg.Connection, batch_id: str) -> int:
-    """Files of the batch still waiting for (or in) transcription."""
-    row = select_one(
-        conn,
-        "SELECT count(*) AS n FROM audio_files WHERE batch_id = %s"
-        " AND status IN ('pending', 'converted', 'transcribing')",
-        (batch_id,),
-    )
-    return int(row["n"]) if row else 0

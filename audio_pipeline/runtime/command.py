@@ -62,6 +62,7 @@ def run_worker(worker_cls: type[Service], argv: Sequence[str] | None = None) -> 
             timings=config.timings,
             retry=config.retry,
             stage_settings=config.stage,
+            metrics=config.metrics,
         )
     except ConfigError as exc:
         print(f"{worker_cls.stage}-worker: {exc}", file=sys.stderr)

@@ -95,10 +95,18 @@ class Backoff:
 class Backend:
     """Whether one backend is reachable, as this process last saw it."""
 
-    def __init__(self, name: str, log: logging.Logger, **fields: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        log: logging.Logger,
+        on_change: Callable[[str, bool], None] | None = None,
+        **fields: str,
+    ) -> None:
         self.name = name
         self.log = log
         self.fields = fields  # e.g. stage, worker: where operators look for the line
+        # told (name, available) when an outage is declared and when it ends (metrics)
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._first_failure: float | None = None  # of the failures since the last success
@@ -121,6 +129,8 @@ class Backend:
             if self._down_since is not None or self._failures < FAILURES_TO_DECLARE:
                 return
             self._down_since = self._first_failure
+        if self._on_change is not None:
+            self._on_change(self.name, False)
         log_event(
             self.log,
             f"{self.name}.unavailable",
@@ -142,6 +152,8 @@ class Backend:
             failures, self._failures = self._failures, 0
             self._down_since = None
             self._recovered_at = time.monotonic()
+        if self._on_change is not None:
+            self._on_change(self.name, True)
         log_event(
             self.log,
             f"{self.name}.recovered",

@@ -58,7 +58,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from audio_pipeline.logs import log_event
+from audio_pipeline.logs import log_context, log_event
 from audio_pipeline.queue import Job, PermanentJobError, processing_key
 from audio_pipeline.runtime.claim_size import DEFAULT_HOLD_S, ClaimSize
 from audio_pipeline.runtime.look_ahead import LookAhead
@@ -167,6 +167,7 @@ class QueueWorker(Service):
         else:
             if not self.ready_to_claim():
                 self.state = ServiceState.IDLE
+                self.metrics.backpressure.inc()
                 self.sleep(BACKPRESSURE_SLEEP_S)
                 return False
             jobs = self._claim()
@@ -199,7 +200,9 @@ class QueueWorker(Service):
         if self._strays_possible:
             self.redis_call(self._hand_back_strays)
         try:
-            return self.queue.claim_many(self.source_queues(), self._claim_limit(), CLAIM_TIMEOUT_S)
+            jobs = self.queue.claim_many(self.source_queues(), self._claim_limit(), CLAIM_TIMEOUT_S)
+            self.metrics.claimed.inc(len(jobs))
+            return jobs
         except Exception as exc:
             if not redis_unavailable(exc):
                 raise
@@ -231,6 +234,12 @@ class QueueWorker(Service):
     def _handle(self, jobs: list[Job], ahead: LookAhead | None = None) -> None:
         """Prepare ``jobs`` (unless the look-ahead did), start on the next claim,
         process, settle; a claim that fails as a whole is run again in parts."""
+        # Every line logged meanwhile names the job (or the claim's jobs).
+        ids = self._ids(jobs[0]) if len(jobs) == 1 else {"jobs": ",".join(j.short_id for j in jobs)}
+        with log_context(**ids):
+            self._handle_claim(jobs, ahead)
+
+    def _handle_claim(self, jobs: list[Job], ahead: LookAhead | None) -> None:
         self.state = ServiceState.BUSY
         for job in jobs:
             log_event(self.log, "job.started", **self._job_fields(job), attempt=job.attempts + 1)
@@ -342,11 +351,17 @@ class QueueWorker(Service):
                 self._in_hand = [held for held in self._in_hand if held is not job]
 
     def _settle(self, job: Job, error: BaseException | None, duration_s: float) -> None:
+        with log_context(**self._ids(job)):
+            self._settle_one(job, error, duration_s)
+
+    def _settle_one(self, job: Job, error: BaseException | None, duration_s: float) -> None:
         fields = self._job_fields(job)
+        self.metrics.duration.observe(duration_s)
         # Each settling step goes through redis_call: it waits out an outage, since a
         # job left in our processing list while we live would never be settled.
         if error is None:
             self.redis_call(lambda: self.queue.ack(job))
+            self.metrics.done.inc()
             log_event(self.log, "job.done", **fields, duration_s=duration_s)
             return
         away = backend_unavailable(error)
@@ -355,12 +370,17 @@ class QueueWorker(Service):
             self.backends[away].failed(error)
             self.wait_for(away)
             self.redis_call(lambda: self.queue.release(job))
+            self.metrics.handed_back.inc()
         elif isinstance(error, PermanentJobError):
             self.redis_call(lambda: self.queue.dead_letter(job, f"{type(error).__name__}: {error}"))
+            self.metrics.dead_lettered.inc()
             self._final_failure(job, error)
         else:
             self.log.debug("job %s failed", job.short_id, exc_info=error)
-            if not self.redis_call(lambda: self.queue.retry(job, error)):
+            if self.redis_call(lambda: self.queue.retry(job, error)):
+                self.metrics.retried.inc()
+            else:
+                self.metrics.dead_lettered.inc()
                 self._final_failure(job, error)
 
     def _final_failure(self, job: Job, error: BaseException) -> None:
@@ -381,6 +401,15 @@ class QueueWorker(Service):
                 return
             self.redis_call(lambda dead=dead: self.queue.forget_reaped(dead))
 
+    def _ids(self, job: Job) -> dict[str, Any]:
+        """What every log line about ``job`` carries (logs.log_context)."""
+        ids: dict[str, Any] = {"job": job.short_id}
+        for key in ("batch_id", "audio_id"):
+            value = job.payload.get(key)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                ids[key] = value
+        return ids
+
     def _job_fields(self, job: Job) -> dict[str, Any]:
         fields: dict[str, Any] = {"stage": self.stage, "job": job.short_id, "queue": job.queue}
         for key in ("batch_id", "audio_id"):
@@ -392,6 +421,7 @@ class QueueWorker(Service):
         # Each release pushes onto the head: last claimed first keeps the queue's order.
         for job in reversed(jobs):
             self.redis_call(lambda job=job: self.queue.release(job))
+            self.metrics.handed_back.inc()
 
     # -- look-ahead ------------------------------------------------------------------
 
@@ -406,6 +436,7 @@ class QueueWorker(Service):
         with self.shielded():
             try:
                 jobs = self.queue.claim_many(self.source_queues(), self._claim_limit(), 0)
+                self.metrics.claimed.inc(len(jobs))
             except Exception as exc:
                 if not redis_unavailable(exc):
                     raise

@@ -61,6 +61,8 @@ from psycopg_pool import ConnectionPool
 
 from audio_pipeline.config import EnvReader, EnvSettings, Settings, read_all
 from audio_pipeline.logs import log_event
+from audio_pipeline.metrics import MetricsSettings, WorkerMetrics
+from audio_pipeline.metrics import serve as serve_metrics
 from audio_pipeline.queue import JobQueue, RetryPolicy, utc_now_iso
 from audio_pipeline.redis_conn import get_redis
 from audio_pipeline.runtime.heartbeat import Heartbeat, HeartbeatTimings
@@ -133,6 +135,7 @@ class ServiceConfig:
     timings: ServiceTimings
     retry: RetryPolicy
     stage: Any  # the stage's own settings: ``read_stage_settings``
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def read_service_config(
@@ -146,6 +149,7 @@ def read_service_config(
         timings=ServiceTimings.read(env),
         retry=RetryPolicy.read(env),
         stage=service_cls.read_stage_settings(env),
+        metrics=MetricsSettings.read(env),
     )
     env.raise_if_errors()
     return config
@@ -177,9 +181,10 @@ class Service:
         timings: ServiceTimings | None = None,
         retry: RetryPolicy | None = None,
         stage_settings: Any = None,
+        metrics: MetricsSettings | None = None,
     ) -> None:
         """With ``settings`` given, nothing is read from the environment: ``timings``,
-        ``retry`` and ``stage_settings`` not given are the built-in defaults (what
+        ``retry``, ``stage_settings`` and ``metrics`` not given are the built-in defaults (what
         ``read_stage_settings`` makes of an empty environment). Without, every one is
         read from it. ``worker_id`` defaults to ``{stage}:{host}:{pid}``; pass one only
         to run several workers in one process (tests), since ids must be unique."""
@@ -189,6 +194,7 @@ class Service:
             config = read_service_config(type(self))
             settings, timings, retry = config.settings, config.timings, config.retry
             stage_settings = config.stage if stage_settings is None else stage_settings
+            metrics = config.metrics if metrics is None else metrics
         elif stage_settings is None:
             stage_settings = read_all(type(self).read_stage_settings, {})
         self.settings = settings
@@ -217,8 +223,17 @@ class Service:
         self._started_at = utc_now_iso()
         # One per backend and process: the main loop and the heartbeat thread share
         # them, so an outage is logged once, not once per thread or per retry.
+        # Counted from here on; served on METRICS_PORT once work() starts.
+        self.metrics = WorkerMetrics(self.stage, self.settings.worker_host)
+        self._metrics_settings = metrics or MetricsSettings()
         self.backends = {
-            name: Backend(name, self.log, stage=self.stage, worker=self.worker_id)
+            name: Backend(
+                name,
+                self.log,
+                on_change=self.metrics.backend_available,
+                stage=self.stage,
+                worker=self.worker_id,
+            )
             for name in ("redis", "postgres")
         }
         self.heartbeat = Heartbeat(
@@ -289,6 +304,9 @@ class Service:
         if self._systemd.watchdog_s is not None:
             # The watchdog's SIGABRT then prints every thread's stack: where it hung.
             faulthandler.enable(all_threads=True)
+        port = serve_metrics(self._metrics_settings)
+        if port is not None:
+            self.log_stage_event("worker.metrics", addr=self._metrics_settings.addr, port=port)
         try:
             self.through_outages(self.heartbeat.beat)  # before the first claim (the reaper)
             self.heartbeat.start()

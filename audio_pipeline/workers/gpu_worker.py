@@ -173,8 +173,13 @@ class GpuWorker(QueueWorker):
         return [self.settings.host_queue, QUEUE_TRANSCRIBE]
 
     def setup(self) -> None:
+        self.metrics.watch_scratch(self.settings.scratch_root)
+        started = time.monotonic()
         self.transcriber = load_transcriber(self.settings.models_root, self.asr_settings)
+        self.metrics.model_loaded(self.transcriber.model_name, time.monotonic() - started)
+        started = time.monotonic()
         self.classifier = load_classifier(self.settings.models_root, self.classifier_settings)
+        self.metrics.model_loaded(self.classifier.model_name, time.monotonic() - started)
         if self.prefetch is None:
             self.look_ahead = self.transcriber.device == "cuda"
         else:
@@ -258,7 +263,13 @@ class GpuWorker(QueueWorker):
             records.mark_transcribing(conn, [w.row.id for w in work], self.settings.worker_host)
         # alive(): the watchdog's pings from the main thread, between the long steps
         self.alive()
+        started = time.monotonic()
         transcripts = self.transcriber.transcribe_prepared(audio)
+        self.metrics.transcribed(
+            files=len(transcripts),
+            audio_s=sum(t.audio_seconds for t in transcripts),
+            asr_s=time.monotonic() - started,
+        )
         self.alive()
         with self.db.connection() as conn:
             policies = active_policies(conn)
@@ -271,7 +282,9 @@ class GpuWorker(QueueWorker):
             )
             for w, t in zip(work, transcripts, strict=True)
         ]
+        started = time.monotonic()
         verdicts = self.classifier.classify(items, policies) if policies else []
+        self.metrics.classifier_seconds.inc(time.monotonic() - started)
         self.alive()
         by_audio: dict[int, list[Any]] = {}
         for v in verdicts:

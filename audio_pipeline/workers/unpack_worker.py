@@ -182,6 +182,9 @@ class UnpackWorker(QueueWorker):
 
     # -- back-pressure -------------------------------------------------------------
 
+    def setup(self) -> None:
+        self.metrics.watch_scratch(self.settings.scratch_root)  # read at each scrape
+
     def ready_to_claim(self) -> bool:
         reason = self._pause_reason()
         if reason != self._paused_reason:  # log changes only, not every poll
@@ -346,15 +349,17 @@ class UnpackWorker(QueueWorker):
             raise PermanentJobError(reason)
         with self.db.connection() as conn:
             batches.mark_unpacked(conn, batch_id, outcome.found)
+            # A redelivered job may find every file already finished: the gpu worker
+            # that stored the last one saw the batch 'unpacking' (this job held it)
+            # and left it, so completing it falls to this job, in the same transaction.
+            completed = batches.complete_batches_if_finished(conn, [batch_id])
             conn.commit()
-            unfinished = audio_files.count_unfinished(conn, batch_id)
         for payload in outcome.converted:
             # Waits out a Redis outage here: handing the job back instead would convert
             # and queue the files pushed so far a second time.
             self.redis_call(lambda p=payload: self.queue.enqueue(self.settings.host_queue, p))
-        if not outcome.converted and unfinished == 0:
-            # A redelivery found every file already transcribed: nothing will
-            # come back for this batch's scratch, so clear it here.
+        if completed:
+            # Nothing will come back for this batch's scratch: clear it here.
             s3_utils.cleanup_scratch(batch_id, self.settings)
 
     def on_job_failed(self, job: Job, error: BaseException) -> None:

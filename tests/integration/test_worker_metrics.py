@@ -1,0 +1,80 @@
+"""A worker's /metrics while it works, against what it did.
+
+A real echo worker (tests/support/workerkit) with METRICS_PORT set works a queue with
+good jobs, one that fails once and one that fails for good; the scrape's counters
+must equal what the queue and the done list say happened.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.workerkit.echo_worker import DONE_KEY
+from tests.support.workerkit.procs import finish, start_module, wait_for
+
+pytestmark = pytest.mark.integration
+
+ECHO = "tests.support.workerkit.echo_worker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of the stage "echo", by name (and backend for backend_up)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("stage") != "echo":
+                continue
+            name = s.name + (f"/{s.labels['backend']}" if "backend" in s.labels else "")
+            samples[name] = s.value
+    return samples
+
+
+def test_counters_match_what_the_worker_did(pipeline_env, redis_client: redis.Redis) -> None:
+    jobs = [{"id": f"ok-{i}"} for i in range(5)]
+    jobs += [{"id": "flaky", "fail": "transient", "fail_times": 1}]
+    jobs += [{"id": "bad", "fail": "permanent"}]
+    redis_client.rpush("queue:echo", *[json.dumps(j) for j in jobs])
+    port = free_port()
+    proc = start_module(
+        ECHO,
+        pipeline_env,
+        extra_env={"METRICS_PORT": str(port), "WORKER_HOST": "metrics-host"},
+    )
+    try:
+        wait_for(lambda: redis_client.llen(DONE_KEY) == 6, timeout=60, what="6 jobs done")
+        wait_for(lambda: redis_client.llen("queue:failed") == 1, timeout=30, what="dead letter")
+        m = scrape(port)
+    finally:
+        proc.terminate()
+        code, out = finish(proc, 60)
+    assert code == 0, out
+    assert "event=worker.metrics" in out
+    assert m["audio_pipeline_jobs_done_total"] == 6
+    assert m["audio_pipeline_jobs_retried_total"] == 1  # flaky, once
+    assert m["audio_pipeline_jobs_dead_lettered_total"] == 1  # bad
+    assert m["audio_pipeline_jobs_claimed_total"] == 8  # 7 jobs, flaky twice
+    assert m["audio_pipeline_job_duration_seconds_count"] == 8  # every settle observed
+    assert m["audio_pipeline_backend_up/redis"] == 1
+    assert m["audio_pipeline_backend_up/postgres"] == 1
+
+
+def test_no_endpoint_unless_asked(pipeline_env, redis_client: redis.Redis) -> None:
+    redis_client.rpush("queue:echo", json.dumps({"id": "one"}))
+    proc = start_module(ECHO, pipeline_env, ["--drain"])
+    code, out = finish(proc, 60)
+    assert code == 0, out
+    assert "worker.metrics" not in out
