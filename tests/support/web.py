@@ -81,21 +81,27 @@ def seed_items(
     policy_id = add_policy(conn, policy, "No hate speech.")
     ids = []
     for i in range(n):
-        audio_id = add_audio_file(
-            conn,
-            batch,
-            f"calls/clip{i:04d}.mp3",
-            "done",
-            duration_s=7.0,
-            opus_s3_key=f"audio/{batch}/calls/clip{i:04d}.opus",
-        )
-        add_transcript(conn, audio_id, language="en")
+        audio_id = _transcribed_file(conn, batch, f"calls/clip{i:04d}")
         score = scores[i] if scores else 0.9
         evidence = [{"segment": 1, "start": 2.5, "end": 5.0, "score": score, "terms": ["vermin"]}]
         cid = add_classification(conn, audio_id, policy_id, score, label=1, evidence=evidence)
         ids.append(cid)
     conn.commit()
     return ids
+
+
+def _transcribed_file(conn: psycopg.Connection, batch: str, stem: str) -> int:
+    """A done audio file ``{stem}.mp3`` of ``batch`` with its (English) transcript."""
+    audio_id = add_audio_file(
+        conn,
+        batch,
+        f"{stem}.mp3",
+        "done",
+        duration_s=7.0,
+        opus_s3_key=f"audio/{batch}/{stem}.opus",
+    )
+    add_transcript(conn, audio_id, language="en")
+    return audio_id
 
 
 def seed_scored(
@@ -120,15 +126,7 @@ def seed_scored(
     first = row["n"] if isinstance(row, Mapping) else row[0]  # dict or tuple rows alike
     ids = []
     for n, score in enumerate(scores, start=first):
-        audio_id = add_audio_file(
-            conn,
-            batch,
-            f"calls/scored{n:05d}.mp3",
-            "done",
-            duration_s=7.0,
-            opus_s3_key=f"audio/{batch}/calls/scored{n:05d}.opus",
-        )
-        add_transcript(conn, audio_id, language="en")
+        audio_id = _transcribed_file(conn, batch, f"calls/scored{n:05d}")
         flagged = score >= threshold
         evidence = (
             [{"segment": 1, "start": 2.5, "end": 5.0, "score": score, "terms": ["vermin"]}]
