@@ -19,6 +19,14 @@ import pytest
 
 from tests.fleet import lab, machines
 
+# Last in the session, in file order: they break what they test (a GPU host is
+# powered off for good), so every other fleet test meets the whole fleet first.
+LAST_MODULES = (Path(__file__).with_name("test_faults.py"),)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path in LAST_MODULES)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def fleet_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Fleet]:

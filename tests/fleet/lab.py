@@ -20,6 +20,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,11 @@ RECAP = re.compile(
     re.MULTILINE,
 )
 RA_CERT_IN_ORCH = "etc/ra-app/tls/ra-app.crt"
+GPU_WORKER_WATCHDOG_S = 60
+# Above the largest pid_max Linux allows: the inventory's nsenter PID for a machine
+# that was powered off, so Ansible finds it unreachable, as it finds a lost VM,
+# and never enters whatever process has since been given the machine's old PID.
+GONE_PID = 2**22 + 1
 
 
 @dataclass
@@ -357,6 +363,20 @@ def gpu_host_vars(fleet: Fleet, name: str) -> dict[str, object]:
         # the test volume is a 512 MiB loop device, far below production's 10 GiB floor
         "gpu_worker_unpack_min_free_bytes": 50 * 2**20,
         "gpu_worker_stop_timeout": 60,
+        # Short, so the watchdog test (test_faults.py) sees a frozen gpu-worker killed
+        # and restarted within minutes; well above a claim of the lab's short files on
+        # shared cores (the main loop feeds it once per claim), so no healthy worker is
+        # killed in the other tests.
+        "gpu_worker_watchdog_s": GPU_WORKER_WATCHDOG_S,
+    }
+
+
+def connection_vars(machine: machines.Machine) -> dict[str, object]:
+    return {
+        "ansible_connection": "community.docker.nsenter",
+        "ansible_nsenter_pid": machine.pid1,
+        "ansible_host": machine.address,
+        "ansible_python_interpreter": "/usr/bin/python3",
     }
 
 
@@ -376,15 +396,7 @@ def write_inventory(fleet: Fleet) -> None:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to(target)
-    hv: dict[str, dict[str, object]] = {
-        name: {
-            "ansible_connection": "community.docker.nsenter",
-            "ansible_nsenter_pid": m.pid1,
-            "ansible_host": m.address,
-            "ansible_python_interpreter": "/usr/bin/python3",
-        }
-        for name, m in fleet.machines.items()
-    }
+    hv = {name: connection_vars(m) for name, m in fleet.machines.items()}
     host_services = fleet.host_services
     if "orch" in hv:
         hv["orch"].update(orchestrator_ra_app_workers=2, ra_app_tls_self_signed=True)
@@ -424,7 +436,7 @@ def write_inventory(fleet: Fleet) -> None:
         groups[_group_of(name)][name] = host_vars
     inventory = {"all": {"children": {group: {"hosts": hosts} for group, hosts in groups.items()}}}
     fleet.inventory = inv_dir / "hosts.yml"
-    fleet.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    _write_inventory_file(fleet, inventory)
 
 
 def _group_of(host: str) -> str:
@@ -451,11 +463,16 @@ DEMO_TIMEOUT_S = 600
 
 def save_state(fleet: Fleet) -> None:
     """What `lab.py down --dir WORK` needs to remove this fleet later."""
+    # An attached fleet (FLEET_REUSE) knows its machines' nspawn and its proxy's PIDs
+    # only from here.
+    path = fleet.work / STATE_FILE
+    known = json.loads(path.read_text()) if path.exists() else {}
+    nspawn_pids = {n: m.nspawn.pid for n, m in fleet.machines.items() if m.nspawn}
     state = {
         "work": str(fleet.work),
-        "nspawn_pids": {n: m.nspawn.pid for n, m in fleet.machines.items() if m.nspawn},
+        "nspawn_pids": known.get("nspawn_pids", {}) | nspawn_pids,
         "loop_devices": fleet.loop_devices,
-        "proxy_pid": fleet.net.proxy.pid if fleet.net.proxy else None,
+        "proxy_pid": fleet.net.proxy.pid if fleet.net.proxy else known.get("proxy_pid"),
         "bucket": fleet.bucket,
     }
     (fleet.work / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -486,6 +503,55 @@ def attach(work: Path) -> Fleet:
     fleet.secrets = yaml.safe_load(fleet.vault_file.read_text())
     fleet.bucket = state["bucket"]
     return fleet
+
+
+# Faults a fleet meets (test_faults.py) ----------------------------------------------
+def join_gpu_host(fleet: Fleet, name: str) -> machines.Machine:
+    """A new GPU VM, booted bare with an empty data volume, and added to the
+    inventory as an operator adds one: the GPU group's settings (those of the host
+    already there), its own address, connection and volume. Nothing runs on it yet:
+    setup-new-worker.yml is the caller's to run."""
+    machine = boot_machine(fleet, machines.build_rootfs_tar(CACHE_DIR), name)
+    save_state(fleet)
+    inventory = _read_inventory(fleet)
+    hosts = inventory["all"]["children"][_group_of(name)]["hosts"]
+    peer = next(iter(hosts.values()))
+    hosts[name] = {**peer, **connection_vars(machine), **gpu_host_vars(fleet, name)}
+    _write_inventory_file(fleet, inventory)
+    return machine
+
+
+def power_off(fleet: Fleet, name: str) -> None:
+    """Pull the plug, as a VM is lost: SIGKILL to the machine's init ends every
+    process in it at once, so no worker hands anything back or says goodbye. The
+    inventory keeps the host (an operator's still lists it), unreachable now."""
+    machine = fleet.machines[name]
+    pid1 = machine.pid1
+    if pid1 is None:
+        return
+    os.kill(pid1, signal.SIGKILL)
+    deadline = time.monotonic() + machines.STOP_TIMEOUT_S
+    while Path(f"/proc/{pid1}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if machine.nspawn is not None:
+        machine.nspawn.wait(timeout=machines.STOP_TIMEOUT_S)
+    machine.pid1 = None
+    inventory = _read_inventory(fleet)
+    inventory["all"]["children"][_group_of(name)]["hosts"][name]["ansible_nsenter_pid"] = GONE_PID
+    _write_inventory_file(fleet, inventory)
+
+
+def _read_inventory(fleet: Fleet) -> dict[str, Any]:
+    assert fleet.inventory is not None
+    inventory: dict[str, Any] = yaml.safe_load(fleet.inventory.read_text())
+    return inventory
+
+
+def _write_inventory_file(fleet: Fleet, inventory: dict[str, Any]) -> None:
+    assert fleet.inventory is not None
+    partial = fleet.inventory.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    partial.rename(fleet.inventory)
 
 
 def _host_services(work: Path) -> devstack.Stack:
