@@ -17,8 +17,6 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
-import pytest
-
 from devtools import sample
 from tests.fleet import lab
 from tests.fleet.marks import NEEDS_FLEET
@@ -275,8 +273,7 @@ def test_a_frozen_gpu_worker_is_restarted_by_its_watchdog(fleet: Fleet) -> None:
     """gpu-worker's main process frozen (SIGSTOP): it stops feeding the watchdog,
     systemd kills it and starts a new one."""
     props = unit_props(fleet, OLD_GPU, "gpu-worker", "WatchdogUSec", "MainPID", "NRestarts")
-    if props.get("WatchdogUSec", "0") in {"0", "infinity", ""}:
-        pytest.skip("gpu-worker has no WatchdogSec yet (gpu_worker_watchdog_s in roles/gpu_worker)")
+    assert props.get("WatchdogUSec", "0") not in {"0", "infinity", ""}, "no WatchdogSec"
     assert timespan_s(props["WatchdogUSec"]) == lab.GPU_WORKER_WATCHDOG_S, props
     frozen, restarts = props["MainPID"], int(props["NRestarts"])
     assert frozen != "0", props
