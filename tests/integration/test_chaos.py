@@ -362,14 +362,23 @@ class Chaos:
         host_queue = f"{QUEUE_TRANSCRIBE}:{self.lost_host}"
 
         def files_waiting() -> bool:
+            # Queued for the host or claimed by its gpu worker: a gpu worker that keeps
+            # up (a quiet machine) claims its queue as soon as files arrive, so the
+            # queue alone may never hold several.
             try:
-                return int(self.redis_client.llen(host_queue)) >= HOST_QUEUE_MIN
+                held = int(self.redis_client.llen(host_queue))
+                for key in self.redis_client.scan_iter(
+                    match=f"{PROCESSING_PREFIX}gpu:{self.lost_host}:*"
+                ):
+                    held += int(self.redis_client.llen(key))
             except redis.exceptions.RedisError:
                 return False
+            return held >= HOST_QUEUE_MIN
 
         queued = self.fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
         assert queued, (
-            f"{host_queue} never held {HOST_QUEUE_MIN} files in {HOST_QUEUE_WAIT_S:.0f} s: "
+            f"{self.lost_host} never held {HOST_QUEUE_MIN} files (queued or claimed) in "
+            f"{HOST_QUEUE_WAIT_S:.0f} s: "
             "the host could not be lost with work queued (a schedule too late?); "
             f"{services(self.shared)}\n"
             f"queues: {json.dumps(queue_status(self.redis_client), indent=1, default=str)}"
