@@ -3,21 +3,20 @@
 Every name starts with ``audio_pipeline_`` and carries the labels ``stage`` and
 ``host``, so one Prometheus sees the whole fleet and sums or splits by either. A
 worker updates its own counters; queue depths are not here: they are the same for
-every worker, so one collector (redis_exporter's key checks on the orchestrator)
-exports them once.
+every worker, so they belong to one collector (redis_exporter's key checks on the
+orchestrator), not here.
 
 The endpoint is off unless ``METRICS_PORT`` is set. ``METRICS_ADDR`` is the address it
-listens on: the host's fleet address in production (the firewall opens the port to the
-orchestrator only), loopback by default.
+listens on, loopback by default. No role sets either yet: the fleet's Prometheus (and
+the firewall opening for it) is still to come.
 
-Histogram buckets span what a stage does: a queue wait or a job takes from
+The job-duration buckets span what a stage does: a job takes from
 milliseconds (an ack) to hours (a long unpack behind a full disk).
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from audio_pipeline.config import EnvReader, EnvSettings
 LABELS = ("stage", "host")
 # seconds: from an ack to a long unpack
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 RTF_WINDOW = 20  # claims the realtime-factor gauge averages over
 
 
@@ -74,13 +72,6 @@ class _Family:
             "Time from the start of a claim's work to its settling, per job.",
             LABELS,
             buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.queue_wait = Histogram(
-            "audio_pipeline_queue_wait_seconds",
-            "Time from enqueue to claim.",
-            LABELS,
-            buckets=WAIT_BUCKETS,
             registry=registry,
         )
         self.files = counter("audio_pipeline_files_transcribed_total", "Files transcribed.")
@@ -143,7 +134,6 @@ class WorkerMetrics:
         self.dead_lettered = f.dead.labels(stage, host)
         self.handed_back = f.handed_back.labels(stage, host)
         self.duration = f.duration.labels(stage, host)
-        self.queue_wait = f.queue_wait.labels(stage, host)
         self.files = f.files.labels(stage, host)
         self.audio_seconds = f.audio_seconds.labels(stage, host)
         self.asr_seconds = f.asr_seconds.labels(stage, host)
@@ -181,11 +171,6 @@ class WorkerMetrics:
     def watch_scratch(self, root: Path) -> None:
         """Report the scratch file system's free bytes at every scrape."""
         self._scratch_free.set_function(lambda: _free_bytes(root))
-
-    def waited_since(self, enqueued_at: float | None) -> None:
-        """A claimed job's queue wait, from the enqueue stamp in its payload."""
-        if enqueued_at is not None:
-            self.queue_wait.observe(max(0.0, time.time() - enqueued_at))
 
 
 def _free_bytes(root: Path) -> float:
