@@ -50,7 +50,7 @@ deps: .make/apt .make/venv  ## install Debian packages and the virtualenv (idemp
 	@mkdir -p .make && touch $@
 
 test: deps lint  ## the whole suite: lint, unit, integration, end to end (starts and stops the stack)
-	$(BIN)/pytest --durations=15
+	$(BIN)/python -m devtools.suite
 
 test-unit: .make/venv  ## fast subset: unit tests only, no services
 	$(BIN)/pytest tests/unit -q

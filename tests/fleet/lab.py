@@ -115,6 +115,8 @@ class Fleet:
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_HOST_KEY_CHECKING": "False",
+            # Each task's time in ansible.log: where a slow converge spends it.
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
         }
 
     def playbook(self, name: str, *extra: str) -> PlaybookRun:
@@ -302,8 +304,16 @@ def boot_machine(fleet: Fleet, tar: Path, name: str) -> machines.Machine:
 
 
 def stop(fleet: Fleet) -> None:
-    for m in fleet.machines.values():
-        m.stop()
+    # Workers first, all at once, then the orchestrator, as an operator powers a
+    # fleet down: a worker whose Redis went first spends its stop waiting on
+    # connections that no longer answer.
+    workers = [m for name, m in fleet.machines.items() if name != "orch"]
+    for m in workers:
+        m.request_stop()
+    for m in workers:
+        m.wait_stopped()
+    if "orch" in fleet.machines:
+        fleet.machines["orch"].stop()
     for device in fleet.loop_devices:
         machines.detach_loop_device(device)
     devstack.down(fleet.host_services)

@@ -193,10 +193,17 @@ class Machine:
         )
 
     def stop(self) -> None:
+        self.request_stop()
+        self.wait_stopped()
+
+    def request_stop(self) -> None:
+        """Start a clean power-off (SIGTERM to systemd-nspawn); wait_stopped ends it."""
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
         if self.nspawn is None or self.nspawn.poll() is not None:
             return
-        # SIGTERM to systemd-nspawn powers the machine off cleanly (~3 s).
-        self.nspawn.send_signal(signal.SIGTERM)
         try:
             self.nspawn.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
