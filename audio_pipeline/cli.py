@@ -10,6 +10,8 @@
     audio-pipeline policy apply PATH... [--json] policy files (policies/*.yml), idempotent
     audio-pipeline policy list [--json]
     audio-pipeline policy deactivate NAME VERSION
+    audio-pipeline reclassify --policy NAME [--version N] [--model M] [--batch B] [--json]
+                                                judge stored transcripts again (no ASR)
     audio-pipeline models publish|sync|merge-cope-a ...  the S3 model store (model_cli.py)
     audio-pipeline s3 ls [PREFIX] [--count]     the bucket as this host sees it (s3_cli.py)
     audio-pipeline s3 get KEY DEST              a verified, timed download
@@ -31,10 +33,12 @@ import psycopg
 import redis
 
 from audio_pipeline import policy_files, queue_admin
-from audio_pipeline.config import ConfigError, Settings, load_settings
+from audio_pipeline import reclassify as text_jobs
+from audio_pipeline.config import QUEUE_CLASSIFY, ConfigError, Settings, load_settings
 from audio_pipeline.records import batches as batch_records
 from audio_pipeline.records import dead_letters as dead_letter_records
 from audio_pipeline.records import policies as policy_records
+from audio_pipeline.records import reclassify as reclassify_records
 from audio_pipeline.records import results as result_records
 
 IN_FLIGHT_BATCH_LIMIT = 20  # batches listed by `status` (counts cover all of them)
@@ -118,10 +122,11 @@ def _database_status(settings: Settings) -> dict[str, Any]:
                 "active_policies": policy_records.count_active(conn),
                 "flagged": result_records.count_flagged(conn),
             }
+            reclassify = {"runs": reclassify_records.run_progress(conn)}
     except psycopg.Error as exc:
         error = {"error": f"PostgreSQL unavailable: {exc}".strip()}
-        return {"batches": error, "results": dict(error)}
-    return {"batches": batches, "results": results}
+        return {"batches": error, "results": dict(error), "reclassify": dict(error)}
+    return {"batches": batches, "results": results, "reclassify": reclassify}
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -164,6 +169,7 @@ def print_status(status: dict[str, Any]) -> None:
         print(render_table(["worker", "state", "heartbeat", "current job", "ahead"], rows))
     else:
         print("(none)")
+    _print_reclassify(status["reclassify"])
     print("\nBATCHES")
     batches = status["batches"]
     if "error" in batches:
@@ -194,6 +200,30 @@ def print_status(status: dict[str, Any]) -> None:
             for b in batches["in_flight"]
         ]
         print(render_table(["batch", "status", "files", "done", "failed", "host", "idle"], rows))
+
+
+def _print_reclassify(reclassify: dict[str, Any]) -> None:
+    print("\nRE-CLASSIFICATION (newest runs; text-only jobs on queue:classify)")
+    if "error" in reclassify:
+        print(reclassify["error"])
+    elif reclassify["runs"]:
+        rows = [
+            (
+                run["run_id"],
+                f"{run['policy']} v{run['policy_version']}",
+                run["model"],
+                run["batch_id"] or "(all done)",
+                run["files"],
+                run["queued"],
+                run["done"],
+                run["failed"],
+            )
+            for run in reclassify["runs"]
+        ]
+        headers = ["run", "policy", "model", "batch", "files", "queued", "done", "failed"]
+        print(render_table(headers, rows))
+    else:
+        print("(none)")
 
 
 # -- commands -------------------------------------------------------------------------
@@ -371,6 +401,84 @@ def cmd_policy(args: argparse.Namespace, settings: Settings, r: redis.Redis | No
     return 0
 
 
+def cmd_reclassify(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
+    with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+        try:
+            policy = reclassify_records.resolve_policy(conn, args.policy, args.version)
+            if args.batch is not None:
+                reclassify_records.check_batch(conn, args.batch)
+            model = _reclassify_model(conn, settings, args.model)
+            run_id, files = reclassify_records.create_run(conn, policy.id, model, args.batch)
+        except reclassify_records.ReclassifyError as exc:
+            raise CommandError(str(exc)) from None
+        conn.commit()  # the run's rows exist before any worker can take its jobs
+    try:
+        queued = text_jobs.enqueue(r, run_id, policy.id, model, files)
+    except redis.exceptions.RedisError as exc:
+        # No job may be left without its run, nor a run without its jobs: drop the run
+        # (jobs pushed already find no run file to mark and only store their verdict).
+        with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+            reclassify_records.delete_run(conn, run_id)
+        raise CommandError(f"Redis unavailable, run {run_id} withdrawn: {exc}") from None
+    summary = {
+        "run_id": run_id,
+        "policy": policy.name,
+        "policy_version": policy.version,
+        "policy_active": policy.active,
+        "model": model,
+        "batch_id": args.batch,
+        "files": queued,
+        "queue": QUEUE_CLASSIFY,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    scope = f"batch {args.batch}" if args.batch else "every finished batch"
+    print(
+        f"run {run_id}: {queued} file(s) of {scope} queued on {QUEUE_CLASSIFY} "
+        f"for policy {policy.name} v{policy.version} with model {model}"
+    )
+    if not policy.active:
+        print(
+            f"note: {policy.name} v{policy.version} is not active: its verdicts are stored, "
+            "but they do not enter the RA queue"
+        )
+    print("progress: audio-pipeline status (RE-CLASSIFICATION)")
+    return 0
+
+
+def _reclassify_model(conn: psycopg.Connection, settings: Settings, model: str | None) -> str:
+    """The model to judge with: the one named, if the fleet knows it (it has stored
+    verdicts, it is the lexicon, or it is published in the model store, where the gpu
+    hosts sync their models from); by default the model of the newest verdicts."""
+    from audio_pipeline import model_store
+    from audio_pipeline.classify import LEXICON_MODEL
+
+    in_use = reclassify_records.models_in_use(conn)
+    if model is None:
+        if not in_use:
+            raise CommandError(
+                "no verdict is stored yet, so there is no current model: use --model"
+            )
+        return in_use[0]
+    if model in in_use or model == LEXICON_MODEL:
+        return model
+    known = ", ".join(in_use) or "none"
+    try:
+        model_store.read_manifest(model, settings)
+    except model_store.ModelStoreError as exc:
+        raise CommandError(
+            f"unknown model {model!r}: no verdict of it is stored and it is not in the model "
+            f"store ({exc}); models with stored verdicts: {known} (and {LEXICON_MODEL})"
+        ) from None
+    except Exception as exc:  # S3 away or refusing: the name cannot be checked
+        raise CommandError(
+            f"unknown model {model!r}: no verdict of it is stored, and the model store "
+            f"cannot be read to look for it ({type(exc).__name__}: {exc})"
+        ) from None
+    return model
+
+
 def _read_policy_text(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
@@ -438,6 +546,23 @@ def build_parser() -> argparse.ArgumentParser:
     deact.add_argument("name")
     deact.add_argument("version", type=int)
     p.set_defaults(func=cmd_policy, needs_redis=False)
+
+    p = sub.add_parser(
+        "reclassify",
+        help="judge stored transcripts again under a policy version (text-only jobs, no ASR)",
+    )
+    p.add_argument("--policy", required=True, metavar="NAME", help="the policy's name")
+    p.add_argument(
+        "--version", type=int, metavar="N", help="the version (default: its newest active one)"
+    )
+    p.add_argument(
+        "--model",
+        metavar="M",
+        help="classifier model as classifications.model names it (default: the newest verdicts')",
+    )
+    p.add_argument("--batch", metavar="B", help="one finished batch (default: every finished one)")
+    p.add_argument("--json", action="store_true", help="the run, for scripts")
+    p.set_defaults(func=cmd_reclassify)
 
     from audio_pipeline import model_cli, s3_cli
 

@@ -65,6 +65,9 @@ DEV_DB = "audio_pipeline"
 QUEUE_UNPACK = "queue:unpack"
 QUEUE_TRANSCRIBE = "queue:transcribe"
 QUEUE_FAILED = "queue:failed"
+# Text-only jobs (`audio-pipeline reclassify`): stored transcripts judged again, no
+# audio needed, so one shared queue that any gpu worker serves after its transcribe queues.
+QUEUE_CLASSIFY = "queue:classify"
 
 
 def host_transcribe_queue(host: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
+from audio_pipeline.config import QUEUE_CLASSIFY, QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
 from audio_pipeline.queue import (
     ATTEMPTS_FIELD,
     DELAYED_KEY,
@@ -25,7 +25,7 @@ from audio_pipeline.queue import (
     parse_processing_key,
 )
 
-ALWAYS_SHOWN_QUEUES = (QUEUE_UNPACK, QUEUE_TRANSCRIBE, QUEUE_FAILED)
+ALWAYS_SHOWN_QUEUES = (QUEUE_UNPACK, QUEUE_TRANSCRIBE, QUEUE_CLASSIFY, QUEUE_FAILED)
 
 # Moves one dead letter (ARGV[1]) back to a queue only if it is still in queue:failed,
 # so two operators requeueing at once never double a job.

@@ -131,6 +131,33 @@ CREATE INDEX IF NOT EXISTS classifications_flagged_idx
     ON classifications (score DESC, id) WHERE label = 1;
 CREATE INDEX IF NOT EXISTS classifications_policy_idx ON classifications (policy_id, label);
 
+-- A re-classification an operator asked for (`audio-pipeline reclassify`): the
+-- stored transcripts of finished files judged again under one policy version by one
+-- model, without transcribing again. Earlier verdicts stay: classifications keeps one
+-- row per file x policy version x model. batch_id NULL: every finished batch.
+CREATE TABLE IF NOT EXISTS reclassify_runs (
+    id          bigserial PRIMARY KEY,
+    policy_id   integer NOT NULL REFERENCES policies (id),
+    model       text NOT NULL CHECK (model <> ''),
+    batch_id    text REFERENCES batches (batch_id) ON DELETE CASCADE,
+    files       integer NOT NULL CHECK (files >= 0),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+-- One file of a run: 'queued' until a gpu worker stores its verdict ('done', in the
+-- same transaction as the classification) or its job is dead-lettered ('failed',
+-- with the reason; the file itself and its batch are left as they were).
+CREATE TABLE IF NOT EXISTS reclassify_files (
+    run_id      bigint NOT NULL REFERENCES reclassify_runs (id) ON DELETE CASCADE,
+    audio_id    bigint NOT NULL REFERENCES audio_files (id) ON DELETE CASCADE,
+    status      text NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'done', 'failed')),
+    error       text,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, audio_id)
+);
+CREATE INDEX IF NOT EXISTS reclassify_files_open_idx ON reclassify_files (run_id)
+    WHERE status <> 'done';
+
 -- What the pipeline flagged: one row per flagged classification, with what a
 -- reviewer needs to find and play the audio. Which rows still need review is the
 -- RA app's own query over its own tables (this file never names them).

@@ -70,6 +70,22 @@ def active_policies(conn: psycopg.Connection) -> list[Policy]:
     ]
 
 
+def policy_by_id(conn: psycopg.Connection, policy_id: int) -> Policy | None:
+    """One version by id, active or not (a re-classification may name an old one)."""
+    r = select_one(
+        conn, "SELECT id, name, version, text, lexicon FROM policies WHERE id = %s", (policy_id,)
+    )
+    if r is None:
+        return None
+    return Policy(
+        id=int(r["id"]),
+        name=r["name"],
+        version=int(r["version"]),
+        text=r["text"],
+        lexicon=tuple(r["lexicon"] or ()),
+    )
+
+
 def lock_name(conn: psycopg.Connection, name: str) -> None:
     """Serialise writers of one policy name until the transaction ends.
 

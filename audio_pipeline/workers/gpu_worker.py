@@ -50,6 +50,18 @@ the worker claims that many files for a while (``worker.claim_halved``,
 ``worker.claim_size_lowered``). A file's ``attempts`` column counts every model call
 it was in, those of a failed claim too.
 
+Text-only jobs (``audio-pipeline reclassify``; audio_pipeline/reclassify.py): after
+its transcribe queues the worker serves ``queue:classify``. Such a job's transcript is
+read from PostgreSQL and judged under the job's policy version by the job's model; no
+audio is found, fetched or decoded and the ASR model is not called. The verdicts of a
+claim are stored with their run files 'done' in one transaction
+(``event=gpu.reclassified`` per file). The model is the one this worker loaded when
+the job names it (or ``lexicon-v1``); another CoPE-A model is loaded from
+MODELS_ROOT/{model} on first use and kept until another is named. A job that names a
+file with no stored transcript, a policy version that does not exist or a model this
+host does not have is dead-lettered with the reason, which marks only its run file
+failed (``event=gpu.reclassify_failed``): the file and its batch stay as they were.
+
 No active policy: files are still transcribed and stored, with no verdict. The
 worker logs ``event=gpu.no_active_policy`` (level warning) at start and with the
 first claim stored that way, then at most every NO_POLICY_WARN_INTERVAL_S with the
@@ -63,12 +75,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
+from audio_pipeline import reclassify as text_jobs
 from audio_pipeline import s3_utils
 from audio_pipeline.asr import (
     AsrSettings,
@@ -78,17 +91,29 @@ from audio_pipeline.asr import (
     load_transcriber,
 )
 from audio_pipeline.classify import (
+    LEXICON_MODEL,
     Classifier,
+    ClassifierBackend,
     ClassifierSettings,
     ClassifyItem,
+    LexiconClassifier,
+    Policy,
     TextSegment,
+    Verdict,
     load_classifier,
 )
-from audio_pipeline.config import QUEUE_TRANSCRIBE, EnvReader, EnvSettings
+from audio_pipeline.config import (
+    QUEUE_CLASSIFY,
+    QUEUE_TRANSCRIBE,
+    ConfigError,
+    EnvReader,
+    EnvSettings,
+)
 from audio_pipeline.logs import log_event
 from audio_pipeline.queue import Job, PermanentJobError, ReapedDeadLetterError, require_fields
+from audio_pipeline.records import reclassify as reclassify_records
 from audio_pipeline.records import results as records
-from audio_pipeline.records.policies import active_policies
+from audio_pipeline.records.policies import active_policies, policy_by_id
 from audio_pipeline.runtime.command import run_worker
 from audio_pipeline.runtime.queue_worker import QueueWorker
 
@@ -138,12 +163,23 @@ class _Work:
     fetched: bool  # pulled from S3 by us: always ours to delete
 
 
+@dataclass(frozen=True)
+class _TextWork:
+    """A text-only job resolved to its stored transcript and policy version."""
+
+    job: Job
+    spec: text_jobs.ClassifyJob
+    transcript: reclassify_records.StoredTranscript
+    policy: Policy
+
+
 @dataclass
 class _Prepared:
     """A claim made ready for the model by prepare_batch."""
 
     outcomes: dict[str, BaseException | None] = field(default_factory=dict)  # settled already
     work: list[_Work] = field(default_factory=list)  # decoded, in ``audio``'s order
+    texts: list[_TextWork] = field(default_factory=list)  # text-only: no audio, no ASR
     audio: PreparedAudio | None = None
     undecodable: list[tuple[_Work, str]] = field(default_factory=list)  # failed when processed
 
@@ -168,9 +204,11 @@ class GpuWorker(QueueWorker):
         self._policy_missing = False  # warned that no policy is active, not yet resolved
         self._no_policy_warned_at: float | None = None  # monotonic time of a claim's warning
         self._files_without_verdict = 0  # stored with no policy since that warning
+        self._other_classifier: Classifier | None = None  # a model a text-only job named
 
     def source_queues(self) -> list[str]:
-        return [self.settings.host_queue, QUEUE_TRANSCRIBE]
+        # Text-only jobs last: new audio first, a re-classification is backfill.
+        return [self.settings.host_queue, QUEUE_TRANSCRIBE, QUEUE_CLASSIFY]
 
     def setup(self) -> None:
         self.metrics.watch_scratch(self.settings.scratch_root)
@@ -210,6 +248,12 @@ class GpuWorker(QueueWorker):
         prepared = _Prepared()
         for job in jobs:
             self.alive()  # a download each (a no-op in the look-ahead's thread)
+            if text_jobs.is_text_only(job):
+                try:
+                    prepared.texts.append(self._resolve_text(job))
+                except Exception as exc:  # reported for this job only
+                    prepared.outcomes[job.raw] = exc
+                continue
             try:
                 item = self._resolve(job)
             except Exception as exc:  # reported for this job only
@@ -251,6 +295,8 @@ class GpuWorker(QueueWorker):
         if prepared.work:
             assert prepared.audio is not None
             outcomes.update(self._transcribe_and_store(prepared.work, prepared.audio))
+        if prepared.texts:
+            outcomes.update(self._reclassify_and_store(prepared.texts))
         return outcomes
 
     def _transcribe_and_store(
@@ -311,6 +357,113 @@ class GpuWorker(QueueWorker):
             self._delete_local(w)
         self._clean_finished(finished)
         return outcomes
+
+    # -- text-only jobs: stored transcripts judged again, no ASR ---------------------
+
+    def _resolve_text(self, job: Job) -> _TextWork:
+        spec = text_jobs.parse(job.payload)
+        with self.db.connection() as conn:
+            transcript = reclassify_records.stored_transcript(conn, spec.audio_id)
+            policy = policy_by_id(conn, spec.policy_id)
+        if transcript is None:
+            raise PermanentJobError(
+                f"text-only job: file {spec.audio_id} has no stored transcript (or no row); "
+                "only transcribed files can be re-classified"
+            )
+        if policy is None:
+            raise PermanentJobError(f"text-only job: no policy version with id {spec.policy_id}")
+        return _TextWork(job, spec, transcript, policy)
+
+    def _classifier_for(self, model: str) -> Classifier:
+        """The classifier that judges as ``model``: the loaded one, the lexicon, or
+        another CoPE-A model from MODELS_ROOT (loaded once, kept until another)."""
+        assert self.classifier is not None, "setup() loads the models"
+        if model == self.classifier.model_name:
+            return self.classifier
+        if model == LEXICON_MODEL:
+            return LexiconClassifier(self.classifier_settings.threshold)
+        other = self._other_classifier
+        if other is not None and other.model_name == model:
+            return other
+        self._other_classifier = None  # free the previous one before loading the next
+        settings = replace(self.classifier_settings, backend=ClassifierBackend.COPE_A, model=model)
+        try:
+            loaded = load_classifier(self.settings.models_root, settings)
+        except (ConfigError, ImportError, OSError, ValueError) as exc:
+            raise PermanentJobError(
+                f"text-only job: classifier model {model!r} cannot be loaded on host "
+                f"{self.settings.worker_host}: {type(exc).__name__}: {exc}"
+            ) from exc
+        log_event(self.log, "gpu.classifier_loaded", classifier=model, reason="text-only job")
+        self._other_classifier = loaded
+        return loaded
+
+    def _reclassify_and_store(self, texts: list[_TextWork]) -> dict[str, BaseException | None]:
+        outcomes: dict[str, BaseException | None] = {}
+        groups: dict[tuple[str, int], list[_TextWork]] = {}
+        for t in texts:
+            groups.setdefault((t.spec.model, t.policy.id), []).append(t)
+        verdicts: list[Verdict] = []
+        judged: list[_TextWork] = []
+        started = time.monotonic()
+        for (model, _), group in groups.items():
+            try:
+                classifier = self._classifier_for(model)
+            except PermanentJobError as exc:
+                outcomes.update({t.job.raw: exc for t in group})
+                continue
+            items = [
+                ClassifyItem(
+                    key=t.spec.audio_id, text=t.transcript.text, segments=t.transcript.segments
+                )
+                for t in group
+            ]
+            verdicts += classifier.classify(items, [group[0].policy])
+            judged += group
+            self.alive()
+        self.metrics.classifier_seconds.inc(time.monotonic() - started)
+        if not judged:
+            return outcomes
+        with self.db.connection() as conn:
+            reclassify_records.save_verdicts(
+                conn, verdicts, [(t.spec.run_id, t.spec.audio_id) for t in judged]
+            )
+        by_key = {(v.key, v.policy_id, v.model): v for v in verdicts}
+        for t in judged:
+            outcomes[t.job.raw] = None
+            v = by_key.get((t.spec.audio_id, t.policy.id, t.spec.model))
+            log_event(
+                self.log,
+                "gpu.reclassified",
+                run_id=t.spec.run_id,
+                audio_id=t.spec.audio_id,
+                batch_id=t.transcript.batch_id,
+                policy=t.policy.name,
+                policy_version=t.policy.version,
+                model=t.spec.model,
+                score=None if v is None else v.score,
+                flagged=None if v is None else v.label,
+            )
+        return outcomes
+
+    def _text_job_failed(self, job: Job, error: BaseException) -> None:
+        """A dead-lettered text-only job: its run file failed; the audio file, its
+        transcript and its batch are left exactly as they were."""
+        run_id, audio_id = job.payload.get("run_id"), job.payload.get("audio_id")
+        reason = self._failure_reason(job, error)
+        marked = False
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (run_id, audio_id)):
+            with self.db.connection() as conn:
+                marked = reclassify_records.fail_file(conn, run_id, audio_id, reason)
+        log_event(
+            self.log,
+            "gpu.reclassify_failed",
+            level=logging.WARNING,
+            run_id=run_id,
+            audio_id=audio_id,
+            run_file_marked=marked,
+            error=reason,
+        )
 
     # -- no active policy ------------------------------------------------------------
 
@@ -420,18 +573,17 @@ class GpuWorker(QueueWorker):
     # -- dead letters ----------------------------------------------------------------
 
     def on_job_failed(self, job: Job, error: BaseException) -> None:
-        """The job is dead-lettered: its file ends failed with the error, for good."""
+        """The job is dead-lettered: its file ends failed with the error, for good
+        (a text-only job's run file only: see _text_job_failed)."""
+        if text_jobs.is_text_only(job):
+            self._text_job_failed(job, error)
+            return
         audio_id, opus_path = job.payload.get("audio_id"), job.payload.get("opus_path")
         if isinstance(audio_id, bool) or not isinstance(audio_id, int):
             return  # a payload naming no file: the dead letter is all there is
         if not isinstance(opus_path, str):
             opus_path = ""
-        if isinstance(error, ReapedDeadLetterError):
-            reason = str(error)  # the dead letter's own words
-        elif isinstance(error, PermanentJobError):
-            reason = f"{type(error).__name__}: {error}"
-        else:
-            reason = f"gave up after {job.attempts + 1} attempts: {type(error).__name__}: {error}"
+        reason = self._failure_reason(job, error)
         with self.db.connection() as conn:
             row, finished = records.fail_job(conn, audio_id, opus_path, reason)
         if row is None:
@@ -460,6 +612,14 @@ class GpuWorker(QueueWorker):
             error=reason,
         )
         self._clean_finished(finished)
+
+    @staticmethod
+    def _failure_reason(job: Job, error: BaseException) -> str:
+        if isinstance(error, ReapedDeadLetterError):
+            return str(error)  # the dead letter's own words
+        if isinstance(error, PermanentJobError):
+            return f"{type(error).__name__}: {error}"
+        return f"gave up after {job.attempts + 1} attempts: {type(error).__name__}: {error}"
 
     def _fail_row(self, row: records.AudioRow, reason: str) -> PermanentJobError:
         with self.db.connection() as conn:
