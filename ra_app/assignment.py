@@ -10,6 +10,14 @@ Whether an item is double-coded, where it falls in a random order and whether an
 unflagged item is drawn into the audit sample are derived from
 md5(seed, classification_id), so they are stable across syncs and processes and
 reproducible from the study's seed.
+
+The queue follows the active policy versions. When a new version supersedes one
+(``audio-pipeline policy apply`` switches the old one off, ``audio-pipeline
+reclassify`` judges the stored transcripts under the new one), the old version's
+items are no longer synced in nor handed out, by "Next item" or by a batch
+assignment; their assignments already held and their labels stay as they are.
+Switching a version on again serves its items again (a full sync brings in any
+flagged while it was off).
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ TOUCH_MIN_AGE = 60.0
 # order: re-read this many ids below the watermark so a late commit is not missed.
 SYNC_LOOKBACK_IDS = 1000
 
+# An item is served only while its policy version is active (see the module docstring).
+_ACTIVE_VERSION_SQL = "EXISTS (SELECT 1 FROM policies p WHERE p.id = i.policy_id AND p.active)"
+
 _ORDER_SQL = {
     QueueOrder.SCORE: "i.score DESC, i.classification_id",
     QueueOrder.BATCH: "i.batch_id, i.classification_id",
@@ -55,10 +66,9 @@ class AssignmentError(RuntimeError):
     """The assignment cannot take this action (wrong owner, already done, ...)."""
 
 
-# Flagged rows come from ra_queue, all of them; unflagged rows from classifications,
-# only those the audit draw picks (ra_app.audit_sample says how, and why a hash).
-# Audit items follow the active policy versions only: an inactive version takes no
-# new review work.
+# Flagged rows come from ra_queue; unflagged rows from classifications, only those
+# the audit draw picks (ra_app.audit_sample says how, and why a hash). Both follow the
+# active policy versions only: an inactive version takes no new review work.
 _SYNC_SQL = """
 INSERT INTO ra_items (classification_id, audio_id, batch_id, policy_id, score, threshold,
                       entry, sample_probability, shuffle_key, coders_needed, open_slots)
@@ -76,7 +86,8 @@ FROM (
         SELECT q.classification_id, q.audio_id, q.batch_id, q.policy_id, q.score, q.threshold,
                'flagged' AS entry, 1.0::float8 AS probability
         FROM ra_queue q
-        WHERE q.classification_id > :after
+        JOIN policies p ON p.id = q.policy_id
+        WHERE p.active AND q.classification_id > :after
         UNION ALL
         SELECT a.classification_id, a.audio_id, a.batch_id, a.policy_id, a.score, a.threshold,
                'audit' AS entry, a.probability
@@ -203,6 +214,7 @@ def claim(user: User) -> Assignment | None:
             WITH picked AS (
                 SELECT i.classification_id FROM ra_items i
                 WHERE i.open_slots > 0
+                  AND {_ACTIVE_VERSION_SQL}
                   AND NOT EXISTS (
                       SELECT 1 FROM ra_assignments a
                       WHERE a.classification_id = i.classification_id AND a.user_id = :uid
@@ -219,7 +231,7 @@ def claim(user: User) -> Assignment | None:
                 (classification_id, user_id, batch_id, status, source, expires_at)
             SELECT classification_id, :uid, batch_id, :status, :source, :expires FROM taken
             RETURNING *
-            """)  # noqa: S608 - order is one of the fixed strings above
+            """)  # noqa: S608 - fixed strings above only
         ),
         {
             "uid": user.id,
@@ -344,10 +356,11 @@ def assign_batch(batch_id: str, user: User) -> int:
     """Give ``user`` one open slot of every item of ``batch_id`` not yet theirs."""
     maybe_sync_queue()
     result = db.session.execute(
-        text("""
+        text(f"""
         WITH picked AS (
             SELECT i.classification_id FROM ra_items i
             WHERE i.batch_id = :batch AND i.open_slots > 0
+              AND {_ACTIVE_VERSION_SQL}
               AND NOT EXISTS (
                   SELECT 1 FROM ra_assignments a
                   WHERE a.classification_id = i.classification_id AND a.user_id = :uid
@@ -360,7 +373,7 @@ def assign_batch(batch_id: str, user: User) -> int:
         )
         INSERT INTO ra_assignments (classification_id, user_id, batch_id, status, source)
         SELECT classification_id, :uid, batch_id, 'assigned', 'admin' FROM taken
-        """),
+        """),  # noqa: S608 - a fixed string above only
         {"batch": batch_id, "uid": user.id},
     )
     db.session.commit()
