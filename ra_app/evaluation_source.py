@@ -17,8 +17,8 @@ from ra_app.codebook import Codebook, Verdict
 from ra_app.evaluation import GroupEvaluation, GroupKey, ReviewedItem, evaluate
 from ra_app.extensions import db
 
-# Where adjudication (issue 13, item 4) will keep final labels. Until that table
-# exists every truth is the coders' majority; see adjudicated_values.
+# Where adjudication keeps final labels (migration 0005, ra_app.adjudication): one
+# row per decision, the latest per item is the current one.
 ADJUDICATION_TABLE = "ra_adjudications"
 
 _LABELS_SQL = """
@@ -60,9 +60,9 @@ def entered_counts() -> dict[GroupKey, dict[str, int]]:
 def adjudicated_values(field: str) -> dict[int, Any]:
     """classification id -> the adjudicated value of the verdict field.
 
-    The seam for adjudication: read only when a table ``ra_adjudications`` with a
-    ``classification_id`` and a JSON ``answer`` exists (the latest row per item wins);
-    otherwise empty, and every truth is the coders' majority.
+    The current decision (latest row) per item of ``ra_adjudications``. The table is
+    checked for first so that a database not yet migrated to 0005 still evaluates
+    (every truth is then the coders' majority).
     """
     columns = set(
         db.session.execute(

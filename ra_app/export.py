@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ra_app.codebook import Codebook, FieldType
+from ra_app.codebook import Codebook, Field, FieldType
 from ra_app.extensions import db
 from ra_app.pipeline import ITEM_FACTS, TRANSCRIPT_FACTS
 
@@ -71,7 +71,9 @@ SELECT l.id AS label_id, l.assignment_id, l.classification_id,
        CASE WHEN t.audio_id IS NULL THEN l.language ELSE t.language END AS language,
        CASE WHEN t.audio_id IS NULL THEN l.asr_model ELSE t.model END AS asr_model,
        t.text AS transcript,
-       c.id IS NULL AS pipeline_deleted, l.answer
+       c.id IS NULL AS pipeline_deleted, l.answer,
+       adj.answer AS final_answer, adj.decided_by AS final_decided_by,
+       adj.decided_at AS final_decided_at, adj.note AS final_note
 FROM ra_labels l
 JOIN ra_assignments a ON a.id = l.assignment_id
 JOIN ra_users u ON u.id = l.user_id
@@ -80,6 +82,12 @@ LEFT JOIN classifications c ON c.id = l.classification_id
 LEFT JOIN audio_files f ON f.id = c.audio_id
 LEFT JOIN policies p ON p.id = c.policy_id
 LEFT JOIN transcripts t ON t.audio_id = c.audio_id
+LEFT JOIN LATERAL (
+    SELECT d.answer, du.username AS decided_by, d.decided_at, d.note
+    FROM ra_adjudications d JOIN ra_users du ON du.id = d.decided_by
+    WHERE d.classification_id = l.classification_id
+    ORDER BY d.id DESC LIMIT 1
+) adj ON true
 ORDER BY l.id
 """
 BASE_COLUMNS = [
@@ -101,6 +109,10 @@ BASE_COLUMNS = [
     "transcript",
     "pipeline_deleted",
 ]
+# The item's current final label (ra_app.adjudication), repeated on each of its
+# coders' rows; empty where nobody adjudicated. The answer itself follows: one
+# final_<field> column per codebook field in CSV, a final_answer object in JSONL.
+FINAL_COLUMNS = ["final_decided_by", "final_decided_at", "final_note"]
 
 
 def _rows() -> Iterator[dict[str, Any]]:
@@ -135,6 +147,8 @@ def jsonl(codebook: Codebook) -> Iterator[str]:
     for row in _rows():
         record = {k: _plain(row[k]) for k in BASE_COLUMNS}
         record["answer"] = row["answer"]
+        record["final_answer"] = row["final_answer"]
+        record.update({k: _plain(row[k]) for k in FINAL_COLUMNS})
         yield json.dumps(neutralise(record), ensure_ascii=False) + "\n"
 
 
@@ -152,18 +166,31 @@ def csv_lines(codebook: Codebook) -> Iterator[str]:
         buffer.truncate()
         return out
 
-    writer.writerow(BASE_COLUMNS + [f"answer_{f.id}" for f in fields])
+    writer.writerow(
+        BASE_COLUMNS
+        + [f"answer_{f.id}" for f in fields]
+        + [f"final_{f.id}" for f in fields]
+        + FINAL_COLUMNS
+    )
     yield flush()
     for row in _rows():
-        answer = row["answer"] or {}
         cells = [_plain(row[k]) for k in BASE_COLUMNS]
-        for f in fields:
-            value = answer.get(f.id)
-            if f.type is FieldType.MULTI and isinstance(value, list):
-                value = MULTI_SEPARATOR.join(value)
-            cells.append("" if value is None else value)
+        cells += _answer_cells(row["answer"], fields)
+        cells += _answer_cells(row["final_answer"], fields)
+        cells += ["" if row[k] is None else _plain(row[k]) for k in FINAL_COLUMNS]
         writer.writerow([neutralise(c) for c in cells])
         yield flush()
+
+
+def _answer_cells(answer: dict[str, Any] | None, fields: list[Field]) -> list[Any]:
+    """One cell per codebook field; all empty when there is no answer."""
+    cells: list[Any] = []
+    for f in fields:
+        value = (answer or {}).get(f.id)
+        if f.type is FieldType.MULTI and isinstance(value, list):
+            value = MULTI_SEPARATOR.join(value)
+        cells.append("" if value is None else value)
+    return cells
 
 
 def export_lines(fmt: ExportFormat, codebook: Codebook) -> Iterator[str]:

@@ -274,3 +274,32 @@ class ApiToken(db.Model):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(lazy="joined")
+
+
+class Adjudication(db.Model):
+    """An admin's final label for an item (ra_app.adjudication).
+
+    Rows are never updated: a later decision is a new row, and the item's current
+    final label is its row with the highest id, so the history stays for a review
+    board. Agreement is never computed from these (they are not a coder's answer).
+    """
+
+    __tablename__ = "ra_adjudications"
+    __table_args__ = (
+        CheckConstraint("btrim(note) <> ''", name="ra_adjudications_note_check"),
+        Index("ra_adjudications_item_idx", "classification_id", text("id DESC")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    classification_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("ra_items.classification_id"), nullable=False
+    )
+    answer: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    note: Mapped[str] = mapped_column(Text, nullable=False)
+    codebook_version: Mapped[str | None] = mapped_column(Text)
+    decided_by: Mapped[int] = mapped_column(Integer, ForeignKey("ra_users.id"), nullable=False)
+    decided_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=_utcnow()
+    )
+
+    decider: Mapped[User] = relationship(lazy="joined")

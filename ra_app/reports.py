@@ -1,5 +1,7 @@
 """Admin figures: progress per RA and per batch, agreement, disagreements.
 
+Agreement reads ra_labels only: an adjudication never changes it.
+
 Each is a fixed number of queries whatever the page shows (no N+1), over RA
 tables and their indexes; pipeline tables are touched only by primary key.
 """
@@ -138,15 +140,34 @@ def disagreement_page(codebook: Codebook, page: int, size: int) -> DisagreementP
     )
     for d in agreement.disagreements(rows, codebook):
         by_item.setdefault(d.item_id, []).append(d)
+    final = current_adjudications(ids)
     items = [
         {
             "classification_id": r.classification_id,
             "batch_id": r.batch_id,
             "fields": by_item.get(r.classification_id, []),
+            "final": final.get(r.classification_id),
         }
         for r in found[:size]
     ]
     return DisagreementPage(items=items, has_next=len(found) > size)
+
+
+def current_adjudications(classification_ids: list[int]) -> dict[int, Any]:
+    """classification id -> its current final label (answer, decided_by, decided_at)."""
+    if not classification_ids:
+        return {}
+    rows = db.session.execute(
+        text("""
+        SELECT DISTINCT ON (a.classification_id) a.classification_id, a.answer,
+               u.username AS decided_by, a.decided_at
+        FROM ra_adjudications a JOIN ra_users u ON u.id = a.decided_by
+        WHERE a.classification_id = ANY(:ids)
+        ORDER BY a.classification_id, a.id DESC
+        """),
+        {"ids": classification_ids},
+    ).all()
+    return {r.classification_id: r for r in rows}
 
 
 def item_labels(classification_id: int) -> list[Any]:

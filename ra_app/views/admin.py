@@ -17,8 +17,10 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_user
+from werkzeug.datastructures import MultiDict
 
-from ra_app import assignment, pipeline, reports, users
+from ra_app import adjudication, assignment, pipeline, reports, users
+from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.evaluation import DEFAULT_TARGET_PRECISION
 from ra_app.evaluation_source import evaluate_study
@@ -93,18 +95,66 @@ def evaluation() -> Any:
     )
 
 
+# Form keys of the adjudication form that are not codebook fields.
+ADJUDICATION_META_FIELDS = ("csrf_token", "adjudication_note")
+
+
 @bp.get("/items/<int:classification_id>")
 @admin_required
 def item(classification_id: int) -> Any:
+    return _item_page(classification_id)
+
+
+def _item_page(
+    classification_id: int,
+    answer: dict[str, Any] | None = None,
+    note: str = "",
+    errors: dict[str, list[str]] | None = None,
+    status: int = 200,
+) -> Any:
     detail = pipeline.item_detail(classification_id)
     if detail is None:
         abort(404)
+    decisions = adjudication.history(classification_id)
+    if answer is None:  # the form starts from the current decision, if any
+        answer = dict(decisions[0].answer) if decisions else {}
     return render_template(
         "admin/item.html",
         item=detail,
         labels=reports.item_labels(classification_id),
         codebook=get_codebook(),
-    )
+        decisions=decisions,
+        answer=answer,
+        note=note,
+        errors=errors or {},
+        form=ActionForm(),
+    ), status
+
+
+@bp.post("/items/<int:classification_id>/adjudicate")
+@admin_required
+def adjudicate(classification_id: int) -> Any:
+    if not ActionForm().validate_on_submit():
+        flash("The form expired; the decision was not saved. Please submit again.", "error")
+        return redirect(url_for("admin.item", classification_id=classification_id))
+    form = MultiDict(request.form)
+    note = request.form.get("adjudication_note", "")
+    try:
+        adjudication.record_adjudication(
+            classification_id, current_user, form, note, ignore=ADJUDICATION_META_FIELDS
+        )
+    except AnswerError as exc:
+        flash("Please fix the highlighted answers.", "error")
+        answer = {
+            k: (form.getlist(k) if len(form.getlist(k)) > 1 else form.get(k))
+            for k in form
+            if k not in ADJUDICATION_META_FIELDS
+        }
+        return _item_page(classification_id, answer, note, exc.errors, 400)
+    except adjudication.AdjudicationError as exc:
+        abort(404, description=str(exc))
+    flash(f"Final label of item {classification_id} recorded.", "info")
+    return redirect(url_for("admin.item", classification_id=classification_id))
 
 
 @bp.post("/assign")

@@ -302,21 +302,19 @@ def test_the_admin_page_shows_the_figures_and_charts(study: Study) -> None:
 
 @pytest.mark.integration
 def test_an_adjudicated_label_is_the_truth_where_there_is_one(study: Study) -> None:
-    """The seam for adjudication: once a table ra_adjudications exists, its answer wins
-    over the coders' majority (here it settles the tie at 0.6 as a violation)."""
+    """Once an admin adjudicates an item, its current (latest) decision wins over the
+    coders' majority (here it settles the tie at 0.6 as a violation)."""
     with study.app.app_context():
-        db.session.execute(
-            text("""CREATE TABLE ra_adjudications
-                    (id serial PRIMARY KEY, classification_id bigint NOT NULL, answer jsonb)""")
-        )
         [tie] = db.session.execute(
             text("""SELECT classification_id FROM ra_labels GROUP BY classification_id
                     HAVING array_agg(answer ->> 'violates' ORDER BY id) = '{yes,no}'""")
         ).scalars()
+        boss = db.session.execute(db.select(User.id).where(User.username == "boss")).scalar_one()
         db.session.execute(
-            text("""INSERT INTO ra_adjudications (classification_id, answer)
-                    VALUES (:c, '{"violates": "no"}'), (:c, '{"violates": "yes"}')"""),
-            {"c": tie},
+            text("""INSERT INTO ra_adjudications (classification_id, answer, note, decided_by)
+                    VALUES (:c, '{"violates": "no"}', 'first look', :u),
+                           (:c, '{"violates": "yes"}', 'on second listening', :u)"""),
+            {"c": tie, "u": boss},
         )
         db.session.commit()
     v1_m1 = _groups(study.env)[0]

@@ -22,6 +22,7 @@ RA_TABLES = {
     "ra_assignments",
     "ra_labels",
     "ra_api_tokens",
+    "ra_adjudications",
     "ra_alembic_version",
 }
 PIPELINE_TABLES = {"batches", "audio_files", "transcripts", "policies", "classifications"}
