@@ -10,7 +10,7 @@
     audio-pipeline policy apply PATH... [--json] policy files (policies/*.yml), idempotent
     audio-pipeline policy list [--json]
     audio-pipeline policy deactivate NAME VERSION
-    audio-pipeline reclassify --policy NAME [--version N] [--model M] [--batch B] [--json]
+    audio-pipeline reclassify --policy NAME [--version N] [--model M] [--batch B] [--again]
                                                 judge stored transcripts again (no ASR)
     audio-pipeline models publish|sync|merge-cope-a ...  the S3 model store (model_cli.py)
     audio-pipeline s3 ls [PREFIX] [--count]     the bucket as this host sees it (s3_cli.py)
@@ -408,7 +408,9 @@ def cmd_reclassify(args: argparse.Namespace, settings: Settings, r: redis.Redis)
             if args.batch is not None:
                 reclassify_records.check_batch(conn, args.batch)
             model = _reclassify_model(conn, settings, args.model)
-            run_id, files = reclassify_records.create_run(conn, policy.id, model, args.batch)
+            run_id, files = reclassify_records.create_run(
+                conn, policy.id, model, args.batch, again=args.again
+            )
         except reclassify_records.ReclassifyError as exc:
             raise CommandError(str(exc)) from None
         conn.commit()  # the run's rows exist before any worker can take its jobs
@@ -561,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier model as classifications.model names it (default: the newest verdicts')",
     )
     p.add_argument("--batch", metavar="B", help="one finished batch (default: every finished one)")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="also files that have a verdict of this version by this model already",
+    )
     p.add_argument("--json", action="store_true", help="the run, for scripts")
     p.set_defaults(func=cmd_reclassify)
 

@@ -89,10 +89,16 @@ def models_in_use(conn: psycopg.Connection) -> list[str]:
 
 
 def create_run(
-    conn: psycopg.Connection, policy_id: int, model: str, batch_id: str | None
+    conn: psycopg.Connection,
+    policy_id: int,
+    model: str,
+    batch_id: str | None,
+    *,
+    again: bool = False,
 ) -> tuple[int, list[QueuedFile]]:
     """Record a run and its files ('queued'): every file that is done, has a stored
-    transcript and belongs to a finished batch (``batch_id``'s, or any)."""
+    transcript and belongs to a finished batch (``batch_id``'s, or any), and has no
+    verdict of this policy version by this model yet (unless ``again``)."""
     with conn.transaction():
         run = select_one(
             conn,
@@ -113,15 +119,26 @@ def create_run(
                   JOIN batches b ON b.batch_id = a.batch_id
                  WHERE a.status = 'done' AND b.status = 'done'
                    AND (%s::text IS NULL OR a.batch_id = %s)
+                   AND (%s OR NOT EXISTS (
+                        SELECT 1 FROM classifications c
+                         WHERE c.audio_id = a.id AND c.policy_id = %s AND c.model = %s))
                 RETURNING audio_id
             )
             SELECT q.audio_id, a.batch_id FROM queued q JOIN audio_files a ON a.id = q.audio_id
             """,
-            (run_id, batch_id, batch_id),
+            (run_id, batch_id, batch_id, again, policy_id, model),
         )
         if not rows:
             scope = f"batch {batch_id!r}" if batch_id else "any finished batch"
-            raise ReclassifyError(f"no finished file with a stored transcript in {scope}")
+            more = (
+                ""
+                if again
+                else (
+                    " that lacks a verdict of this policy version by this model "
+                    "(--again judges them again)"
+                )
+            )
+            raise ReclassifyError(f"no finished file with a stored transcript in {scope}{more}")
         conn.execute("UPDATE reclassify_runs SET files = %s WHERE id = %s", (len(rows), run_id))
     files = sorted(
         (QueuedFile(int(r["audio_id"]), r["batch_id"]) for r in rows), key=lambda f: f.audio_id

@@ -235,6 +235,16 @@ def test_a_new_policy_version_on_a_finished_batch_runs_without_asr(
         "0",
     ]
 
+    # Every file has this verdict now: asking again queues nothing unless told to.
+    twice = cli(pipeline_env, "reclassify", "--policy", "boats", "--batch", BATCH)
+    assert twice.returncode == 1
+    assert "lacks a verdict of this policy version by this model" in twice.stderr
+    again = cli(pipeline_env, "reclassify", "--policy", "boats", "--batch", BATCH, "--again")
+    assert again.returncode == 0, again.stderr
+    assert re.match(
+        rf"run \d+: 2 file\(s\) of batch {BATCH} queued on queue:classify", again.stdout
+    )
+
 
 def _done_file(db, batch: str, rel: str, text: str) -> int:
     audio_id = add_audio_file(db, batch, rel, "done")
