@@ -30,6 +30,7 @@ from audio_pipeline.config import (
     host_transcribe_queue,
 )
 from audio_pipeline.db import apply_schema
+from audio_pipeline.queue import ATTEMPTS_FIELD, processing_key, unsettled_key
 from devtools.dev_models import install_whisper
 from tests.support.media import speech
 from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
@@ -257,18 +258,19 @@ def test_bad_text_only_jobs_are_dead_lettered_and_fail_only_their_run_file(
 ) -> None:
     install_whisper(settings.models_root)
     db = db_conn
-    add_batch(db, "b-recl-002", "done", file_count=2)
+    add_batch(db, "b-recl-002", "done", file_count=3)
     policy = add_policy(db, "boats", "Boats.", lexicon=["canoe"])
     good = _done_file(db, "b-recl-002", "good.mp3", "a canoe on the lake")
     other = _done_file(db, "b-recl-002", "other.mp3", "nothing to see")
+    reaped = _done_file(db, "b-recl-002", "reaped.mp3", "a worker died judging this")
     run_id = db.execute(
         "INSERT INTO reclassify_runs (policy_id, model, batch_id, files) "
         "VALUES (%s, 'lexicon-v1', 'b-recl-002', 2) RETURNING id",
         (policy,),
     ).fetchone()["id"]
     db.execute(
-        "INSERT INTO reclassify_files (run_id, audio_id) VALUES (%s, %s), (%s, %s)",
-        (run_id, good, run_id, other),
+        "INSERT INTO reclassify_files (run_id, audio_id) VALUES (%s, %s), (%s, %s), (%s, %s)",
+        (run_id, good, run_id, other, run_id, reaped),
     )
     db.commit()
     base = {"kind": "classify", "run_id": run_id, "policy_id": policy}
@@ -281,13 +283,20 @@ def test_bad_text_only_jobs_are_dead_lettered_and_fail_only_their_run_file(
     ]
     for queue, payload in jobs:
         redis_client.rpush(queue, json.dumps(payload))
-    proc = start_module(GPU, pipeline_env, ["--drain"])
+    # A worker killed while it held this job, its last try: the reaper dead-letters it.
+    redis_client.rpush(
+        processing_key("gpu:lost-host:4242", QUEUE_CLASSIFY),
+        json.dumps({**base, "audio_id": reaped, "model": "lexicon-v1", ATTEMPTS_FIELD: 1}),
+    )
+    proc = start_module(GPU, pipeline_env, ["--drain"], extra_env={"QUEUE_MAX_ATTEMPTS": "2"})
     code, output = finish(proc, timeout=240)
     assert code == 0, output
 
     letters = [json.loads(x) for x in redis_client.lrange(QUEUE_FAILED, 0, -1)]
-    assert len(letters) == 2, letters
-    bad_payload, bad_model = sorted(letters, key=lambda letter: "nope" in letter["error"])
+    assert len(letters) == 3, letters
+    by_audio = {json.loads(letter["job"]).get("audio_id"): letter for letter in letters}
+    assert "WorkerDied" in by_audio[reaped]["error"]
+    bad_payload, bad_model = by_audio[good], by_audio[other]
     assert "text-only (classify) job: invalid job payload" in bad_payload["error"]
     assert "key 'run_id' must be int" in bad_payload["error"]
     assert "missing key 'model'" in bad_payload["error"]
@@ -303,9 +312,12 @@ def test_bad_text_only_jobs_are_dead_lettered_and_fail_only_their_run_file(
     assert files[good]["status"] == "done"
     assert files[other]["status"] == "failed"
     assert "classifier/nope" in files[other]["error"]
+    assert files[reaped]["status"] == "failed"
+    assert "WorkerDied" in files[reaped]["error"]
+    assert redis_client.llen(unsettled_key("gpu")) == 0
     # The audio files and their batch are exactly as they were: done.
     statuses = {r["id"]: r["status"] for r in db.execute("SELECT id, status FROM audio_files")}
-    assert statuses == {good: "done", other: "done"}
+    assert statuses == {good: "done", other: "done", reaped: "done"}
     assert db.execute("SELECT status, files_failed FROM batches").fetchone() == {
         "status": "done",
         "files_failed": None,
@@ -319,17 +331,27 @@ def test_bad_text_only_jobs_are_dead_lettered_and_fail_only_their_run_file(
     assert label == 1
     db.commit()
 
-    # requeue puts the run file back in play, not the audio file
+    # requeue puts the run files back in play, not the audio files; served again,
+    # the job whose worker died now completes
     requeued = cli(pipeline_env, "requeue", "--all", "--json")
     report = json.loads(requeued.stdout)
-    rows = sorted(str(e.get("rows")) for e in report["entries"])
+    rows = {str(e.get("rows")) for e in report["entries"]}
     assert f"re-classification of file {other} (run {run_id})" in rows
-    assert (
-        db.execute("SELECT status FROM reclassify_files WHERE audio_id = %s", (other,)).fetchone()[
-            "status"
-        ]
-        == "queued"
-    )
+    assert f"re-classification of file {reaped} (run {run_id})" in rows
+    queued = db.execute(
+        "SELECT audio_id FROM reclassify_files WHERE status = 'queued' ORDER BY audio_id"
+    ).fetchall()
+    assert [r["audio_id"] for r in queued] == sorted([other, reaped])
+    db.commit()
+    code, output = finish(start_module(GPU, pipeline_env, ["--drain"]), timeout=240)
+    assert code == 0, output
+    files = {
+        r["audio_id"]: r["status"]
+        for r in db.execute("SELECT * FROM reclassify_files WHERE run_id = %s", (run_id,))
+    }
+    assert files == {good: "done", other: "failed", reaped: "done"}
+    statuses = {r["id"]: r["status"] for r in db.execute("SELECT id, status FROM audio_files")}
+    assert statuses == {good: "done", other: "done", reaped: "done"}
 
 
 def test_reclassify_refuses_what_it_cannot_do(pipeline_env, settings, db_conn) -> None:
