@@ -31,7 +31,7 @@ from audio_pipeline.config import (
 )
 from audio_pipeline.db import apply_schema
 from audio_pipeline.queue import ATTEMPTS_FIELD, processing_key, unsettled_key
-from devtools.dev_models import install_whisper
+from devtools.dev_models import CLASSIFIER_DIR, install_classifier, install_whisper
 from tests.support.media import speech
 from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
 from tests.support.workerkit.procs import finish, start_module, wait_for
@@ -411,3 +411,44 @@ def test_reclassify_refuses_what_it_cannot_do(pipeline_env, settings, db_conn) -
     assert job["audio_id"] == audio_id
     assert job["model"] == "lexicon-v1"
     assert job["batch_id"] == "b-finished"
+
+
+def test_another_model_judges_the_same_version_beside_the_first(
+    pipeline_env, settings, db_conn
+) -> None:
+    """A model the fleet publishes (the tiny CoPE-A-style classifier) is named with
+    --model; a worker whose own classifier is the lexicon loads it for the job, and
+    the file ends with one verdict per model under the one policy version."""
+    install_whisper(settings.models_root)
+    model_dir = install_classifier(settings.models_root)
+    db = db_conn
+    add_batch(db, "b-recl-003", "done")
+    policy = add_policy(db, "boats", "Boats on water.", lexicon=["canoe"])
+    audio_id = _done_file(db, "b-recl-003", "a.mp3", "a canoe on the lake")
+    db.execute(
+        "INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold) "
+        "VALUES (%s, %s, 'lexicon-v1', 0.5, 1, 0.5)",
+        (audio_id, policy),
+    )
+    db.commit()
+    unknown = cli(pipeline_env, "reclassify", "--policy", "boats", "--model", CLASSIFIER_DIR)
+    assert unknown.returncode == 1
+    assert "not in the model store" in unknown.stderr
+    published = cli(pipeline_env, "models", "publish", str(model_dir), "--name", CLASSIFIER_DIR)
+    assert published.returncode == 0, published.stderr
+    queued = cli(pipeline_env, "reclassify", "--policy", "boats", "--model", CLASSIFIER_DIR)
+    assert queued.returncode == 0, queued.stderr
+
+    code, output = finish(start_module(GPU, pipeline_env, ["--drain"]), timeout=240)
+    assert code == 0, output
+    assert f"event=gpu.classifier_loaded classifier={CLASSIFIER_DIR}" in output
+    rows = db.execute(
+        "SELECT model, score, label, threshold FROM classifications ORDER BY model"
+    ).fetchall()
+    assert [r["model"] for r in rows] == [CLASSIFIER_DIR, "lexicon-v1"]
+    assert (rows[1]["score"], rows[1]["label"]) == (0.5, 1)  # the first model's, kept
+    assert 0 <= rows[0]["score"] <= 1
+    assert rows[0]["label"] == int(rows[0]["score"] >= rows[0]["threshold"])
+    status = json.loads(cli(pipeline_env, "status", "--json").stdout)
+    (run,) = status["reclassify"]["runs"]
+    assert (run["model"], run["files"], run["done"]) == (CLASSIFIER_DIR, 1, 1)
