@@ -383,18 +383,28 @@ def assign_batch(batch_id: str, user: User) -> int:
 @dataclass(frozen=True)
 class QueueCounts:
     items: int
-    open_slots: int
+    open_slots: int  # slots that can still be handed out (active policy versions)
     assigned: int
     done: int
+    superseded_open_slots: int = 0  # open slots of switched-off versions: not served
 
 
 def queue_counts() -> QueueCounts:
     row: Any = db.session.execute(
-        text("""
+        text(f"""
         SELECT (SELECT count(*) FROM ra_items) AS items,
-               (SELECT coalesce(sum(open_slots), 0) FROM ra_items) AS open_slots,
+               (SELECT coalesce(sum(open_slots), 0) FROM ra_items i
+                 WHERE {_ACTIVE_VERSION_SQL}) AS open_slots,
+               (SELECT coalesce(sum(open_slots), 0) FROM ra_items i
+                 WHERE NOT {_ACTIVE_VERSION_SQL}) AS superseded,
                (SELECT count(*) FROM ra_assignments WHERE status = 'assigned') AS assigned,
                (SELECT count(*) FROM ra_assignments WHERE status = 'done') AS done
-        """)
+        """)  # noqa: S608 - a fixed string above only
     ).one()
-    return QueueCounts(int(row.items), int(row.open_slots), int(row.assigned), int(row.done))
+    return QueueCounts(
+        int(row.items),
+        int(row.open_slots),
+        int(row.assigned),
+        int(row.done),
+        int(row.superseded),
+    )

@@ -138,6 +138,8 @@ def test_the_queue_serves_only_the_active_version_after_a_reclassify(
             {"c": untouched},
         ).scalar_one()
         assert open_slots == 1  # still there, just not served
+        counts = assignment.queue_counts()
+        assert (counts.open_slots, counts.superseded_open_slots) == (0, 1)
     with app.app_context():
         # A batch assignment follows the active versions too.
         db.session.execute(db.text("UPDATE ra_items SET open_slots = coders_needed"))
