@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ra_app import audit_log
+from ra_app.audit_log import Action
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
@@ -32,7 +34,8 @@ def record_adjudication(
     ignore: Iterable[str] = (),
 ) -> Adjudication:
     """Validate and store a final label; raises AnswerError (bad answer or note) or
-    AdjudicationError, saving nothing."""
+    AdjudicationError, saving nothing. The audit row is written in the same
+    transaction: a decision is never kept unlogged."""
     codebook = get_codebook()
     errors: dict[str, list[str]] = {}
     try:
@@ -57,7 +60,14 @@ def record_adjudication(
         decided_by=user.id,
     )
     db.session.add(decision)
-    db.session.commit()
+    db.session.flush()
+    audit_log.record(
+        Action.ADJUDICATION,
+        actor=user,
+        classification_id=classification_id,
+        details={"adjudication_id": decision.id, "answer": cleaned},
+    )
+    db.session.commit()  # the decision and its audit row together
     return decision
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import with_appcontext
 from sqlalchemy.exc import IntegrityError
 
-from ra_app import assignment, users
+from ra_app import assignment, audit_log, users
+from ra_app.audit_log import Action
 from ra_app.codebook_support import get_codebook
 from ra_app.config import API_TOKEN_DAYS
 from ra_app.evaluation import DEFAULT_TARGET_PRECISION
@@ -46,6 +47,7 @@ def create_user(username: str, role: str, password: str) -> None:
     """Create a user, e.g. the first admin: flask --app ra_app create-user alice --role admin"""
     try:
         user = users.create_user(username, password, role)
+        audit_log.record(Action.USER_CREATE, target=f"user:{user.username}", details={"role": role})
         db.session.commit()
     except users.UserError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -62,6 +64,7 @@ def deactivate_user(username: str) -> None:
     """Stop a user from logging in; their labels stay."""
     user = _user(username)
     user.active = False
+    audit_log.record(Action.USER_DEACTIVATE, target=f"user:{user.username}")
     db.session.commit()
     click.echo(f"deactivated {user.username!r}")
 
@@ -84,6 +87,7 @@ def reset_password(username: str, password: str) -> None:
         users.reset_password(user, password)
     except users.UserError as exc:
         raise click.ClickException(str(exc)) from exc
+    audit_log.record(Action.PASSWORD_RESET, target=f"user:{user.username}")
     db.session.commit()
     click.echo(f"password of {user.username!r} reset; their open sessions are ended")
 
@@ -108,6 +112,12 @@ def revoke_token(username: str, token_id: int | None, name: str | None) -> None:
     """Revoke USERNAME's API tokens (all of them unless --id or --name); at once."""
     user = _user(username)
     n = users.revoke_tokens(user, token_id, name)
+    if n:
+        audit_log.record(
+            Action.TOKEN_REVOKE,
+            target=f"user:{user.username}",
+            details={"revoked": n, "token_id": token_id, "name": name},
+        )
     db.session.commit()
     if not n:
         raise click.ClickException(f"no unrevoked token of {user.username!r} matched")
@@ -123,6 +133,9 @@ def create_token(username: str, name: str, days: int) -> None:
     """Print a new bearer token for USERNAME (shown once; only its hash is stored)."""
     user = _user(username)
     token = issue_token(user, name, days)
+    audit_log.record(
+        Action.TOKEN_ISSUE, target=f"user:{user.username}", details={"name": name, "days": days}
+    )
     db.session.commit()
     click.echo(token)
 
@@ -148,7 +161,10 @@ def expire_assignments() -> None:
 @click.argument("username")
 def assign_batch(batch_id: str, username: str) -> None:
     """Assign every open item of BATCH_ID to USERNAME."""
-    n = assignment.assign_batch(batch_id, _user(username))
+    user = _user(username)
+    # In assign_batch's transaction: it commits both, or neither.
+    audit_log.record(Action.BATCH_ASSIGN, target=f"batch:{batch_id}", details={"to": user.username})
+    n = assignment.assign_batch(batch_id, user)
     click.echo(f"assigned {n} items of {batch_id!r} to {username!r}")
 
 
@@ -205,6 +221,33 @@ def evaluate(as_json: bool, target: float) -> None:
         click.echo("\t".join(cells))
 
 
+@click.group("audit-log")
+def audit_log_group() -> None:
+    """The audit log (ra_app.audit_log): retention."""
+
+
+@audit_log_group.command("prune")
+@with_appcontext
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    help="keep this many days instead of RA_AUDIT_RETENTION_DAYS",
+)
+def audit_log_prune(days: int | None) -> None:
+    """Delete audit log rows older than the retention (RA_AUDIT_RETENTION_DAYS).
+
+    The only way rows leave the log; the prune is itself logged. With a retention
+    of 0 (the default: keep for ever) and no --days, nothing is deleted.
+    """
+    keep = days or current_app.config["RA_AUDIT_RETENTION_DAYS"]
+    if not keep:
+        click.echo("RA_AUDIT_RETENTION_DAYS is 0 (keep for ever): nothing pruned")
+        return
+    url = current_app.config["RA_AUDIT_PRUNE_DATABASE_URL"] or None
+    deleted = audit_log.prune(keep, url)
+    click.echo(f"pruned {deleted} audit log rows older than {keep} days")
+
+
 def init_app(app: Flask) -> None:
     for command in (
         create_user,
@@ -217,5 +260,6 @@ def init_app(app: Flask) -> None:
         expire_assignments,
         assign_batch,
         evaluate,
+        audit_log_group,
     ):
         app.cli.add_command(command)

@@ -40,6 +40,9 @@ SESSION_LIFETIME = 12 * 3600  # seconds a login lasts (one working day)
 API_TOKEN_DAYS = 30  # default lifetime of a bearer token, days
 LOGIN_RATE_LIMIT = "10 per minute;50 per hour"  # per client address, POSTs only
 PAGE_SIZE = 50  # rows per page in lists
+# Days the audit log keeps its rows (RA_AUDIT_RETENTION_DAYS); 0 keeps them for ever.
+# Rows go only when `flask --app ra_app audit-log prune` runs (cron or by hand).
+AUDIT_RETENTION_DAYS = 0
 # Pooled connections are replaced after this many seconds instead of pinged on every
 # checkout (a SELECT 1 round trip per request); a connection that died meanwhile
 # fails that one request and is discarded by the pool.
@@ -84,6 +87,8 @@ class RASettings(HasAppEnv):
     ratelimit_storage_uri: str
     session_cookie_secure: bool
     proxy_hops: int
+    audit_retention_days: int
+    audit_prune_database_url: str
 
     def flask_config(self) -> dict[str, Any]:
         """The Flask config keys these settings map to."""
@@ -116,6 +121,8 @@ class RASettings(HasAppEnv):
             "PERMANENT_SESSION_LIFETIME": SESSION_LIFETIME,
             "WTF_CSRF_TIME_LIMIT": SESSION_LIFETIME,
             "PAGE_SIZE": PAGE_SIZE,
+            "RA_AUDIT_RETENTION_DAYS": self.audit_retention_days,
+            "RA_AUDIT_PRUNE_DATABASE_URL": self.audit_prune_database_url,
         }
 
 
@@ -186,6 +193,10 @@ def read_ra_settings(env: EnvReader) -> RASettings:
         # In production nginx is the one proxy in front: the client address and
         # scheme come from its X-Forwarded-* headers, never from further hops.
         proxy_hops=env.int("RA_PROXY_HOPS", 1 if env.production else 0, minimum=0),
+        audit_retention_days=env.int("RA_AUDIT_RETENTION_DAYS", AUDIT_RETENTION_DAYS, minimum=0),
+        # The role that may prune the audit log where the app's own may not (see
+        # ra_app.audit_log); empty: the app's DATABASE_URL.
+        audit_prune_database_url=env.str("RA_AUDIT_PRUNE_DATABASE_URL"),
     )
     if env.production and settings.secret_key == DEV_SECRET_KEY:
         env.error("SECRET_KEY is the development key; set a real one")

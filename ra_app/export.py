@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from ra_app import audit_log
 from ra_app.codebook import Codebook, Field, FieldType
 from ra_app.extensions import db
 from ra_app.pipeline import ITEM_FACTS, TRANSCRIPT_FACTS
@@ -195,3 +196,23 @@ def _answer_cells(answer: dict[str, Any] | None, fields: list[Field]) -> list[An
 
 def export_lines(fmt: ExportFormat, codebook: Codebook) -> Iterator[str]:
     return csv_lines(codebook) if fmt is ExportFormat.CSV else jsonl(codebook)
+
+
+def audit_log_csv_lines(filters: audit_log.Filters) -> Iterator[str]:
+    """The audit log rows that match ``filters`` as CSV, neutralised like the labels."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL)
+    writer.writerow(audit_log.COLUMNS)
+    for row in audit_log.rows(filters):
+        cells = []
+        for key in audit_log.COLUMNS:
+            value = row._mapping[key]
+            if key == "details" and value is not None:
+                value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+            cells.append("" if value is None else _plain(value))
+        writer.writerow([neutralise(c) for c in cells])
+        out = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        yield out
+    yield buffer.getvalue()

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from ra_app import assignment, blind, pipeline
+from ra_app import assignment, audit_log, blind, pipeline
+from ra_app.audit_log import Action
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
 from ra_app.models import AssignmentStatus, Label, User
@@ -63,5 +64,13 @@ def record_label(
     db.session.add(label)
     found.status = AssignmentStatus.DONE.value
     found.completed_at = now
-    db.session.commit()
+    db.session.flush()
+    audit_log.record(
+        Action.LABEL,
+        actor=user,
+        classification_id=found.classification_id,
+        target=f"assignment:{found.id}",
+        details={"label_id": label.id},
+    )
+    db.session.commit()  # the label and its audit row together
     return label

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 from flask import (
@@ -19,12 +20,13 @@ from flask import (
 from flask_login import current_user, login_user
 from werkzeug.datastructures import MultiDict
 
-from ra_app import adjudication, assignment, pipeline, reports, users
+from ra_app import adjudication, assignment, audit_log, pipeline, reports, users
+from ra_app.audit_log import Action
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.evaluation import DEFAULT_TARGET_PRECISION
 from ra_app.evaluation_source import evaluate_study
-from ra_app.export import MIME, ExportFormat, export_lines
+from ra_app.export import MIME, ExportFormat, audit_log_csv_lines, export_lines
 from ra_app.extensions import db
 from ra_app.forms import ActionForm, AssignBatchForm, NewUserForm, ResetPasswordForm, TokenForm
 from ra_app.models import ApiToken, User
@@ -116,6 +118,11 @@ def _item_page(
     if detail is None:
         abort(404)
     decisions = adjudication.history(classification_id)
+    if status == 200:  # a re-shown form with errors is the same view, not a new one
+        audit_log.record(
+            Action.ITEM_VIEW, classification_id=classification_id, details={"page": "admin"}
+        )
+        db.session.commit()
     if answer is None:  # the form starts from the current decision, if any
         answer = dict(decisions[0].answer) if decisions else {}
     return render_template(
@@ -169,7 +176,10 @@ def assign() -> Any:
     if user is None or not user.active:
         flash(f"No active user {name!r}.", "error")
         return redirect(url_for("admin.index"))
-    n = assignment.assign_batch(form.batch_id.data.strip(), user)
+    batch = form.batch_id.data.strip()
+    # In assign_batch's transaction: it commits both, or neither.
+    audit_log.record(Action.BATCH_ASSIGN, target=f"batch:{batch}", details={"to": user.username})
+    n = assignment.assign_batch(batch, user)
     flash(f"Assigned {n} items of batch {form.batch_id.data.strip()!r} to {name}.", "info")
     return redirect(url_for("admin.index"))
 
@@ -206,6 +216,9 @@ def user_create() -> Any:
         return redirect(url_for("admin.user_list"))
     try:
         user = users.create_user(form.username.data, form.password.data, form.role.data)
+        audit_log.record(
+            Action.USER_CREATE, target=f"user:{user.username}", details={"role": user.role}
+        )
         db.session.commit()
     except users.UserError as exc:
         db.session.rollback()
@@ -246,6 +259,8 @@ def user_set_active(user_id: int) -> Any:
             flash("You cannot deactivate yourself.", "error")
         else:
             user.active = activate
+            action = Action.USER_ACTIVATE if activate else Action.USER_DEACTIVATE
+            audit_log.record(action, target=f"user:{user.username}")
             db.session.commit()
             flash(f"{user.username} is now {'active' if activate else 'deactivated'}.", "info")
     return _back(user)
@@ -262,6 +277,7 @@ def user_reset_password(user_id: int) -> Any:
         return redirect(url_for("admin.user_detail", user_id=user.id))
     try:
         users.reset_password(user, form.password.data)
+        audit_log.record(Action.PASSWORD_RESET, target=f"user:{user.username}")
         db.session.commit()
     except users.UserError as exc:
         db.session.rollback()
@@ -288,6 +304,11 @@ def user_revoke_token(user_id: int, token_id: int) -> Any:
         abort(404)
     if ActionForm().validate_on_submit():
         if users.revoke_tokens(user, token_id=token.id):
+            audit_log.record(
+                Action.TOKEN_REVOKE,
+                target=f"user:{user.username}",
+                details={"token_id": token.id, "name": token.name},
+            )
             flash(f"Token {token.name!r} of {user.username} revoked.", "info")
         else:
             flash(f"Token {token.name!r} was already revoked.", "info")
@@ -301,6 +322,10 @@ def user_revoke_tokens(user_id: int) -> Any:
     user = db.get_or_404(User, user_id)
     if ActionForm().validate_on_submit():
         n = users.revoke_tokens(user)
+        if n:
+            audit_log.record(
+                Action.TOKEN_REVOKE, target=f"user:{user.username}", details={"revoked": n}
+            )
         db.session.commit()
         flash(f"Revoked {n} token{'' if n == 1 else 's'} of {user.username}.", "info")
     return redirect(url_for("admin.user_detail", user_id=user.id))
@@ -315,6 +340,11 @@ def user_token(user_id: int) -> Any:
         flash("Token name and a lifetime of 1 to 365 days are needed.", "error")
         return redirect(url_for("admin.user_list"))
     token = issue_token(user, form.name.data, form.days.data)
+    audit_log.record(
+        Action.TOKEN_ISSUE,
+        target=f"user:{user.username}",
+        details={"name": form.name.data, "days": form.days.data},
+    )
     db.session.commit()
     return render_template("admin/token.html", user=user, token=token, days=form.days.data)
 
@@ -329,7 +359,72 @@ def export(fmt: str) -> Any:
     return export_response(kind)
 
 
+def _audit_filters() -> audit_log.Filters:
+    """The audit log's filters from the query string; a malformed value is no filter."""
+
+    def day(name: str) -> date | None:
+        try:
+            return date.fromisoformat(request.args.get(name, ""))
+        except ValueError:
+            return None
+
+    action = request.args.get("action", "").strip()
+    return audit_log.Filters(
+        actor=request.args.get("user", "").strip() or None,
+        action=action if action in {a.value for a in Action} else None,
+        since=day("from"),
+        until=day("to"),
+        classification_id=request.args.get("item", type=int),
+    )
+
+
+def _audit_query(filters: audit_log.Filters) -> dict[str, Any]:
+    """The filters as query-string arguments, for links that keep them."""
+    args = {
+        "user": filters.actor,
+        "action": filters.action,
+        "from": filters.since.isoformat() if filters.since else None,
+        "to": filters.until.isoformat() if filters.until else None,
+        "item": filters.classification_id,
+    }
+    return {k: v for k, v in args.items() if v is not None}
+
+
+@bp.get("/audit-log")
+@admin_required
+def audit_log_page() -> Any:
+    filters = _audit_filters()
+    page, size = page_arg(), current_app.config["PAGE_SIZE"]
+    rows = audit_log.page(filters, page, size)
+    return render_template(
+        "admin/audit_log.html",
+        rows=rows[:size],
+        page=page,
+        has_next=len(rows) > size,
+        filters=filters,
+        query=_audit_query(filters),
+        actions=[a.value for a in Action],
+        retention_days=current_app.config["RA_AUDIT_RETENTION_DAYS"],
+    )
+
+
+@bp.get("/audit-log.csv")
+@admin_required
+def audit_log_csv() -> Any:
+    filters = _audit_filters()
+    # The export is itself audited, with the filters it was made with.
+    audit_log.record(Action.AUDIT_LOG_EXPORT, target="ra_audit_log", details=filters.as_dict())
+    db.session.commit()
+    return Response(
+        stream_with_context(audit_log_csv_lines(filters)),
+        mimetype=MIME[ExportFormat.CSV],
+        headers={"Content-Disposition": 'attachment; filename="ra_audit_log.csv"'},
+    )
+
+
 def export_response(kind: ExportFormat) -> Response:
+    audit_log.record(Action.EXPORT, target="ra_labels", details={"format": kind.value})
+    db.session.commit()  # logged before the first byte leaves
     lines = export_lines(kind, get_codebook())
     return Response(
         stream_with_context(lines),

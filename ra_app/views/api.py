@@ -9,7 +9,8 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 
-from ra_app import assignment, audio, blind, pipeline
+from ra_app import assignment, audio, audit_log, blind, pipeline
+from ra_app.audit_log import Action
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.export import ExportFormat
@@ -18,6 +19,7 @@ from ra_app.labels import LabelError, record_label
 from ra_app.models import Assignment, Role
 from ra_app.security import token_required
 from ra_app.views.admin import export_response
+from ra_app.views.review import assignment_target, record_play, record_skip
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -44,6 +46,10 @@ def next_item() -> Any:
     found = assignment.next_assignment(g.api_user)
     if found is None:
         return jsonify(assignment=None, message="nothing left to review"), 200
+    audit_log.record(
+        Action.ITEM_VIEW, classification_id=found.classification_id, target=assignment_target(found)
+    )
+    db.session.commit()  # logged before the item is sent
     return jsonify(assignment=_assignment_json(found))
 
 
@@ -82,6 +88,7 @@ def skip(assignment_id: int) -> Any:
         outcome = assignment.skip(found, g.api_user)
     except assignment.AssignmentError as exc:
         return jsonify(error=str(exc)), 409
+    record_skip(found, outcome)
     # A retried skip is a success: the client wanted the item skipped, and it is.
     return jsonify(status=found.status, already=outcome is assignment.SkipResult.ALREADY_SKIPPED)
 
@@ -101,6 +108,7 @@ def export() -> Any:
 def audio_file(assignment_id: int) -> Any:
     found = _own(assignment_id)
     key = pipeline.opus_key_for(found.classification_id) if found else None
-    if not key:
+    if found is None or not key:
         return jsonify(error="no audio for this assignment of yours"), 404
+    record_play(found)
     return audio.stream_opus(key)

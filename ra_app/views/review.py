@@ -8,7 +8,8 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from werkzeug.datastructures import MultiDict
 
-from ra_app import assignment, audio, blind, pipeline
+from ra_app import assignment, audio, audit_log, blind, pipeline
+from ra_app.audit_log import Action
 from ra_app.codebook import AnswerError
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
@@ -43,6 +44,10 @@ def show(assignment_id: int) -> Any:
     editable = found.status == AssignmentStatus.ASSIGNED.value and found.user_id == current_user.id
     if editable:
         assignment.touch(found)
+    audit_log.record(
+        Action.ITEM_VIEW, classification_id=found.classification_id, target=assignment_target(found)
+    )
+    db.session.commit()  # logged before the item is shown
     label = None
     if found.status != AssignmentStatus.ASSIGNED.value:  # a label closes its assignment
         label = db.session.execute(
@@ -109,11 +114,31 @@ def skip(assignment_id: int) -> Any:
         # Committed on its own, not with the next claim: sharing one transaction
         # measured slower under load (bench/bench_ra.py), likely the skipped
         # item's row lock held across the claim.
-        assignment.skip(found, current_user)
+        outcome = assignment.skip(found, current_user)
     except assignment.AssignmentError as exc:
         flash(str(exc), "error")
         return redirect(url_for("queue.index"))
+    record_skip(found, outcome)
     return _go_next()
+
+
+def assignment_target(found: Assignment) -> str:
+    return f"assignment:{found.id}"
+
+
+def record_skip(found: Assignment, outcome: assignment.SkipResult) -> None:
+    """Log a skip that freed or closed the assignment (a repeated Skip is not one).
+
+    The one action logged after its own commit: assignment.skip commits inside,
+    and only then is it known whether this request skipped anything. If this write
+    fails the request still fails (500); a skip reveals no content and only hands
+    the slot back, so the review board loses nothing a refused skip would keep.
+    """
+    if outcome is assignment.SkipResult.SKIPPED:
+        audit_log.record(
+            Action.SKIP, classification_id=found.classification_id, target=assignment_target(found)
+        )
+        db.session.commit()
 
 
 def _go_next() -> Any:
@@ -131,4 +156,16 @@ def audio_file(assignment_id: int) -> Any:
     key = pipeline.opus_key_for(found.classification_id)
     if not key:
         abort(404, description="This item has no converted audio.")
+    record_play(found)
     return audio.stream_opus(key)
+
+
+def record_play(found: Assignment) -> None:
+    """Log a play of the item's audio: once per session, however many Range requests."""
+    audit_log.record(
+        Action.AUDIO_PLAY,
+        classification_id=found.classification_id,
+        target=assignment_target(found),
+        once_per_session=True,
+    )
+    db.session.commit()

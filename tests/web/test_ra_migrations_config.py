@@ -23,6 +23,7 @@ RA_TABLES = {
     "ra_labels",
     "ra_api_tokens",
     "ra_adjudications",
+    "ra_audit_log",
     "ra_alembic_version",
 }
 PIPELINE_TABLES = {"batches", "audio_files", "transcripts", "policies", "classifications"}
