@@ -449,3 +449,33 @@ def test_with_the_fleets_ownership_the_app_role_cannot_even_disable_the_guard(
     assert pruned.returncode == 0, pruned.stderr
     assert "pruned 0 audit log rows" in pruned.stdout
     assert _log(app)[-1]["details"]["database_role"] == "ra_audit_pruner"
+
+
+def test_an_action_whose_audit_row_cannot_be_written_is_refused(
+    proxied: Flask, db_conn: Any, env: dict[str, str], stack: devstack.Stack
+) -> None:
+    """A review board prefers a refused action to an unlogged one: with the log
+    unwritable, a label and an adjudication fail and leave nothing behind."""
+    app = proxied
+    [cid] = seed_items(db_conn, 1)
+    add_user(app, "boss", "admin")
+    add_user(app, "ann")
+    ra = _client(app, RA_ADDR)
+    token = login(ra, "ann")
+    review = ra.post("/next", data={"csrf_token": token}).headers["Location"]
+    admin = _client(app, ADMIN_ADDR)
+    atoken = login(admin, "boss")
+    with devstack.admin_connect(stack, env["POSTGRES_DB"]) as conn:
+        conn.execute("REVOKE INSERT ON ra_audit_log FROM ra_app")
+    with pytest.raises(DBAPIError, match="permission denied"):
+        ra.post(f"{review}/label", data={"csrf_token": token, "violates": "yes"})
+    with pytest.raises(DBAPIError, match="permission denied"):
+        admin.post(
+            f"/admin/items/{cid}/adjudicate",
+            data={"csrf_token": atoken, "violates": "yes", "adjudication_note": "clear"},
+        )
+    with app.app_context():
+        assert db.session.execute(text("SELECT count(*) FROM ra_labels")).scalar_one() == 0
+        done = db.session.execute(text("SELECT status FROM ra_assignments")).scalar_one()
+        assert done == "assigned"
+        assert db.session.execute(text("SELECT count(*) FROM ra_adjudications")).scalar_one() == 0
