@@ -7,8 +7,9 @@ every worker, so they belong to one collector (redis_exporter's key checks on th
 orchestrator), not here.
 
 The endpoint is off unless ``METRICS_PORT`` is set. ``METRICS_ADDR`` is the address it
-listens on, loopback by default. No role sets either yet: the fleet's Prometheus (and
-the firewall opening for it) is still to come.
+listens on, loopback by default; on the fleet the units set both (the host's fleet
+address), the firewall opens the port to the orchestrator, and its Prometheus
+scrapes it (roles/monitoring).
 
 The job-duration buckets span what a stage does: a job takes from
 milliseconds (an ack) to hours (a long unpack behind a full disk).
@@ -29,6 +30,8 @@ from audio_pipeline.config import EnvReader, EnvSettings
 LABELS = ("stage", "host")
 # seconds: from an ack to a long unpack
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# seconds a job waited in its queue: from a busy fleet's moments to a backlog of days
+QUEUE_WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 RTF_WINDOW = 20  # claims the realtime-factor gauge averages over
 
 
@@ -72,6 +75,13 @@ class _Family:
             "Time from the start of a claim's work to its settling, per job.",
             LABELS,
             buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "audio_pipeline_queue_wait_seconds",
+            "Time from a job's enqueue (or, for a retry, from when it fell due) to its claim.",
+            LABELS,
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
         self.files = counter("audio_pipeline_files_transcribed_total", "Files transcribed.")
@@ -134,6 +144,7 @@ class WorkerMetrics:
         self.dead_lettered = f.dead.labels(stage, host)
         self.handed_back = f.handed_back.labels(stage, host)
         self.duration = f.duration.labels(stage, host)
+        self._queue_wait = f.queue_wait.labels(stage, host)
         self.files = f.files.labels(stage, host)
         self.audio_seconds = f.audio_seconds.labels(stage, host)
         self.asr_seconds = f.asr_seconds.labels(stage, host)
@@ -148,6 +159,14 @@ class WorkerMetrics:
         self._up: dict[str, bool] = {}
         for backend in ("redis", "postgres"):
             self.backend_available(backend, True)
+
+    def jobs_claimed(self, waits_s: list[float | None]) -> None:
+        """Jobs just claimed, with how long each waited in its queue (None: unstamped,
+        a job pushed by hand)."""
+        self.claimed.inc(len(waits_s))
+        for wait in waits_s:
+            if wait is not None:
+                self._queue_wait.observe(wait)
 
     def transcribed(self, files: int, audio_s: float, asr_s: float) -> None:
         """One claim's speech recognition: counts, and the recent realtime factor."""

@@ -67,6 +67,9 @@ HOST_ALIVE_PREFIX = "host:"
 REAPER_LOCK_KEY = "lock:reaper"
 UNSETTLED_PREFIX = "dead:unsettled:"  # list per stage: reaper dead letters awaiting its hook
 ATTEMPTS_FIELD = "_attempts"  # retries so far, carried inside the payload
+# When the job entered (or, for a retry, became due in) its queue, Unix seconds: the
+# claiming worker's queue-wait metric. Absent from jobs pushed by hand.
+ENQUEUED_FIELD = "_enqueued_at"
 
 # Tunables (seconds unless named otherwise); the env overrides let tests use tiny values.
 DEFAULT_MAX_ATTEMPTS = 5  # total tries of one job before it is dead-lettered
@@ -116,6 +119,11 @@ def require_fields(
         raise PermanentJobError("invalid job payload: " + "; ".join(problems))
 
 
+def stamped(payload: dict[str, Any], at: float | None = None) -> dict[str, Any]:
+    """``payload`` with its enqueue time (now, or ``at``), as every producer pushes it."""
+    return {**payload, ENQUEUED_FIELD: round(time.time() if at is None else at, 3)}
+
+
 def short_job_id(raw: str) -> str:
     """A stable 8-hex id of a queue item for log lines (payloads have no id of their own)."""
     return uuid.uuid5(uuid.NAMESPACE_OID, raw).hex[:8]
@@ -150,6 +158,13 @@ class Job:
     raw: str
     payload: dict[str, Any] = field(hash=False)
     attempts: int = 0
+    enqueued_at: float | None = None  # Unix seconds, from the producer's stamp
+
+    def queue_wait_s(self, now: float | None = None) -> float | None:
+        """Seconds from enqueue to now (never negative: hosts' clocks differ a little)."""
+        if self.enqueued_at is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - self.enqueued_at)
 
     @property
     def short_id(self) -> str:
@@ -361,7 +376,7 @@ class JobQueue:
 
     def enqueue(self, queue: str, payload: dict[str, Any]) -> None:
         """RPUSH a JSON payload (FIFO; operators LPUSH by hand to jump the line)."""
-        self.redis.rpush(queue, json.dumps(payload, separators=(",", ":")))
+        self.redis.rpush(queue, json.dumps(stamped(payload), separators=(",", ":")))
 
     # -- claiming ------------------------------------------------------------------
 
@@ -432,7 +447,12 @@ class JobQueue:
         attempts = payload.pop(ATTEMPTS_FIELD, 0)
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
             attempts = 0
-        return Job(queue=queue, raw=raw, payload=payload, attempts=attempts)
+        enqueued_at = payload.pop(ENQUEUED_FIELD, None)
+        if isinstance(enqueued_at, bool) or not isinstance(enqueued_at, int | float):
+            enqueued_at = None
+        return Job(
+            queue=queue, raw=raw, payload=payload, attempts=attempts, enqueued_at=enqueued_at
+        )
 
     # -- settling ------------------------------------------------------------------
 
@@ -454,7 +474,9 @@ class JobQueue:
             self.dead_letter(job, f"{text} (gave up after {job.attempts + 1} attempts)")
             return False
         delay = policy.jittered_delay_s(job.attempts, self._rng)
-        retried = dict(job.payload)
+        due = time.time() + delay
+        # Its queue wait starts when it is due again, not when it first came.
+        retried = stamped(job.payload, at=due)
         retried[ATTEMPTS_FIELD] = job.attempts + 1
         member = json.dumps(
             {"queue": job.queue, "raw": json.dumps(retried), "id": uuid.uuid4().hex},
@@ -462,7 +484,7 @@ class JobQueue:
         )
         moved = self._settle(
             keys=[processing_key(self.worker_id, job.queue), DELAYED_KEY],
-            args=[job.raw, "zadd", member, time.time() + delay],
+            args=[job.raw, "zadd", member, due],
         )
         if not moved:
             self._lost(job, "retry")
@@ -649,6 +671,7 @@ class JobQueue:
             if owner != self.worker_id and self.redis.exists(heartbeat_key(str(owner))):
                 continue  # its own worker runs the hook (or will, once its DB is back)
             payload.pop(ATTEMPTS_FIELD, None)
+            payload.pop(ENQUEUED_FIELD, None)
             tries = letter.get("attempts")
             attempts = max(0, tries - 1) if isinstance(tries, int) else 0
             job = Job(queue=queue, raw=letter["job"], payload=payload, attempts=attempts)

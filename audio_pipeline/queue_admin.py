@@ -23,6 +23,7 @@ from audio_pipeline.queue import (
     WORKERS_KEY,
     heartbeat_key,
     parse_processing_key,
+    stamped,
 )
 
 ALWAYS_SHOWN_QUEUES = (QUEUE_UNPACK, QUEUE_TRANSCRIBE, QUEUE_CLASSIFY, QUEUE_FAILED)
@@ -139,7 +140,8 @@ def read_failed(r: redis.Redis) -> list[tuple[int, str, dict[str, Any] | None]]:
 
 
 def reset_attempts(job: str) -> str | None:
-    """The job as it goes back to its queue: retry count cleared; None if unusable."""
+    """The job as it goes back to its queue: retry count cleared, enqueued now; None
+    if unusable."""
     try:
         payload = json.loads(job)
     except (TypeError, json.JSONDecodeError):
@@ -147,7 +149,7 @@ def reset_attempts(job: str) -> str | None:
     if not isinstance(payload, dict):
         return None
     payload.pop(ATTEMPTS_FIELD, None)
-    return json.dumps(payload, separators=(",", ":"))
+    return json.dumps(stamped(payload), separators=(",", ":"))
 
 
 # (queue, job payload) -> what rows it put back in play ("" for none)

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from audio_pipeline.config import QUEUE_CLASSIFY
-from audio_pipeline.queue import Job, PermanentJobError, require_fields
+from audio_pipeline.queue import Job, PermanentJobError, require_fields, stamped
 from audio_pipeline.records.reclassify import QueuedFile
 
 CLASSIFY_KIND = "classify"
@@ -88,7 +88,7 @@ def enqueue(
         r.rpush(
             QUEUE_CLASSIFY,
             *(
-                json.dumps(payload(run_id, policy_id, model, f), separators=(",", ":"))
+                json.dumps(stamped(payload(run_id, policy_id, model, f)), separators=(",", ":"))
                 for f in chunk
             ),
         )

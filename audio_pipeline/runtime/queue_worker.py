@@ -201,7 +201,7 @@ class QueueWorker(Service):
             self.redis_call(self._hand_back_strays)
         try:
             jobs = self.queue.claim_many(self.source_queues(), self._claim_limit(), CLAIM_TIMEOUT_S)
-            self.metrics.claimed.inc(len(jobs))
+            self.metrics.jobs_claimed([job.queue_wait_s() for job in jobs])
             return jobs
         except Exception as exc:
             if not redis_unavailable(exc):
@@ -436,7 +436,7 @@ class QueueWorker(Service):
         with self.shielded():
             try:
                 jobs = self.queue.claim_many(self.source_queues(), self._claim_limit(), 0)
-                self.metrics.claimed.inc(len(jobs))
+                self.metrics.jobs_claimed([job.queue_wait_s() for job in jobs])
             except Exception as exc:
                 if not redis_unavailable(exc):
                     raise

@@ -41,7 +41,7 @@ from audio_pipeline import s3_utils
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, EnvReader, EnvSettings, Settings
 from audio_pipeline.logs import log_event
-from audio_pipeline.queue import backoff_delay_s
+from audio_pipeline.queue import backoff_delay_s, stamped
 from audio_pipeline.records import batches
 from audio_pipeline.runtime.command import run_worker
 from audio_pipeline.runtime.outage import backend_unavailable
@@ -402,7 +402,7 @@ class TransferWorker(Service):
         pushed = bool(
             self._enqueue_once(
                 keys=[ENQUEUED_KEY.format(batch_id=batch_id), QUEUE_UNPACK],
-                args=[self.worker_id, json.dumps(payload), ENQUEUED_TTL_S],
+                args=[self.worker_id, json.dumps(stamped(payload)), ENQUEUED_TTL_S],
             )
         )
         log_event(

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ import redis
 
 from audio_pipeline.cli import render_table
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
-from audio_pipeline.queue import JobQueue, RetryPolicy, processing_key, reap_dead_workers
+from audio_pipeline.queue import (
+    ENQUEUED_FIELD,
+    JobQueue,
+    RetryPolicy,
+    processing_key,
+    reap_dead_workers,
+)
 from tests.support.rows import add_audio_file, add_batch
 
 pytestmark = pytest.mark.integration
@@ -146,7 +153,10 @@ def test_requeue_by_index_resets_attempts(pipeline_env, redis_client):
     assert result.returncode == 0, result.stderr
     assert "requeued" in result.stdout
     assert "1 job(s) requeued" in result.stdout
-    assert [json.loads(x) for x in redis_client.lrange(QUEUE_UNPACK, 0, -1)] == [{"batch_id": "x1"}]
+    (requeued,) = [json.loads(x) for x in redis_client.lrange(QUEUE_UNPACK, 0, -1)]
+    # attempts gone, and stamped now: its queue wait starts at the requeue
+    assert time.time() - requeued.pop(ENQUEUED_FIELD) < 60
+    assert requeued == {"batch_id": "x1"}
     assert redis_client.llen(QUEUE_FAILED) == 1
     # the job starts from scratch: a claim sees zero attempts
     job = JobQueue(redis_client, "unpack:h:2", "unpack").claim([QUEUE_UNPACK], 0)

@@ -247,12 +247,10 @@ def test_a_forced_stop_mid_isolation_hands_back_the_unsettled_jobs_unspent(
     assert not any("_attempts" in j for j in back)
     assert len(lines(out, "job.released")) == 3
     # the poison job, settled before the stop, waits for its own retry
-    [retry] = redis_client.zrange(DELAYED_KEY, 0, -1)
-    assert json.loads(json.loads(retry)["raw"]) == {
-        "id": "poison",
-        "poison": "process",
-        "_attempts": 1,
-    }
+    [(retry, due)] = redis_client.zrange(DELAYED_KEY, 0, -1, withscores=True)
+    retried = json.loads(json.loads(retry)["raw"])
+    assert retried.pop("_enqueued_at") == pytest.approx(due, abs=0.01)  # waits from when due
+    assert retried == {"id": "poison", "poison": "process", "_attempts": 1}
     assert processing_items(redis_client) == []
 
 

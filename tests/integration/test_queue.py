@@ -48,6 +48,32 @@ def test_enqueue_claim_ack_is_fifo_and_leaves_nothing(redis_client):
     assert q.claim([Q], timeout=0).payload == {"n": 2}
 
 
+def test_a_job_carries_its_enqueue_time_to_the_claim_and_a_retry_restarts_it(redis_client):
+    """The stamp travels beside the payload (stages never see it); a job pushed by
+    hand has none; a retry's wait starts when it falls due, a requeue's when requeued."""
+    q = make_queue(redis_client)
+    before = time.time()
+    q.enqueue(Q, {"n": 1})
+    redis_client.rpush(Q, json.dumps({"n": "by hand"}))
+    job = q.claim([Q], timeout=0)
+    assert job.payload == {"n": 1}
+    assert before - 0.01 <= job.enqueued_at <= time.time()
+    assert 0 <= job.queue_wait_s() < 5
+    assert job.queue_wait_s(now=job.enqueued_at - 3) == 0  # another host's clock, behind
+    hand = q.claim([Q], timeout=0)
+    assert (hand.payload, hand.enqueued_at, hand.queue_wait_s()) == ({"n": "by hand"}, None, None)
+    q.ack(hand)
+    failed_at = time.time()
+    assert q.retry(job, "transient")
+    due = redis_client.zrange(DELAYED_KEY, 0, -1, withscores=True)[0][1]
+    wait_for_due = max(0.0, due - time.time()) + 0.05
+    time.sleep(wait_for_due)
+    again = q.claim([Q], timeout=1)
+    assert (again.payload, again.attempts) == ({"n": 1}, 1)
+    assert again.enqueued_at == pytest.approx(due, abs=0.01)
+    assert again.enqueued_at >= failed_at
+
+
 def test_operator_lpush_jumps_the_line(redis_client):
     q = make_queue(redis_client)
     q.enqueue(Q, {"n": 1})

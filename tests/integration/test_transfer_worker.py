@@ -82,6 +82,7 @@ def test_drain_transfers_complete_archives_once(env, collection, redis_client, d
     assert jobs[0]["s3_key"] == "archives/batch-001.tar"
     assert jobs[0]["file_count"] is None
     assert jobs[0]["transferred_at"].endswith("+00:00")
+    assert time.time() - jobs[0]["_enqueued_at"] < 120  # the queue-wait metric's stamp
     bucket = env["S3_BUCKET"]
     assert s3_bytes(s3_client, bucket, "archives/batch-001.tar") == one
     assert s3_bytes(s3_client, bucket, "archives/batch_002.v2.tar") == two

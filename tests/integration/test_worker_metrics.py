@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from audio_pipeline.queue import stamped
 from tests.support.workerkit.echo_worker import DONE_KEY
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = pytest.mark.integration
 
 ECHO = "tests.support.workerkit.echo_worker"
+WAITED_S = 120
 
 
 def free_port() -> int:
@@ -38,13 +41,15 @@ def scrape(port: int) -> dict[str, float]:
         for s in family.samples:
             if s.labels.get("stage") != "echo":
                 continue
-            name = s.name + (f"/{s.labels['backend']}" if "backend" in s.labels else "")
+            name = s.name + "".join(f"/{s.labels[k]}" for k in ("backend", "le") if k in s.labels)
             samples[name] = s.value
     return samples
 
 
 def test_counters_match_what_the_worker_did(pipeline_env, redis_client: redis.Redis) -> None:
-    jobs = [{"id": f"ok-{i}"} for i in range(5)]
+    # The good jobs as a producer pushes them, stamped two minutes ago; the others as
+    # an operator pushes them by hand, unstamped (no queue wait to tell).
+    jobs = [stamped({"id": f"ok-{i}"}, at=time.time() - WAITED_S) for i in range(5)]
     jobs += [{"id": "flaky", "fail": "transient", "fail_times": 1}]
     jobs += [{"id": "bad", "fail": "permanent"}]
     redis_client.rpush("queue:echo", *[json.dumps(j) for j in jobs])
@@ -68,6 +73,12 @@ def test_counters_match_what_the_worker_did(pipeline_env, redis_client: redis.Re
     assert m["audio_pipeline_jobs_dead_lettered_total"] == 1  # bad
     assert m["audio_pipeline_jobs_claimed_total"] == 8  # 7 jobs, flaky twice
     assert m["audio_pipeline_job_duration_seconds_count"] == 8  # every settle observed
+    # Queue waits: the five stamped jobs (two minutes each) and the flaky job's retry,
+    # stamped when it fell due, so claimed moments later.
+    assert m["audio_pipeline_queue_wait_seconds_count"] == 6
+    assert m["audio_pipeline_queue_wait_seconds_bucket/60.0"] == 1
+    assert m["audio_pipeline_queue_wait_seconds_bucket/300.0"] == 6
+    assert m["audio_pipeline_queue_wait_seconds_sum"] >= 5 * WAITED_S
     assert m["audio_pipeline_backend_up/redis"] == 1
     assert m["audio_pipeline_backend_up/postgres"] == 1
 

@@ -72,3 +72,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_queue_wait_is_observed_for_stamped_jobs_only() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics("gpu", "gpu-01", registry)
+    metrics.jobs_claimed([12.0, None, 700.0])
+    labels = {"stage": "gpu", "host": "gpu-01"}
+    assert registry.get_sample_value("audio_pipeline_jobs_claimed_total", labels) == 3
+    assert registry.get_sample_value("audio_pipeline_queue_wait_seconds_count", labels) == 2
+    assert registry.get_sample_value("audio_pipeline_queue_wait_seconds_sum", labels) == 712.0
+    at_60 = {**labels, "le": "60.0"}
+    assert registry.get_sample_value("audio_pipeline_queue_wait_seconds_bucket", at_60) == 1
