@@ -27,7 +27,7 @@ PYTHON_EXTRAS := asr,classifier,ra,stack,dev
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-deps: .make/apt .make/venv  ## install Debian packages and the virtualenv (idempotent)
+deps: .make/apt .make/venv .make/bin/promtool  ## install Debian packages and the virtualenv (idempotent)
 
 .make/apt: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -48,6 +48,17 @@ deps: .make/apt .make/venv  ## install Debian packages and the virtualenv (idemp
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(PYTHON_EXTRAS)]' -e ./devtools
 	@mkdir -p .make && touch $@
+
+# promtool checks and unit-tests the monitoring role's alert rules. It is unpacked
+# from Debian's prometheus package, not installed: installing would also start a
+# Prometheus server on this machine.
+.make/bin/promtool:
+	rm -rf .make/prometheus-deb && mkdir -p .make/prometheus-deb .make/bin
+	cd .make/prometheus-deb && { apt-get download prometheus 2>/dev/null || \
+	  { $(SUDO) apt-get update -q && apt-get download prometheus; }; }
+	dpkg-deb -x .make/prometheus-deb/prometheus_*.deb .make/prometheus-deb/root
+	cp .make/prometheus-deb/root/usr/bin/promtool $@
+	rm -rf .make/prometheus-deb
 
 test: deps lint  ## the whole suite: lint, unit, integration, end to end (starts and stops the stack)
 	$(BIN)/python -m devtools.suite

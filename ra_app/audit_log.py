@@ -13,7 +13,7 @@ them anyway, since an owner can grant privileges back to itself. Old rows leave
 only through ``prune`` (ra_audit_log_prune, a SECURITY DEFINER function).
 
 Full separation needs the table to belong to a role the app cannot log in as.
-On the fleet, after ``flask db upgrade``, a superuser runs OWNERSHIP_SQL (with
+On the fleet, after ``flask db upgrade``, a superuser runs ownership_sql() (with
 PostgreSQL roles ra_audit_owner NOLOGIN and ra_audit_pruner LOGIN created first);
 the prune command then logs in as ra_audit_pruner through
 RA_AUDIT_PRUNE_DATABASE_URL. In development the app's role owns both.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -81,16 +82,28 @@ _ONCE_PER_SESSION = """
  ON CONFLICT (session_hash, classification_id) WHERE action = 'audio.play' DO NOTHING
 """
 
-# For a superuser on the fleet; see the module docstring.
-OWNERSHIP_SQL = """
-ALTER TABLE ra_audit_log OWNER TO ra_audit_owner;
-ALTER FUNCTION ra_audit_log_prune(integer, text) OWNER TO ra_audit_owner;
-ALTER FUNCTION ra_audit_log_refuse() OWNER TO ra_audit_owner;
-ALTER FUNCTION ra_audit_log_stamp() OWNER TO ra_audit_owner;
-REVOKE ALL ON ra_audit_log FROM ra_app;
-GRANT SELECT, INSERT ON ra_audit_log TO ra_app;
-REVOKE EXECUTE ON FUNCTION ra_audit_log_prune(integer, text) FROM PUBLIC, ra_app;
-GRANT EXECUTE ON FUNCTION ra_audit_log_prune(integer, text) TO ra_audit_pruner;
+# For a superuser on the fleet (the orchestrator role runs it after each migration,
+# through `flask --app ra_app audit-log ownership-sql`); see the module docstring.
+AUDIT_OWNER_ROLE = "ra_audit_owner"
+AUDIT_PRUNER_ROLE = "ra_audit_pruner"
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def ownership_sql(app_role: str) -> str:
+    """The statements that hand the log to its owner role and leave ``app_role`` (the
+    RA app's database role) reading and appending only. Idempotent."""
+    if not _ROLE_NAME.fullmatch(app_role):
+        raise ValueError(f"not a plain PostgreSQL role name: {app_role!r}")
+    owner, pruner = AUDIT_OWNER_ROLE, AUDIT_PRUNER_ROLE
+    return f"""
+ALTER TABLE ra_audit_log OWNER TO {owner};
+ALTER FUNCTION ra_audit_log_prune(integer, text) OWNER TO {owner};
+ALTER FUNCTION ra_audit_log_refuse() OWNER TO {owner};
+ALTER FUNCTION ra_audit_log_stamp() OWNER TO {owner};
+REVOKE ALL ON ra_audit_log FROM {app_role};
+GRANT SELECT, INSERT ON ra_audit_log TO {app_role};
+REVOKE EXECUTE ON FUNCTION ra_audit_log_prune(integer, text) FROM PUBLIC, {app_role};
+GRANT EXECUTE ON FUNCTION ra_audit_log_prune(integer, text) TO {pruner};
 """
 
 

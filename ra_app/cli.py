@@ -7,6 +7,7 @@ import json
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from ra_app import assignment, audit_log, users
@@ -246,6 +247,25 @@ def audit_log_prune(days: int | None) -> None:
     url = current_app.config["RA_AUDIT_PRUNE_DATABASE_URL"] or None
     deleted = audit_log.prune(keep, url)
     click.echo(f"pruned {deleted} audit log rows older than {keep} days")
+
+
+@audit_log_group.command("ownership-sql")
+@with_appcontext
+@click.option(
+    "--app-role",
+    help="the RA app's database role (default: the user of DATABASE_URL)",
+)
+def audit_log_ownership_sql(app_role: str | None) -> None:
+    """Print the SQL a database superuser runs to hand the audit log to its own role
+    (ra_audit_owner) and leave the app reading and appending only; the prune
+    function then belongs to ra_audit_pruner alone. Idempotent."""
+    role = app_role or make_url(current_app.config["SQLALCHEMY_DATABASE_URI"]).username
+    if not role:
+        raise click.UsageError("no user in DATABASE_URL: name the role with --app-role")
+    try:
+        click.echo(audit_log.ownership_sql(role))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def init_app(app: Flask) -> None:

@@ -52,6 +52,8 @@ RECAP = re.compile(
 )
 RA_CERT_IN_ORCH = "etc/ra-app/tls/ra-app.crt"
 GPU_WORKER_WATCHDOG_S = 60
+MONITORING_SCRAPE_S = 5
+MONITORING_DOWN_FOR_S = 20
 # Above the largest pid_max Linux allows: the inventory's nsenter PID for a machine
 # that was powered off, so Ansible finds it unreachable, as it finds a lost VM,
 # and never enters whatever process has since been given the machine's old PID.
@@ -288,6 +290,7 @@ def boot_machine(fleet: Fleet, tar: Path, name: str) -> machines.Machine:
     # directory), pip's shared (pip tolerates concurrent use).
     apt_cache = CACHE_DIR / "apt-archives" / name
     (apt_cache / "partial").mkdir(parents=True, exist_ok=True)
+    _seed_apt_cache(apt_cache)
     pip_cache = CACHE_DIR / "pip"
     pip_cache.mkdir(parents=True, exist_ok=True)
     binds = [f"{apt_cache}:/var/cache/apt/archives", f"{pip_cache}:/root/.cache/pip"]
@@ -301,6 +304,19 @@ def boot_machine(fleet: Fleet, tar: Path, name: str) -> machines.Machine:
     fleet.machines[name] = machine
     machine.boot(fleet.work)
     return machine
+
+
+def _seed_apt_cache(apt_cache: Path) -> None:
+    """A machine's apt cache starts with what its kind already downloaded (gpu-02
+    from gpu-01's): hard links, so no machine's apt sees another's lock or partials."""
+    kind = apt_cache.name.rsplit("-", 1)[0]
+    for sibling in apt_cache.parent.glob(f"{kind}-*"):
+        if sibling == apt_cache:
+            continue
+        for deb in sibling.glob("*.deb"):
+            target = apt_cache / deb.name
+            if not target.exists():
+                os.link(deb, target)
 
 
 def stop(fleet: Fleet) -> None:
@@ -409,7 +425,12 @@ def write_inventory(fleet: Fleet) -> None:
     hv = {name: connection_vars(m) for name, m in fleet.machines.items()}
     host_services = fleet.host_services
     if "orch" in hv:
-        hv["orch"].update(orchestrator_ra_app_workers=2, ra_app_tls_self_signed=True)
+        hv["orch"].update(
+            orchestrator_ra_app_workers=2,
+            ra_app_tls_self_signed=True,
+            # a retention, so the audit log's prune timer is installed and can be run
+            orchestrator_ra_audit_retention_days=3650,
+        )
     for name in hv:
         if name.startswith("gpu-"):
             hv[name].update(gpu_host_vars(fleet, name))
@@ -438,6 +459,10 @@ def write_inventory(fleet: Fleet) -> None:
         ).stdout.strip(),
         "s3_endpoint": host_services.env()["S3_ENDPOINT"],
         "s3_bucket": fleet.bucket,
+        # Quicker than production's, so a stopped worker fires its alert within a
+        # test's patience; the rules and everything else are production's.
+        "monitoring_scrape_interval": f"{MONITORING_SCRAPE_S}s",
+        "monitoring_down_for": f"{MONITORING_DOWN_FOR_S}s",
     }
     for host_vars in hv.values():
         host_vars.update(fleet_wide)

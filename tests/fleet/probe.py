@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import urllib.request
 from typing import Any
 
 import psycopg
@@ -80,7 +81,42 @@ def postgres_access(address: str, pipeline_password: str, ra_password: str) -> d
     return out
 
 
-PROBES = {f.__name__: f for f in (ports, redis_access, limiter_keys, postgres_access)}
+def ra_audit_log_access(address: str, ra_password: str) -> dict[str, str]:
+    """What the RA app's own database role may do to the audit log, over the fleet
+    network as the app connects: read it, and nothing that changes or removes a row."""
+    out = {}
+    attempts = {
+        "select": "SELECT count(*) FROM ra_audit_log",
+        "update": "UPDATE ra_audit_log SET action = 'forged'",
+        "delete": "DELETE FROM ra_audit_log",
+        "truncate": "TRUNCATE ra_audit_log",
+        "disable_guard": "ALTER TABLE ra_audit_log DISABLE TRIGGER USER",
+        "prune": "SELECT ra_audit_log_prune(1, 'probe')",
+    }
+    dsn = f"host={address} dbname=audio_pipeline user=ra_app password={ra_password}"
+    for name, statement in attempts.items():
+        with psycopg.connect(f"{dsn} connect_timeout=5") as c:
+            try:
+                c.execute(statement)
+                out[name] = "allowed"
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.RaiseException):
+                out[name] = "denied"
+            c.rollback()
+    return out
+
+
+def http_json(url: str, timeout_s: float) -> Any:
+    """GET ``url``, the JSON it answers (a loopback-only API of this machine)."""
+    if not url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"not a loopback URL: {url}")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (checked above)
+        return json.load(response)
+
+
+PROBES = {
+    f.__name__: f
+    for f in (ports, redis_access, limiter_keys, postgres_access, ra_audit_log_access, http_json)
+}
 
 if __name__ == "__main__":
     print(json.dumps(PROBES[sys.argv[1]](**json.loads(sys.argv[2]))))

@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,14 +44,38 @@ if TYPE_CHECKING:
 
 pytestmark = NEEDS_FLEET
 
+MONITORING = [
+    "prometheus",
+    "prometheus-alertmanager",
+    "prometheus-redis-exporter",
+    "prometheus-postgres-exporter",
+]
 SERVICES = {
-    "orch": ["redis-server", "postgresql@15-main", "ra-app", "nginx", "nftables", "ssh"],
-    "gpu-01": ["unpack-worker", "gpu-worker", "nftables", "ssh"],
-    "transfer-01": ["transfer-worker", "nftables", "ssh"],
+    "orch": [
+        *("redis-server", "postgresql@15-main", "ra-app", "nginx", "nftables", "ssh"),
+        *MONITORING,
+        "prometheus-node-exporter",
+    ],
+    "gpu-01": ["unpack-worker", "gpu-worker", "nftables", "ssh", "prometheus-node-exporter"],
+    "transfer-01": ["transfer-worker", "nftables", "ssh", "prometheus-node-exporter"],
 }
 # What the host, standing outside the fleet, may reach on each machine.
 OPEN_FROM_OUTSIDE = {"orch": {22, 80, 443}, "gpu-01": {22}, "transfer-01": {22}}
-PROBED_PORTS = {22, 80, 443, 5432, 6379, 8000}
+# Prometheus, Alertmanager, the exporters and the workers' /metrics among them.
+PROBED_PORTS = {22, 80, 443, 5432, 6379, 8000, 9090, 9093, 9100, 9121, 9187, 9301, 9302, 9303}
+# What Prometheus on the orchestrator scrapes: (job, instance).
+SCRAPED = {
+    ("prometheus", "127.0.0.1:9090"),
+    ("node", "orch"),
+    ("node", "gpu-01"),
+    ("node", "transfer-01"),
+    ("gpu-worker", "gpu-01"),
+    ("unpack-worker", "gpu-01"),
+    ("transfer-worker", "transfer-01"),
+    ("redis", "orch"),
+    ("postgres", "orch"),
+}
+PROMETHEUS = "http://127.0.0.1:9090"
 CONNECT_TIMEOUT_S = 3
 BATCH_ID = "fleet-batch-001"
 BATCH_FILES = 4
@@ -140,6 +165,75 @@ def test_fleet_members_reach_redis_and_postgres_but_not_gunicorn(fleet: Fleet) -
     assert "127.0.0.1:8000" in listening, listening
     assert "0.0.0.0:8000" not in listening, listening
     assert "*:8000" not in listening, listening
+
+
+# Monitoring --------------------------------------------------------------------
+def test_only_the_orchestrator_reads_the_metrics(fleet: Fleet) -> None:
+    """The workers' /metrics and node_exporter answer the orchestrator's Prometheus
+    and no other fleet member; Prometheus and Alertmanager listen on loopback."""
+    from_orch = {
+        host: fleet.probe(
+            "orch", "ports", address=fleet.address(host), ports=ports, timeout_s=CONNECT_TIMEOUT_S
+        )
+        for host, ports in (("gpu-01", [9100, 9301, 9302]), ("transfer-01", [9100, 9303]))
+    }
+    assert from_orch == {
+        "gpu-01": {"9100": True, "9301": True, "9302": True},
+        "transfer-01": {"9100": True, "9303": True},
+    }
+    from_transfer = fleet.probe(
+        "transfer-01",
+        "ports",
+        address=fleet.address("gpu-01"),
+        ports=[9100, 9301, 9302],
+        timeout_s=CONNECT_TIMEOUT_S,
+    )
+    assert from_transfer == {"9100": False, "9301": False, "9302": False}
+    listening = fleet.machines["orch"].exec(["ss", "-Htln"]).stdout
+    for port in (9090, 9093, 9121, 9187):
+        bound = {line.split()[3] for line in listening.splitlines() if f":{port}" in line}
+        assert bound == {f"127.0.0.1:{port}"}, (port, listening)
+
+
+def _prometheus(fleet: Fleet, path: str) -> Any:
+    answer = fleet.probe("orch", "http_json", url=f"{PROMETHEUS}{path}", timeout_s=10)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def _firing(fleet: Fleet) -> list[dict[str, Any]]:
+    return [a for a in _prometheus(fleet, "/api/v1/alerts")["alerts"] if a["state"] == "firing"]
+
+
+def _wait_for(what: str, check: Any, timeout_s: float, poll_s: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            assert found, f"{what}: not within {timeout_s:.0f} s"
+            return found
+        time.sleep(poll_s)
+
+
+def test_prometheus_scrapes_every_target(fleet: Fleet) -> None:
+    """Every worker, every host's node_exporter and the Redis and PostgreSQL
+    exporters are scraped and up, and the pipeline's own series arrive."""
+
+    def targets() -> set[tuple[str, str, str]]:
+        active = _prometheus(fleet, "/api/v1/targets?state=active")["activeTargets"]
+        return {(t["labels"]["job"], t["labels"]["instance"], t["health"]) for t in active}
+
+    _wait_for(
+        "every target up", lambda: {(j, i) for j, i, h in targets() if h == "up"} == SCRAPED, 90
+    )
+    assert {(j, i) for j, i, _ in targets()} == SCRAPED
+    for query, wanted in (
+        ('audio_pipeline_backend_up{host="gpu-01",stage="gpu"}', {"redis", "postgres"}),
+        ('redis_key_size{key="queue:unpack"}', {""}),
+        ("audio_pipeline_policies_active", {""}),
+    ):
+        result = _prometheus(fleet, "/api/v1/query?query=" + urllib.parse.quote(query))["result"]
+        assert {r["metric"].get("backend", "") for r in result} == wanted, (query, result)
 
 
 # Credentials -----------------------------------------------------------------
@@ -339,6 +433,87 @@ def test_human_journey(fleet: Fleet, tmp_path: Path) -> None:
     assert all(r["answer_violates"] == "yes" and r["transcript"] for r in rows)
 
 
+def test_the_review_left_an_append_only_audit_trail(fleet: Fleet) -> None:
+    """The journey is in ra_audit_log with the RA's own address (the host's, through
+    nginx): logins, one view, one play and one label per item reviewed, the export.
+    The app's database role reads the log and can change or remove nothing; the
+    prune runs from its unit as ra_audit_pruner and logs itself."""
+    labels = int(fleet.sql("SELECT count(*) FROM ra_labels")[0][0])
+    assert labels >= 1, "run after test_human_journey"
+    rows = fleet.sql(
+        "SELECT actor_username, action, coalesce(client_addr, ''), count(*) FROM ra_audit_log "
+        "GROUP BY 1, 2, 3"
+    )
+    counts = {(who, action, addr): int(n) for who, action, addr, n in rows}
+    host = network.HOST_ADDRESS
+    assert counts[("ann", "login", host)] >= 1, counts
+    assert counts[("ann", "item.view", host)] >= labels, counts
+    # however many Range requests the player made: one play per item in the session
+    assert counts[("ann", "audio.play", host)] == labels, counts
+    assert counts[("ann", "label", host)] == labels, counts
+    assert counts[("boss", "export", host)] == 1, counts
+    assert {addr for (_, _, addr) in counts} <= {host, ""}, counts  # never nginx's own
+    owner = fleet.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'ra_audit_log'")
+    assert owner == [["ra_audit_owner"]]
+    access = fleet.probe(
+        "gpu-01",
+        "ra_audit_log_access",
+        address=fleet.address("orch"),
+        ra_password=fleet.secrets["vault_ra_app_db_password"],
+    )
+    assert access == {
+        "select": "allowed",
+        **dict.fromkeys(("update", "delete", "truncate", "disable_guard", "prune"), "denied"),
+    }
+    timer = fleet.machines["orch"].exec(["systemctl", "is-enabled", "ra-audit-prune.timer"])
+    assert timer.stdout.strip() == "enabled"
+    fleet.machines["orch"].exec(["systemctl", "start", "ra-audit-prune.service"])
+    [[action, details]] = fleet.sql(
+        "SELECT action, details FROM ra_audit_log ORDER BY id DESC LIMIT 1"
+    )
+    assert action == "audit_log.prune"
+    assert json.loads(details)["database_role"] == "ra_audit_pruner", details
+
+
+def test_a_new_policy_version_is_applied_to_the_finished_batch_without_asr(fleet: Fleet) -> None:
+    """The researcher rewords the policy; the operator re-classifies the finished
+    batch from the stored transcripts: a verdict of the new version for every file,
+    the first version's kept, and the gpu worker ran no speech recognition."""
+    from tests.fleet import lab
+
+    name, text, lexicon = lab.DEMO_POLICY
+    applied = lab.apply_policy(fleet, name, text + " Threats count too.", [*lexicon, "threat"])
+    assert "result: new version" in applied.output, applied.describe()
+    [[v2]] = fleet.sql(f"SELECT id FROM policies WHERE name = '{name}' AND version = 2")
+    transcripts = fleet.sql("SELECT count(*) FROM transcripts")
+    asr_before = fleet.journal("gpu-01", "gpu-worker", 2000).count("event=gpu.file_done")
+    queued = fleet.adhoc(
+        "orchestrator", "-a", f"audio-pipeline reclassify --policy {name} --batch {BATCH_ID}"
+    )
+    assert queued.returncode == 0, queued.describe()
+
+    new_verdicts = (
+        "SELECT count(*) FROM classifications c JOIN audio_files a ON a.id = c.audio_id "
+        f"WHERE c.policy_id = {v2} AND a.batch_id = '{BATCH_ID}'"
+    )
+
+    def judged() -> bool:
+        return fleet.sql(new_verdicts) == [[str(BATCH_FILES)]]
+
+    _wait_for("a version-2 verdict for every file", judged, timeout_s=300)
+    versions = fleet.sql(
+        "SELECT p.version, count(*) FROM classifications c JOIN policies p ON p.id = c.policy_id "
+        f"WHERE p.name = '{name}' GROUP BY 1 ORDER BY 1"
+    )
+    assert versions == [["1", str(BATCH_FILES)], ["2", str(BATCH_FILES)]]
+    assert fleet.sql("SELECT count(*) FROM transcripts") == transcripts
+    journal = fleet.journal("gpu-01", "gpu-worker", 2000)
+    assert journal.count("event=gpu.file_done") == asr_before  # no file transcribed again
+    assert journal.count("event=gpu.reclassified") >= BATCH_FILES
+    status = fleet.adhoc("orchestrator", "-a", "audio-pipeline status --json")
+    assert '"reclassify"' in status.output, status.describe()
+
+
 def test_health_check_passes_on_the_working_fleet(fleet: Fleet) -> None:
     health = fleet.playbook("health-check.yml")
     assert health.returncode == 0, health.describe()
@@ -379,10 +554,28 @@ def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
         assert "1 failed job(s) in queue:failed" in health.output, health.describe()
         assert "gpu-01: cannot reach redis" in health.output, health.describe()
         assert "AuthenticationError" in health.output, health.describe()
+        # Prometheus noticed too: the stopped worker's alert fires, and the health
+        # check names it with its runbook.
+        _wait_for(
+            "WorkerDown firing for transfer-01",
+            lambda: [
+                a
+                for a in _firing(fleet)
+                if a["labels"]["alertname"] == "WorkerDown"
+                and a["labels"]["instance"] == "transfer-01"
+            ],
+            timeout_s=120,
+        )
+        alerted = fleet.playbook("health-check.yml")
+        assert alerted.returncode != 0, alerted.describe()
+        assert "orch: alert WorkerDown firing: transfer-worker on transfer-01" in alerted.output
+        assert "docs/FLEET.md, Monitoring: WorkerDown" in alerted.output
     finally:
         env_file.write_text(good_env)
         fleet.adhoc("transfer", "-a", "systemctl start transfer-worker")
         fleet.adhoc("orchestrator", "-a", "redis-cli DEL queue:failed")
+    # Alerts resolve at the first evaluation after a good scrape.
+    _wait_for("no alert firing", lambda: not _firing(fleet), timeout_s=120)
     healthy = fleet.playbook("health-check.yml")
     assert healthy.returncode == 0, healthy.describe()
 

@@ -58,6 +58,19 @@ def status(failed: int = 0, active_policies: int = 1) -> dict[str, Any]:
     return {"rc": 0, "stdout": json.dumps(report), "stderr": ""}
 
 
+def alerts(*firing_and_pending: tuple[str, str, str]) -> dict[str, Any]:
+    """What Prometheus's /api/v1/alerts answers: (name, state, summary) each."""
+    found = [
+        {
+            "labels": {"alertname": name, "severity": "page"},
+            "annotations": {"summary": summary, "runbook": f"docs/FLEET.md, Monitoring: {name}"},
+            "state": state,
+        }
+        for name, state, summary in firing_and_pending
+    ]
+    return {"status": 200, "json": {"status": "success", "data": {"alerts": found}}}
+
+
 def failed_command(stderr: str) -> dict[str, Any]:
     """A registered result of an audio-pipeline command that exited 1 printing nothing."""
     return {"rc": 1, "stdout": "", "stderr": stderr}
@@ -69,6 +82,7 @@ def healthy() -> dict[str, dict[str, Any]]:
             "health_services": {"stdout_lines": ["active", "active"]},
             "health_pg": {"stdout_lines": ["15 main 5432 online postgres /d /l"]},
             "health_ra_app": {"status": 200},
+            "health_alerts": alerts(),
             "health_status": status(),
             "health_connections": connections("orch-01"),
             "health_failed_jobs": {"rc": 0, "stdout": json.dumps({"total": 0, "entries": []})},
@@ -196,3 +210,23 @@ def test_dead_letters_and_an_unreadable_status_are_named(tmp_path):
         "orch-01: could not read the pipeline's status: audio-pipeline status: Redis "
         "unavailable: refused"
     ]
+
+
+def test_firing_alerts_are_named_with_their_runbook_and_pending_ones_are_not(tmp_path):
+    results = healthy()
+    results["orch-01"]["health_alerts"] = alerts(
+        ("WorkerDown", "firing", "gpu-worker on gpu-02 is not answering"),
+        ("DeadLetters", "pending", "3 dead letters in queue:failed"),
+    )
+    problems, _ = render(tmp_path, results)
+    assert problems == [
+        "orch-01: alert WorkerDown firing: gpu-worker on gpu-02 is not answering "
+        "(runbook: docs/FLEET.md, Monitoring: WorkerDown)"
+    ]
+
+
+def test_a_prometheus_that_does_not_answer_is_named(tmp_path):
+    results = healthy()
+    results["orch-01"]["health_alerts"] = {"status": -1, "msg": "Connection refused"}
+    problems, _ = render(tmp_path, results)
+    assert problems == ["orch-01: could not read Prometheus's alerts: -1 Connection refused"]

@@ -176,13 +176,32 @@ def wrapper_process(host: HostConfig, dest: str) -> Process:
     return Process(host, dest, (program,), environ, (env_file,), {})
 
 
+# Units that run a Debian program with fixed arguments and no settings of ours (the
+# audit log's prune is one psql statement as the database superuser); judged by
+# test_system_tool_units_are_sandboxed_oneshots instead.
+SYSTEM_TOOL_PROGRAMS = {"/usr/bin/psql"}
+
+
+def system_tool_units(fleet: dict[str, HostConfig]) -> list[Process]:
+    return [
+        unit_process(host, dest)
+        for host in fleet.values()
+        for dest in sorted(host.files)
+        if PurePosixPath(dest).parent == UNIT_DIR
+        and dest.endswith(".service")
+        and unit_process(host, dest).argv[0] in SYSTEM_TOOL_PROGRAMS
+    ]
+
+
 def processes(fleet: dict[str, HostConfig]) -> list[Process]:
     found = []
     for host in fleet.values():
         for dest, f in sorted(host.files.items()):
             path = PurePosixPath(dest)
             if path.parent == UNIT_DIR and path.suffix == ".service":
-                found.append(unit_process(host, dest))
+                unit = unit_process(host, dest)
+                if unit.argv[0] not in SYSTEM_TOOL_PROGRAMS:
+                    found.append(unit)
             elif path.parent == WRAPPER_DIR and "python" in f.text.partition("\n")[0]:
                 found.append(wrapper_process(host, dest))
     return found
@@ -334,6 +353,23 @@ def test_site_renders_every_role_template_for_production(fleet: dict[str, HostCo
     assert not errors, "\n".join(
         ["the roles' argument specs reject production's variables:", *errors]
     )
+
+
+def test_system_tool_units_are_sandboxed_oneshots(fleet: dict[str, HostConfig]) -> None:
+    units = system_tool_units(fleet)
+    assert [(u.host.name, u.name) for u in units] == [
+        ("orch-01", "/etc/systemd/system/ra-audit-prune.service")
+    ]
+    for unit in units:
+        assert unit.service["Type"] == ["oneshot"]
+        for setting in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
+            assert unit.service[setting] == ["yes"], (unit, setting)
+        assert unit.service["ProtectSystem"] == ["strict"]
+    argv = units[0].argv
+    commands = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-c"]
+    # as the pruner role, never the superuser itself; at least a day kept
+    assert commands[0] == "SET SESSION AUTHORIZATION ra_audit_pruner", argv
+    assert re.fullmatch(r"SELECT ra_audit_log_prune\([1-9]\d*, '[\w.-]+'\)", commands[1]), argv
 
 
 def test_units_and_wrappers_name_rendered_files_and_installed_programs(

@@ -27,7 +27,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from devtools import devstack
-from ra_app import audit_log
 from ra_app.extensions import db
 from ra_app.models import ApiToken, User
 from ra_app.security import issue_token
@@ -409,7 +408,7 @@ PRUNER_PASSWORD = "dev-ra-audit-pruner"
 def test_with_the_fleets_ownership_the_app_role_cannot_even_disable_the_guard(
     proxied: Flask, env: dict[str, str], stack: devstack.Stack
 ) -> None:
-    """audit_log.OWNERSHIP_SQL, as a superuser runs it on the fleet: the table belongs
+    """audit_log.ownership_sql, as a superuser runs it on the fleet: the table belongs
     to a role nobody logs in as, the app may only read and append, and only the
     pruner role (RA_AUDIT_PRUNE_DATABASE_URL) may prune."""
     app = proxied
@@ -424,7 +423,9 @@ def test_with_the_fleets_ownership_the_app_role_cannot_even_disable_the_guard(
                 f"DO $$ BEGIN CREATE ROLE {role} {login_clause}; "
                 "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
             )
-        conn.execute(audit_log.OWNERSHIP_SQL)
+        sql = _flask(env, "audit-log", "ownership-sql")  # as the orchestrator role gets it
+        assert sql.returncode == 0, sql.stderr
+        conn.execute(sql.stdout)
     login(_client(app, ADMIN_ADDR), "boss")  # the app still appends
     assert [r["action"] for r in _log(app)] == ["login"]
     with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:

@@ -1,0 +1,81 @@
+"""The monitoring role's alert rules, as Ansible renders them, under promtool.
+
+``promtool check`` proves the rendered rules and scrape configuration load;
+``promtool test rules`` (alert_rules/alerts_test.yml) feeds each alert the series a
+fault produces and checks it fires when it should, with its labels and annotations,
+and stays quiet before. promtool comes from Debian's prometheus package (the
+Makefile's .make/bin/promtool).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.ansible_render import REPO, HostConfig, render_site
+
+pytestmark = pytest.mark.integration
+
+PROMTOOL = REPO / ".make" / "bin" / "promtool"
+INVENTORY = REPO / "inventory" / "production.yml"
+VAULT = REPO / "group_vars" / "vault.example.yml"
+RULES_DEST = "/etc/prometheus/rules/audio-pipeline.yml"
+PLAY = """
+- name: Monitoring
+  hosts: all
+  roles: [monitoring]
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HostConfig]:
+    play = tmp_path_factory.mktemp("play") / "monitoring.yml"
+    play.write_text(PLAY)
+    return render_site(INVENTORY, VAULT, playbook=play)
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL.exists(), "promtool is missing: `make deps` unpacks it"
+    return subprocess.run(
+        [str(PROMTOOL), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_orchestrator_alone_runs_prometheus_and_every_host_a_node_exporter(
+    fleet: dict[str, HostConfig],
+) -> None:
+    orchestrators = [h for h, c in fleet.items() if RULES_DEST in c.files]
+    assert orchestrators == ["orch-01"]
+    for host, config in fleet.items():
+        assert "/etc/default/prometheus-node-exporter" in config.copied, host
+        assert not config.argument_errors, (host, config.argument_errors)
+
+
+def test_prometheus_scrapes_every_worker_on_its_fleet_address(
+    fleet: dict[str, HostConfig], tmp_path: Path
+) -> None:
+    config = fleet["orch-01"].files["/etc/prometheus/prometheus.yml"].text
+    path = tmp_path / "prometheus.yml"
+    path.write_text(config)
+    checked = promtool("check", "config", "--syntax-only", path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for address in ("10.0.1.1:9301", "10.0.1.1:9302", "10.0.1.3:9301", "10.0.1.20:9303"):
+        assert f'"{address}"' in config
+    assert '"10.0.1.10:9100"' in config  # the orchestrator's own node exporter
+
+
+def test_alerts_fire_when_they_should_and_not_before(
+    fleet: dict[str, HostConfig], tmp_path: Path
+) -> None:
+    rules = tmp_path / "audio-pipeline.yml"
+    rules.write_text(fleet["orch-01"].files[RULES_DEST].text)
+    assert "{{ $labels.instance }}" in rules.read_text()  # Prometheus's templates kept
+    checked = promtool("check", "rules", rules)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    shutil.copy(Path(__file__).parent / "alert_rules" / "alerts_test.yml", tmp_path)
+    tested = promtool("test", "rules", tmp_path / "alerts_test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
