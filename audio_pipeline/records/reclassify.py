@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from audio_pipeline.classify import TextSegment, Verdict
 from audio_pipeline.records import select_all, select_one
 from audio_pipeline.records.policies import PolicyVersion, get_version, versions
+from audio_pipeline.records.results import upsert_classifications
 
 RECENT_RUNS = 10  # runs `audio-pipeline status` lists (newest first)
 
@@ -200,32 +200,7 @@ def save_verdicts(
     version or model is another row, kept) and their run files 'done', atomically.
     ``done`` holds (run_id, audio_id) pairs."""
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            """
-            INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold,
-                                         evidence, windows, truncated)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (audio_id, policy_id, model) DO UPDATE
-               SET score = EXCLUDED.score, label = EXCLUDED.label,
-                   threshold = EXCLUDED.threshold, evidence = EXCLUDED.evidence,
-                   windows = EXCLUDED.windows, truncated = EXCLUDED.truncated,
-                   updated_at = now()
-            """,
-            [
-                (
-                    v.key,
-                    v.policy_id,
-                    v.model,
-                    v.score,
-                    v.label,
-                    v.threshold,
-                    Jsonb(v.evidence_json()),
-                    v.windows,
-                    v.truncated,
-                )
-                for v in verdicts
-            ],
-        )
+        upsert_classifications(cur, ((v.key, v) for v in verdicts))
         cur.executemany(
             "UPDATE reclassify_files SET status = 'done', error = NULL, updated_at = now() "
             "WHERE run_id = %s AND audio_id = %s",

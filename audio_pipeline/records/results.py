@@ -27,6 +27,43 @@ from audio_pipeline.records.batches import complete_batches_if_finished, reopen_
 ADHOC_BATCH_ID = "adhoc"
 
 
+_UPSERT_CLASSIFICATION = """
+INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold,
+                             evidence, windows, truncated)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (audio_id, policy_id, model) DO UPDATE
+   SET score = EXCLUDED.score, label = EXCLUDED.label,
+       threshold = EXCLUDED.threshold, evidence = EXCLUDED.evidence,
+       windows = EXCLUDED.windows, truncated = EXCLUDED.truncated,
+       updated_at = now()
+"""
+
+
+def upsert_classifications(
+    cur: psycopg.Cursor[Any], verdicts: Iterable[tuple[int, Verdict]]
+) -> None:
+    """(audio_id, verdict) pairs as classifications rows: one per file, policy version
+    and model, so a verdict of another version or model is another row, kept; the
+    same three again replace theirs (a retried or re-judged file)."""
+    cur.executemany(
+        _UPSERT_CLASSIFICATION,
+        [
+            (
+                audio_id,
+                v.policy_id,
+                v.model,
+                v.score,
+                v.label,
+                v.threshold,
+                Jsonb(v.evidence_json()),
+                v.windows,
+                v.truncated,
+            )
+            for audio_id, v in verdicts
+        ],
+    )
+
+
 @dataclass(frozen=True)
 class AudioRow:
     """What the gpu stage needs from an audio_files row."""
@@ -203,33 +240,7 @@ def save_results(conn: psycopg.Connection, results: Sequence[FileResult]) -> lis
                 for r in results
             ],
         )
-        cur.executemany(
-            """
-            INSERT INTO classifications (audio_id, policy_id, model, score, label, threshold,
-                                         evidence, windows, truncated)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (audio_id, policy_id, model) DO UPDATE
-               SET score = EXCLUDED.score, label = EXCLUDED.label,
-                   threshold = EXCLUDED.threshold, evidence = EXCLUDED.evidence,
-                   windows = EXCLUDED.windows, truncated = EXCLUDED.truncated,
-                   updated_at = now()
-            """,
-            [
-                (
-                    r.audio_id,
-                    v.policy_id,
-                    v.model,
-                    v.score,
-                    v.label,
-                    v.threshold,
-                    Jsonb(v.evidence_json()),
-                    v.windows,
-                    v.truncated,
-                )
-                for r in results
-                for v in r.verdicts
-            ],
-        )
+        upsert_classifications(cur, ((r.audio_id, v) for r in results for v in r.verdicts))
         rows = cur.execute(
             """
             UPDATE audio_files SET status = 'done', error = NULL, updated_at = now()
