@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from audio_pipeline import s3_utils
 from audio_pipeline.config import (
@@ -33,6 +30,7 @@ from audio_pipeline.db import apply_schema
 from audio_pipeline.queue import ATTEMPTS_FIELD, processing_key, unsettled_key
 from devtools.dev_models import CLASSIFIER_DIR, install_classifier, install_whisper
 from tests.support.media import speech
+from tests.support.metrics_scrape import free_port, scrape
 from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
@@ -69,24 +67,6 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The gpu stage's samples by name."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        s.name: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.labels.get("stage") == "gpu"
-    }
 
 
 def verdicts(db) -> dict[tuple[int, int, str], dict]:
@@ -189,7 +169,7 @@ def test_a_new_policy_version_on_a_finished_batch_runs_without_asr(
             timeout=120,
             what="both files re-classified",
         )
-        metrics = scrape(port)
+        metrics = scrape(port, "gpu")
     finally:
         proc.terminate()
         code, second_run = finish(proc, timeout=60)

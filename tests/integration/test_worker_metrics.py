@@ -8,15 +8,13 @@ must equal what the queue and the done list say happened.
 from __future__ import annotations
 
 import json
-import socket
 import time
-import urllib.request
 
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from audio_pipeline.queue import stamped
+from tests.support.metrics_scrape import free_port, scrape
 from tests.support.workerkit.echo_worker import DONE_KEY
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
@@ -24,26 +22,6 @@ pytestmark = pytest.mark.integration
 
 ECHO = "tests.support.workerkit.echo_worker"
 WAITED_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Samples of the stage "echo", by name (and backend for backend_up)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.labels.get("stage") != "echo":
-                continue
-            name = s.name + "".join(f"/{s.labels[k]}" for k in ("backend", "le") if k in s.labels)
-            samples[name] = s.value
-    return samples
 
 
 def test_counters_match_what_the_worker_did(pipeline_env, redis_client: redis.Redis) -> None:
@@ -62,7 +40,7 @@ def test_counters_match_what_the_worker_did(pipeline_env, redis_client: redis.Re
     try:
         wait_for(lambda: redis_client.llen(DONE_KEY) == 6, timeout=60, what="6 jobs done")
         wait_for(lambda: redis_client.llen("queue:failed") == 1, timeout=30, what="dead letter")
-        m = scrape(port)
+        m = scrape(port, "echo")
     finally:
         proc.terminate()
         code, out = finish(proc, 60)
