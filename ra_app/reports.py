@@ -52,9 +52,13 @@ def batch_progress(page: int, size: int) -> list[Any]:
             text("""
             WITH b AS (
                 SELECT batch_id, count(*) AS items, sum(coders_needed) AS slots,
-                       sum(open_slots) AS open_slots,
+                       -- only what can be handed out: items of switched-off policy
+                       -- versions are no longer served
+                       coalesce(sum(open_slots) FILTER (WHERE EXISTS (
+                           SELECT 1 FROM policies p WHERE p.id = i.policy_id AND p.active
+                       )), 0) AS open_slots,
                        count(*) FILTER (WHERE coders_needed = 2) AS double_coded
-                FROM ra_items GROUP BY batch_id ORDER BY batch_id LIMIT :limit OFFSET :offset
+                FROM ra_items i GROUP BY batch_id ORDER BY batch_id LIMIT :limit OFFSET :offset
             ), a AS (
                 SELECT batch_id, count(*) FILTER (WHERE status = 'done') AS done,
                        count(*) FILTER (WHERE status = 'assigned') AS assigned

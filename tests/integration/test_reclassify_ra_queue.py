@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 
 from devtools.dev_models import install_whisper
-from ra_app import assignment
+from ra_app import assignment, reports
 from ra_app.extensions import db
 from ra_app.models import Assignment, User
 from tests.support.rows import (
@@ -140,6 +140,9 @@ def test_the_queue_serves_only_the_active_version_after_a_reclassify(
         assert open_slots == 1  # still there, just not served
         counts = assignment.queue_counts()
         assert (counts.open_slots, counts.superseded_open_slots) == (0, 1)
+        # The per-batch progress counts what can be handed out, as the queue does.
+        [progress] = reports.batch_progress(1, 10)
+        assert (progress.batch_id, progress.open_slots) == (BATCH, 0)
     with app.app_context():
         # A batch assignment follows the active versions too.
         db.session.execute(db.text("UPDATE ra_items SET open_slots = coders_needed"))
