@@ -12,12 +12,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.ansible_render import REPO, HostConfig, render_site
+if TYPE_CHECKING:
+    from tests.support.ansible_render import HostConfig
 
+# ansible_render is imported where it is used, not here: importing Ansible patches
+# sys.intern, and torch's dynamo, imported later by another module's collection
+# (test_cope_a_merge.py), then refuses to load.
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 PROMTOOL = REPO / ".make" / "bin" / "promtool"
 INVENTORY = REPO / "inventory" / "production.yml"
@@ -32,6 +39,8 @@ PLAY = """
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HostConfig]:
+    from tests.support.ansible_render import render_site
+
     play = tmp_path_factory.mktemp("play") / "monitoring.yml"
     play.write_text(PLAY)
     return render_site(INVENTORY, VAULT, playbook=play)
