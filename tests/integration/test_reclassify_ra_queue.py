@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
 
 from devtools.dev_models import install_whisper
 from ra_app import assignment, reports
@@ -28,7 +27,7 @@ from tests.support.rows import (
     add_policy,
     add_transcript,
 )
-from tests.support.web import add_user, make_app
+from tests.support.web import add_user, claim_all, make_app, user_named
 from tests.support.workerkit.procs import finish, start_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,21 +46,6 @@ def cli(env: dict[str, str], *args: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, (args, result.stdout, result.stderr)
-
-
-def _user(name: str) -> User:
-    return db.session.execute(db.select(User).where(User.username == name)).scalar_one()
-
-
-def _claim_all(app: Flask, name: str) -> list[int]:
-    got = []
-    with app.app_context():
-        user = _user(name)
-        while (a := assignment.next_assignment(user)) is not None:
-            got.append(a.classification_id)
-            a.status = "done"
-            db.session.commit()
-    return got
 
 
 def test_the_queue_serves_only_the_active_version_after_a_reclassify(
@@ -90,7 +74,7 @@ def test_the_queue_serves_only_the_active_version_after_a_reclassify(
     add_user(app, "ann")
     add_user(app, "bob")
     with app.app_context():
-        first = assignment.next_assignment(_user("ann"))
+        first = assignment.next_assignment(user_named("ann"))
         assert first is not None
         coded = first.classification_id
         first.status = "done"
@@ -129,8 +113,8 @@ def test_the_queue_serves_only_the_active_version_after_a_reclassify(
     assert set(v2_items) == {ids["ball.mp3"], ids["both.mp3"]}
 
     # Only version 2's flagged items are handed out now; version 1's other item is not.
-    assert sorted(_claim_all(app, "ann")) == sorted(v2_items.values())
-    assert _claim_all(app, "bob") == []
+    assert sorted(claim_all(app, "ann")) == sorted(v2_items.values())
+    assert claim_all(app, "bob") == []
     untouched = ({v1_items["canoe.mp3"], v1_items["both.mp3"]} - {coded}).pop()
     with app.app_context():
         open_slots = db.session.execute(

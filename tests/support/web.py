@@ -16,9 +16,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from flask_migrate import upgrade
 
+from ra_app import assignment
 from ra_app.extensions import db
 from ra_app.factory import create_app
-from ra_app.models import Role
+from ra_app.models import Role, User
 from ra_app.users import create_user
 from tests.support.rows import (
     add_audio_file,
@@ -146,3 +147,20 @@ def seed_scored(
         )
     conn.commit()
     return ids
+
+
+def user_named(name: str) -> User:
+    """The RA app's user ``name`` (inside an app context)."""
+    return db.session.execute(db.select(User).where(User.username == name)).scalar_one()
+
+
+def claim_all(app: Flask, name: str) -> list[int]:
+    """Claim and label items one by one as ``name``; the classification ids in order."""
+    got = []
+    with app.app_context():
+        user = user_named(name)
+        while (a := assignment.next_assignment(user)) is not None:
+            got.append(a.classification_id)
+            a.status = "done"
+            db.session.commit()
+    return got

@@ -10,32 +10,24 @@ from sqlalchemy import text
 
 from ra_app import assignment
 from ra_app.extensions import db
-from ra_app.models import Assignment, Label, User
-from tests.support.web import add_user, login, make_app, seed_items, seed_scored
+from ra_app.models import Assignment, Label
+from tests.support.web import (
+    add_user,
+    claim_all,
+    login,
+    make_app,
+    seed_items,
+    seed_scored,
+    user_named,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _user(name: str) -> User:
-    return db.session.execute(db.select(User).where(User.username == name)).scalar_one()
-
-
-def _claim_all(app: Flask, name: str) -> list[int]:
-    """Claim and label items one by one as ``name``; the classification ids in order."""
-    got = []
-    with app.app_context():
-        user = _user(name)
-        while (a := assignment.next_assignment(user)) is not None:
-            got.append(a.classification_id)
-            a.status = "done"
-            db.session.commit()
-    return got
 
 
 def test_score_order_and_nothing_twice(app: Flask, db_conn: Any) -> None:
     ids = seed_items(db_conn, 4, scores=[0.6, 0.95, 0.7, 0.8])
     add_user(app, "ann")
-    assert _claim_all(app, "ann") == [ids[1], ids[3], ids[2], ids[0]]
+    assert claim_all(app, "ann") == [ids[1], ids[3], ids[2], ids[0]]
 
 
 def test_batch_order(ra_env: dict[str, str], db_conn: Any) -> None:
@@ -43,7 +35,7 @@ def test_batch_order(ra_env: dict[str, str], db_conn: Any) -> None:
     first = seed_items(db_conn, 2, "b-1", scores=[0.6, 0.7])
     app = make_app({**ra_env, "RA_QUEUE_ORDER": "batch"})
     add_user(app, "ann")
-    assert _claim_all(app, "ann") == first + later
+    assert claim_all(app, "ann") == first + later
 
 
 def test_uncertainty_order_serves_the_items_nearest_their_threshold_first(
@@ -55,7 +47,7 @@ def test_uncertainty_order_serves_the_items_nearest_their_threshold_first(
     [own] = seed_scored(db_conn, [0.78], threshold=0.8)
     app = make_app({**ra_env, "RA_QUEUE_ORDER": "uncertainty", "RA_AUDIT_SHARE": "1"})
     add_user(app, "ann")
-    assert _claim_all(app, "ann") == [own, close, near, mid, low, far]
+    assert claim_all(app, "ann") == [own, close, near, mid, low, far]
 
 
 def test_random_order_is_fixed_by_the_seed(ra_env: dict[str, str], db_conn: Any) -> None:
@@ -68,7 +60,7 @@ def test_random_order_is_fixed_by_the_seed(ra_env: dict[str, str], db_conn: Any)
             db.session.commit()
         app = make_app({**ra_env, "RA_QUEUE_ORDER": "random", "RA_QUEUE_SEED": seed})
         add_user(app, name)
-        orders.append(_claim_all(app, name))
+        orders.append(claim_all(app, name))
     assert sorted(orders[0]) == sorted(ids)
     assert orders[0] == orders[1]
     assert orders[0] != orders[2]
@@ -80,7 +72,7 @@ def test_double_coded_share_goes_to_two_different_ras(ra_env: dict[str, str], db
     app = make_app({**ra_env, "RA_DOUBLE_CODED_SHARE": "0.5"})
     for name in ("ann", "bob", "cat"):
         add_user(app, name)
-    claimed = {name: _claim_all(app, name) for name in ("ann", "bob", "cat")}
+    claimed = {name: claim_all(app, name) for name in ("ann", "bob", "cat")}
     with app.app_context():
         needed = dict(
             db.session.execute(text("SELECT classification_id, coders_needed FROM ra_items")).all()
@@ -98,7 +90,7 @@ def test_abandoned_assignment_expires_and_returns(app: Flask, db_conn: Any) -> N
     add_user(app, "ann")
     add_user(app, "bob")
     with app.app_context():
-        ann, bob = _user("ann"), _user("bob")
+        ann, bob = user_named("ann"), user_named("bob")
         first = assignment.next_assignment(ann)
         assert first is not None
         assert first.classification_id == cid
@@ -116,7 +108,7 @@ def test_skip_returns_slot_to_others_not_to_skipper(app: Flask, db_conn: Any) ->
     add_user(app, "ann")
     add_user(app, "bob")
     with app.app_context():
-        ann, bob = _user("ann"), _user("bob")
+        ann, bob = user_named("ann"), user_named("bob")
         a = assignment.next_assignment(ann)
         assignment.skip(a, ann)
         assert assignment.next_assignment(ann) is None
@@ -141,8 +133,8 @@ def test_admin_assigns_a_batch_to_a_named_ra(app: Flask, db_conn: Any) -> None:
         assert {r.source for r in rows} == {"admin"}
         assert all(r.expires_at is None for r in rows)
     # ann gets her batch before the higher-scored items; bob never sees it
-    assert _claim_all(app, "ann")[:3] == mine
-    assert set(_claim_all(app, "bob")).isdisjoint(mine)
+    assert claim_all(app, "ann")[:3] == mine
+    assert set(claim_all(app, "bob")).isdisjoint(mine)
 
 
 def test_label_through_the_form(app: Flask, db_conn: Any) -> None:
