@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,22 +18,10 @@ from audio_pipeline.queue import (
     processing_key,
     reap_dead_workers,
 )
+from tests.support.operator_cli import run_cli as cli
 from tests.support.rows import add_audio_file, add_batch
 
 pytestmark = pytest.mark.integration
-
-CLI = Path(sys.executable).parent / "audio-pipeline"
-
-
-def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(CLI), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def dead_letter(r: redis.Redis, stage: str, queue: str, payload: dict, attempts: int = 0) -> None:

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from audio_pipeline.policy_files import PolicyFileError, load_policy_files
+from tests.support.operator_cli import run_cli as cli
 
 pytestmark = pytest.mark.integration
 
-CLI = Path(sys.executable).parent / "audio-pipeline"
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(CLI), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def apply(env: dict[str, str], *paths: Path) -> dict:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,12 +29,12 @@ from audio_pipeline.queue import ATTEMPTS_FIELD, processing_key, unsettled_key
 from devtools.dev_models import CLASSIFIER_DIR, install_classifier, install_whisper
 from tests.support.media import speech
 from tests.support.metrics_scrape import free_port, scrape
+from tests.support.operator_cli import run_cli as cli
 from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CLI = Path(sys.executable).parent / "audio-pipeline"
 GPU = "audio_pipeline.workers.gpu_worker"
 BATCH = "b-recl-001"
 TEXTS = {
@@ -57,16 +55,6 @@ def expected_score(db, audio_id: int, terms: list[str]) -> float:
     padded = f" {' '.join(words.split())} "
     hits = sum(padded.count(f" {term} ") for term in terms)
     return 1 - 0.5**hits
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CLI), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def verdicts(db) -> dict[tuple[int, int, str], dict]:

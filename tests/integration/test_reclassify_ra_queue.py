@@ -9,8 +9,6 @@ out only version 2's items; version 1's coded item, its assignment and its row s
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from devtools.dev_models import install_whisper
 from ra_app import assignment, reports
 from ra_app.extensions import db
 from ra_app.models import Assignment, User
+from tests.support.operator_cli import run_cli
 from tests.support.rows import (
     add_audio_file,
     add_batch,
@@ -32,19 +31,12 @@ from tests.support.workerkit.procs import finish, start_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CLI = Path(sys.executable).parent / "audio-pipeline"
 BATCH = "b-recl-ra"
 TEXTS = {"canoe.mp3": "a canoe", "ball.mp3": "a ball", "both.mp3": "a canoe and a ball"}
 
 
 def cli(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [str(CLI), *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(env, *args)
     assert result.returncode == 0, (args, result.stdout, result.stderr)
 
 
