@@ -18,6 +18,7 @@ milliseconds (an ack) to hours (a long unpack behind a full disk).
 from __future__ import annotations
 
 import shutil
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,15 @@ class _Family:
         )
 
 
-_families: dict[int, _Family] = {}
+# Keyed by the registry object itself, weakly: keyed by id(), a new registry that
+# reused a collected one's address got the old one's families, registered elsewhere.
+_families: weakref.WeakKeyDictionary[CollectorRegistry, _Family] = weakref.WeakKeyDictionary()
 
 
 def _family(registry: CollectorRegistry) -> _Family:
-    if id(registry) not in _families:
-        _families[id(registry)] = _Family(registry)
-    return _families[id(registry)]
+    if registry not in _families:
+        _families[registry] = _Family(registry)
+    return _families[registry]
 
 
 class WorkerMetrics:

@@ -84,3 +84,12 @@ def test_queue_wait_is_observed_for_stamped_jobs_only() -> None:
     assert registry.get_sample_value("audio_pipeline_queue_wait_seconds_sum", labels) == 712.0
     at_60 = {**labels, "le": "60.0"}
     assert registry.get_sample_value("audio_pipeline_queue_wait_seconds_bucket", at_60) == 1
+
+
+def test_each_registry_gets_its_own_families_even_at_a_reused_address() -> None:
+    # CPython often hands a new object the address of one just collected
+    for _ in range(50):
+        reg = CollectorRegistry()
+        WorkerMetrics("gpu", "gpu-01", registry=reg).claimed.inc()
+        assert sample(reg, "audio_pipeline_jobs_claimed_total") == 1
+        del reg
