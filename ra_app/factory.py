@@ -47,7 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     login_manager.session_protection = "strong"
 
     from ra_app import cli, codebook_support, models
-    from ra_app.views import admin, api, auth, queue, review
+    from ra_app.views import admin, api, auth, operator, queue, review
 
     @login_manager.user_loader
     def load_user(session_id: str) -> models.User | None:
@@ -63,7 +63,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return user
 
     codebook_support.init_app(app)
-    for module in (auth, queue, review, admin, api):
+    for module in (auth, queue, review, admin, operator, api):
         app.register_blueprint(module.bp)
     csrf.exempt(api.bp)  # bearer tokens only; session cookies are ignored there
     cli.init_app(app)
