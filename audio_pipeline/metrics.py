@@ -65,7 +65,8 @@ class _Family:
             "audio_pipeline_jobs_retried_total", "Jobs that failed and were scheduled again."
         )
         self.dead = counter(
-            "audio_pipeline_jobs_dead_lettered_total", "Jobs moved to queue:failed by this worker."
+            "audio_pipeline_jobs_dead_lettered_total",
+            "Jobs given up: moved to queue:failed (transfer: the batch marked failed).",
         )
         self.handed_back = counter(
             "audio_pipeline_jobs_handed_back_total",
@@ -106,6 +107,10 @@ class _Family:
         )
         self.scratch_free = gauge(
             "audio_pipeline_scratch_free_bytes", "Free bytes on the scratch file system."
+        )
+        self.bytes_transferred = counter(
+            "audio_pipeline_bytes_transferred_total",
+            "Archive bytes copied from the collection host to S3 (transfer).",
         )
         self.backpressure = counter(
             "audio_pipeline_backpressure_pauses_total",
@@ -153,6 +158,7 @@ class WorkerMetrics:
         self.asr_seconds = f.asr_seconds.labels(stage, host)
         self.classifier_seconds = f.classifier_seconds.labels(stage, host)
         self.backpressure = f.backpressure.labels(stage, host)
+        self.bytes_transferred = f.bytes_transferred.labels(stage, host)
         self._realtime_factor = f.realtime_factor.labels(stage, host)
         self._model_load = f.model_load
         self._scratch_free = f.scratch_free.labels(stage, host)

@@ -264,10 +264,14 @@ class TransferWorker(Service):
         batch_id = info.name[: -len(ARCHIVE_SUFFIX)]
         started = time.monotonic()
         self._current = batch_id
+        # An archive is this stage's job: counted like a queue worker's claims, so one
+        # dashboard reads every stage the same way.
+        self.metrics.claimed.inc()
         try:
             with self.interruptible():  # every step is safe to repeat: a later run resumes
                 self._copy_and_publish(info, batch_id)
         except InterruptedError as exc:
+            self.metrics.handed_back.inc()
             log_event(
                 self.log,
                 "transfer.paused",
@@ -282,6 +286,7 @@ class TransferWorker(Service):
         else:
             self._failures.pop(info.name, None)
             self._seen.pop(info.name, None)
+            self.metrics.done.inc()
             self.log_stage_event(
                 "job.done",
                 batch_id=batch_id,
@@ -290,6 +295,7 @@ class TransferWorker(Service):
             )
         finally:
             self._current = ""
+            self.metrics.duration.observe(time.monotonic() - started)
 
     def _copy_and_publish(self, info: RemoteFile, batch_id: str) -> None:
         s3_key = s3_utils.archive_key(batch_id)
@@ -327,6 +333,7 @@ class TransferWorker(Service):
         sha256 = self._copy(info, batch_id, local)
         self.alive()  # systemd's watchdog: the copy and its checks are done
         self._upload(local, batch_id, s3_key, sha256)
+        self.metrics.bytes_transferred.inc(local.stat().st_size)
         self.alive()
         with self.db.connection() as conn:
             batches.mark_transferred(conn, batch_id, local.stat().st_size, sha256)
@@ -435,6 +442,7 @@ class TransferWorker(Service):
         self._failures[name] = _Failures(count, time.monotonic() + delay)
         error = f"{type(exc).__name__}: {exc}"
         gave_up = count >= self.transfer.max_failures
+        (self.metrics.dead_lettered if gave_up else self.metrics.retried).inc()
         self.log_stage_event(
             "job.failed" if gave_up else "job.retry",
             level=logging.ERROR,

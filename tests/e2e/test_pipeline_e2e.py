@@ -38,12 +38,15 @@ from psycopg.rows import dict_row
 from audio_pipeline import s3_utils
 from devtools import dev_models
 from devtools.sample import make_speech_batch
+from tests.support.metrics_scrape import free_port, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 PIPELINE_TIMEOUT_S = 600.0  # every file done; typically ~1-2 minutes on 2 cores
 STOP_TIMEOUT_S = 60.0  # a worker must exit this soon after SIGTERM
+SETTLE_TIMEOUT_S = 30.0  # a stage's last acknowledgement after its last row is done
+STAGES = {"transfer": "transfer-worker", "unpack": "unpack-worker", "gpu": "gpu-worker"}
 # Measured here on this corpus with tiny.en int8: ~5% mean WER (espeak-ng voices
 # vary). The bound leaves room for voice/run variation, not for a broken decoder.
 MEAN_WER_BOUND = 0.15
@@ -114,10 +117,10 @@ class Workers:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, **extra_env: str) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [str(BIN / name)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [str(BIN / name)], env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT
         )
         self.procs[name] = proc
         return proc
@@ -192,6 +195,50 @@ def _wait_until_done(
     pytest.fail(f"pipeline did not finish within {PIPELINE_TIMEOUT_S:.0f}s\n{workers.logs()}")
 
 
+def _scrape_settled(ports: dict[str, int], jobs: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Each stage's scrape once it has settled all its jobs: a file's row is done a moment
+    before its job is acknowledged."""
+    scraped: dict[str, dict[str, float]] = {}
+    for stage, expected in jobs.items():
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            scraped[stage] = scrape(ports[stage], stage)
+            done = scraped[stage].get("audio_pipeline_jobs_done_total", 0)
+            if done >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return scraped
+
+
+def _check_metrics(
+    metrics: dict[str, dict[str, float]], *, n_batches: int, n_files: int, audio_s: float
+) -> None:
+    """What each worker's /metrics says it did, against what the database says was done."""
+    jobs = {"transfer": n_batches, "unpack": n_batches, "gpu": n_files}
+    for stage, m in metrics.items():
+        assert m["audio_pipeline_jobs_claimed_total"] == jobs[stage], stage
+        assert m["audio_pipeline_jobs_done_total"] == jobs[stage], stage
+        assert m["audio_pipeline_job_duration_seconds_count"] == jobs[stage], stage
+        assert m["audio_pipeline_jobs_retried_total"] == 0, stage
+        assert m["audio_pipeline_jobs_dead_lettered_total"] == 0, stage
+        assert m["audio_pipeline_backend_up/redis"] == 1, stage
+        assert m["audio_pipeline_backend_up/postgres"] == 1, stage
+    # Queued stages stamp their jobs: every claim downstream of transfer has a wait.
+    assert metrics["unpack"]["audio_pipeline_queue_wait_seconds_count"] == n_batches
+    assert metrics["gpu"]["audio_pipeline_queue_wait_seconds_count"] == n_files
+    assert metrics["unpack"]["audio_pipeline_scratch_free_bytes"] > 0
+    assert metrics["gpu"]["audio_pipeline_scratch_free_bytes"] > 0
+    gpu = metrics["gpu"]
+    assert gpu["audio_pipeline_files_transcribed_total"] == n_files
+    # ffprobe's durations at unpack against the decoded audio the ASR was given
+    assert gpu["audio_pipeline_audio_seconds_transcribed_total"] == pytest.approx(audio_s, rel=0.02)
+    assert gpu["audio_pipeline_asr_seconds_total"] > 0
+    assert gpu["audio_pipeline_classifier_seconds_total"] > 0
+    assert gpu["audio_pipeline_realtime_factor"] > 0
+    # the ASR model and the classifier, each timed as it loaded
+    assert len([k for k in gpu if k.startswith("audio_pipeline_model_load_seconds/")]) == 2
+
+
 def _wer(reference: str, hypothesis: str) -> float:
     return float(
         jiwer.wer(
@@ -210,10 +257,14 @@ def test_batches_flow_from_collection_host_to_ra_queue(
     manifests = _put_batches(e2e_env, speech_cache, tmp_path)
     n_files = sum(len(m) for m in manifests.values())
     assert n_files >= 20
-    for name in ("transfer-worker", "unpack-worker", "gpu-worker"):
-        workers.start(name)
+    ports = {stage: free_port() for stage in STAGES}
+    for stage, name in STAGES.items():
+        workers.start(name, METRICS_PORT=str(ports[stage]))
 
     _wait_until_done(e2e_env, n_files, workers, batches=len(BATCHES))
+    metrics = _scrape_settled(
+        ports, {"transfer": len(BATCHES), "unpack": len(BATCHES), "gpu": n_files}
+    )
     codes = workers.stop_all()
     assert codes == {"transfer-worker": 0, "unpack-worker": 0, "gpu-worker": 0}, workers.logs()
 
@@ -231,7 +282,10 @@ def test_batches_flow_from_collection_host_to_ra_queue(
             )
         }
         flagged = {r["audio_id"] for r in conn.execute("SELECT audio_id FROM ra_queue")}
-        batch_rows = conn.execute("SELECT batch_id, status, file_count FROM batches").fetchall()
+        batch_rows = conn.execute(
+            "SELECT batch_id, status, file_count, archive_bytes FROM batches"
+        ).fetchall()
+        audio_s = conn.execute("SELECT sum(duration_s) AS s FROM audio_files").fetchone()["s"]
 
     # every file of every batch, exactly once, transcribed
     assert sorted((f["batch_id"], f["rel_path"]) for f in files) == sorted(
@@ -241,6 +295,10 @@ def test_batches_flow_from_collection_host_to_ra_queue(
     assert {(b["batch_id"], b["status"], b["file_count"]) for b in batch_rows} == {
         (b, "done", len(m)) for b, m in manifests.items()
     }
+    _check_metrics(metrics, n_batches=len(BATCHES), n_files=n_files, audio_s=audio_s)
+    assert metrics["transfer"]["audio_pipeline_bytes_transferred_total"] == sum(
+        b["archive_bytes"] for b in batch_rows
+    )
 
     # transcripts match the spoken text
     wers = {

@@ -8,7 +8,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 # Labels beside stage and host that tell one series of a name from another.
-DISTINGUISHING_LABELS = ("backend", "le")
+DISTINGUISHING_LABELS = ("backend", "le", "model")
 
 
 def free_port() -> int:
