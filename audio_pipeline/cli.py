@@ -32,11 +32,10 @@ from typing import Any
 import psycopg
 import redis
 
-from audio_pipeline import policy_files, queue_admin
+from audio_pipeline import dead_letter_actions, policy_files, queue_admin
 from audio_pipeline import reclassify as text_jobs
 from audio_pipeline.config import QUEUE_CLASSIFY, ConfigError, Settings, load_settings
 from audio_pipeline.records import batches as batch_records
-from audio_pipeline.records import dead_letters as dead_letter_records
 from audio_pipeline.records import policies as policy_records
 from audio_pipeline.records import reclassify as reclassify_records
 from audio_pipeline.records import results as result_records
@@ -275,23 +274,12 @@ def cmd_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> 
 
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
-    # Autocommit: each job's rows are back in play before the job is, so a worker
-    # that takes it at once never finds them finished (records/dead_letters.py).
     try:
-        conn = psycopg.connect(settings.database_url, connect_timeout=5, autocommit=True)
-    except psycopg.Error as exc:
-        raise CommandError(f"PostgreSQL unavailable, nothing requeued: {exc}") from None
-    with conn:
-        try:
-            report = queue_admin.requeue(
-                r,
-                all_=args.all,
-                index=args.index,
-                stage=args.stage,
-                reopen=lambda queue, payload: dead_letter_records.reopen(conn, queue, payload),
-            )
-        except queue_admin.RequeueError as exc:
-            raise CommandError(str(exc)) from None
+        report = dead_letter_actions.requeue(
+            r, settings.database_url, all_=args.all, index=args.index, stage=args.stage
+        )
+    except dead_letter_actions.DeadLetterActionError as exc:
+        raise CommandError(str(exc)) from None
     moved = [o for o in report if o["result"] == "requeued"]
     if args.json:
         _print_json({"requeued": len(moved), "entries": report})
@@ -307,17 +295,20 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, r: redis.Redis) ->
 
 
 def cmd_purge_failed(args: argparse.Namespace, settings: Settings, r: redis.Redis) -> int:
-    count = queue_admin.failed_count(r)
-    if count == 0:
+    seen = dead_letter_actions.seen_failed(r)
+    if seen.count == 0:
         print("queue:failed is already empty")
         return 0
     if not args.yes:
-        answer = input(f"Delete {count} dead letter(s) from queue:failed for good? [y/N] ")
+        answer = input(f"Delete {seen.count} dead letter(s) from queue:failed for good? [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing deleted")
             return 1
-    queue_admin.purge_failed(r, count)
-    print(f"deleted {count} dead letter(s)")
+    try:
+        deleted = dead_letter_actions.purge_seen(r, seen)
+    except dead_letter_actions.DeadLetterActionError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"deleted {deleted} dead letter(s)")
     return 0
 
 
