@@ -130,10 +130,14 @@ def _digest(raws: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
+def seen_of(raws: list[str]) -> Seen:
+    """What purge_seen checks of the dead letters ``raws`` (queue:failed from its head)."""
+    return Seen(len(raws), _digest(raws))
+
+
 def seen_failed(r: redis.Redis) -> Seen:
     """Every dead letter in queue:failed now, as a later purge_seen will check it."""
-    raws = r.lrange(QUEUE_FAILED, 0, -1)
-    return Seen(len(raws), _digest(raws))
+    return seen_of(r.lrange(QUEUE_FAILED, 0, -1))
 
 
 def purge_seen(r: redis.Redis, seen: Seen) -> int:

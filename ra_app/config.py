@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from audio_pipeline.config import (
     DEV_REDIS_PASSWORD,
@@ -89,6 +89,9 @@ class RASettings(HasAppEnv):
     proxy_hops: int
     audit_retention_days: int
     audit_prune_database_url: str
+    operator_redis_url: str
+    operator_database_url: str
+    prometheus_url: str
 
     def flask_config(self) -> dict[str, Any]:
         """The Flask config keys these settings map to."""
@@ -123,6 +126,9 @@ class RASettings(HasAppEnv):
             "PAGE_SIZE": PAGE_SIZE,
             "RA_AUDIT_RETENTION_DAYS": self.audit_retention_days,
             "RA_AUDIT_PRUNE_DATABASE_URL": self.audit_prune_database_url,
+            "OPERATOR_REDIS_URL": self.operator_redis_url,
+            "OPERATOR_DATABASE_URL": self.operator_database_url,
+            "PROMETHEUS_URL": self.prometheus_url,
         }
 
 
@@ -146,6 +152,27 @@ def _redis_uri(env: EnvReader) -> str:
     if password:
         auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
     return f"redis://{auth}{host}:{port}/{db_number}"
+
+
+def _url(env: EnvReader, name: str, schemes: tuple[str, ...], *, secret: bool = False) -> str:
+    """An optional URL setting: empty, or one of ``schemes`` naming a host. With
+    ``secret`` it must carry a password in production (the fleet's services all ask
+    for one), and the message never repeats the value."""
+    value = env.str(name)
+    if not value:
+        return ""
+    shown = "" if secret else f"={value!r}"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError:
+        env.error(f"{name}{shown} is not a URL")
+        return ""
+    if parts.scheme not in schemes or not parts.hostname:
+        env.error(f"{name}{shown} must be a {' or '.join(schemes)} URL with a host")
+    elif secret and env.production and not parts.password:
+        env.error(f"{name} has no password (APP_ENV=production)")
+    return value
 
 
 def read_audit_bands(env: EnvReader) -> tuple[AuditBand, ...]:
@@ -197,6 +224,16 @@ def read_ra_settings(env: EnvReader) -> RASettings:
         # The role that may prune the audit log where the app's own may not (see
         # ra_app.audit_log); empty: the app's DATABASE_URL.
         audit_prune_database_url=env.str("RA_AUDIT_PRUNE_DATABASE_URL"),
+        # The operator's page (views/operator.py). Each is optional: unset, the page says
+        # what it cannot show instead of failing. The pipeline's Redis (an ACL user of
+        # its own, never the limiter's) and PostgreSQL as the pipeline role, which a
+        # requeue needs to put the job's rows back in play (the app's role only reads).
+        operator_redis_url=_url(env, "OPERATOR_REDIS_URL", ("redis", "rediss"), secret=True),
+        operator_database_url=_url(
+            env, "OPERATOR_DATABASE_URL", ("postgresql", "postgres"), secret=True
+        ),
+        # Prometheus for the queue-depth trend; unset, the page shows live depths only.
+        prometheus_url=_url(env, "PROMETHEUS_URL", ("http", "https")),
     )
     if env.production and settings.secret_key == DEV_SECRET_KEY:
         env.error("SECRET_KEY is the development key; set a real one")
