@@ -46,7 +46,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     login_manager.login_view = "auth.login"
     login_manager.session_protection = "strong"
 
-    from ra_app import cli, codebook_support, models
+    from ra_app import cli, codebook_support, metrics, models
     from ra_app.views import admin, api, auth, operator, queue, review
 
     @login_manager.user_loader
@@ -67,6 +67,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.register_blueprint(module.bp)
     csrf.exempt(api.bp)  # bearer tokens only; session cookies are ignored there
     cli.init_app(app)
+    # Its timer wraps the whole WSGI app, ProxyFix (above) included.
+    metrics.init_app(app)
 
     @app.get("/healthz")
     def healthz() -> Any:

@@ -6,6 +6,9 @@ measures the same file. Every value can be overridden from the environment.
 """
 
 import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
 
 from audio_pipeline.config import EnvReader
 
@@ -63,3 +66,26 @@ if _error_file:
         },
         "root": {"level": "INFO", "handlers": ["journal", "error_file"]},
     }
+
+
+# The workers' metric files (ra_app/metrics.py), when PROMETHEUS_MULTIPROC_DIR is set.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def on_starting(server: Any) -> None:
+    """A new master starts from an empty metrics directory: files left by an earlier
+    run would be summed with this run's, and their counters never reset."""
+    if not _metrics_dir:
+        return
+    directory = Path(_metrics_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # A dead worker's live gauges leave the sums; its counters stay, as they should.
+    if _metrics_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

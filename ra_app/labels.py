@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from ra_app import assignment, audit_log, blind, pipeline
+from ra_app import assignment, audit_log, blind, metrics, pipeline
 from ra_app.audit_log import Action
 from ra_app.codebook_support import get_codebook
 from ra_app.extensions import db
@@ -73,4 +73,5 @@ def record_label(
         details={"label_id": label.id},
     )
     db.session.commit()  # the label and its audit row together
+    metrics.label_recorded(label.policy_name, label.time_on_task_ms)
     return label

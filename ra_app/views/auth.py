@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from ra_app import audit_log
+from ra_app import audit_log, metrics
 from ra_app.audit_log import Action
 from ra_app.config import LOGIN_RATE_LIMIT
 from ra_app.extensions import db, limiter
@@ -39,7 +39,8 @@ def login() -> Any:
     if form.validate_on_submit():
         name = form.username.data.strip().lower()
         user = db.session.execute(db.select(User).where(User.username == name)).scalar_one_or_none()
-        if verify_password(user, form.password.data) and user is not None and user.active:
+        password_ok = verify_password(user, form.password.data)
+        if password_ok and user is not None and user.active:
             session.clear()  # no session fixation: a fresh session for the new login
             login_user(user)
             audit_log.start_session()
@@ -47,10 +48,15 @@ def login() -> Any:
             user.last_login_at = datetime.now(UTC)
             audit_log.record(Action.LOGIN, actor=user)
             db.session.commit()
+            metrics.login_succeeded(user.role)
             return redirect(_safe_next(request.args.get("next")) or url_for("queue.index"))
         # The name tried, never the password; no user id, even when the name exists.
         audit_log.record(Action.LOGIN_FAILED, actor_username=name)
         db.session.commit()  # and a rehash on verify, if any
+        inactive = password_ok and user is not None
+        metrics.login_failed(
+            metrics.LoginFailure.INACTIVE if inactive else metrics.LoginFailure.CREDENTIALS
+        )
         flash("Wrong username or password, or the account is deactivated.", "error")
         return render_template("login.html", form=form), 401
     return render_template("login.html", form=form)
