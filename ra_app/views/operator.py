@@ -13,6 +13,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+import psycopg
 import redis
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 
@@ -67,8 +68,11 @@ def _requeue(selection: dict[str, Any], target: str) -> Any:
     except (operator_panel.NotConfiguredError, dead_letter_actions.DeadLetterActionError) as exc:
         flash(f"Nothing requeued: {exc}", "error")
         return _back()
-    except redis.RedisError as exc:
-        flash(f"Nothing requeued: the pipeline's Redis did not answer ({exc})", "error")
+    except (redis.RedisError, psycopg.Error) as exc:
+        # Mid-way, some jobs may have moved already: say so, and log the attempt.
+        error = f"{type(exc).__name__}: {exc}"
+        _audit(OperatorAction.DEAD_LETTER_REQUEUE, target, {"error": error})
+        flash(f"Requeue stopped ({error}); some jobs may have moved: look again.", "error")
         return _back()
     moved = [o for o in report if o["result"] == "requeued"]
     _audit(

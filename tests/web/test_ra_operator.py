@@ -388,3 +388,27 @@ def test_the_trend_is_drawn_from_prometheus(
     failed_row = re.search(r'data-queue="queue:failed">(.*?)</tr>', html, re.S)
     assert failed_row
     assert "no data" in failed_row.group(1)
+
+
+def test_a_redis_that_does_not_answer_is_said_and_the_rest_shown(
+    ra_env: dict[str, str], settings: Settings, db_conn: Any
+) -> None:
+    add_batch(db_conn, "b-flight", "unpacked", file_count=1)
+    db_conn.commit()
+    dead = f"redis://ra-operator:pw@127.0.0.1:{_closed_port()}/0"
+    for application in _app(
+        ra_env, OPERATOR_REDIS_URL=dead, OPERATOR_DATABASE_URL=settings.database_url
+    ):
+        add_user(application, "boss", "admin")
+        client = application.test_client()
+        token = login(client, "boss")
+        html = _page(client)
+        assert "the pipeline&#39;s Redis did not answer: ConnectionError" in html
+        assert 'data-batch="b-flight"' in html
+        response = client.post(
+            f"{PAGE}requeue-stage", data={"stage": "unpack", "csrf_token": token}
+        )
+        assert response.status_code == 302
+        assert "Requeue stopped (ConnectionError" in client.get(PAGE).get_data(as_text=True)
+        (audit,) = _audit_rows(application, "dead_letter.requeue")
+        assert audit["details"]["error"].startswith("ConnectionError")
