@@ -74,6 +74,9 @@ def test_prometheus_scrapes_every_worker_on_its_fleet_address(
     for address in ("10.0.1.1:9301", "10.0.1.1:9302", "10.0.1.3:9301", "10.0.1.20:9303"):
         assert f'"{address}"' in config
     assert '"10.0.1.10:9100"' in config  # the orchestrator's own node exporter
+    # The RA app's gunicorn, on loopback where the orchestrator role binds it.
+    assert '"127.0.0.1:8000"' in config
+    assert "job_name: ra-app" in config
 
 
 def test_alerts_fire_when_they_should_and_not_before(
