@@ -21,12 +21,14 @@ networks) refuses the path and always adds X-Forwarded-For to what it passes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, abort, request
@@ -223,6 +225,24 @@ class QueueCollector(Collector):
         yield family
 
 
+class WorkerFiles(MultiProcessCollector):
+    """The workers' files, less any a worker has only just created: the client opens a
+    new file empty and sizes it a moment later, and reading it in between fails the
+    whole scrape (struct.error). Such a file holds no value yet, so nothing is lost."""
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        super().__init__(registry, path)
+        self.path = Path(path)
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for f in self.path.glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):
+                if f.stat().st_size > 0:
+                    files.append(str(f))
+        return self.merge(files, accumulate=True)
+
+
 class _Together:
     def __init__(self, *collectors: Any) -> None:
         self.collectors = collectors
@@ -233,11 +253,12 @@ class _Together:
 
 
 def _scrape_source() -> _Together:
-    if os.environ.get(MULTIPROC_ENV):
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
         # A fresh registry per scrape, as the client's documentation asks: the files
         # are read anew each time.
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        WorkerFiles(registry, directory)
         return _Together(registry, QueueCollector())
     return _Together(REGISTRY, QueueCollector())
 

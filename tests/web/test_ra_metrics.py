@@ -13,6 +13,7 @@ import http.client
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -26,9 +27,12 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 from flask import Flask
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from ra_app.extensions import db
+from ra_app.metrics import WorkerFiles
 from ra_app.models import Role
 from tests.support.metrics_scrape import free_port
 from tests.support.web import PASSWORD, add_user, make_app, seed_items, user_named
@@ -142,6 +146,15 @@ def test_items_waiting_are_counted_per_policy_from_the_database(app: Flask, db_c
     scraped = scrape_client(app.test_client())
     assert value(scraped, "ra_app_items_waiting", policy="hate") == 3
     assert value(scraped, "ra_app_items_waiting", policy="spam") == 2
+
+
+def test_a_scrape_skips_a_worker_file_still_being_created(tmp_path: Path) -> None:
+    """The moment between a worker creating its file and sizing it, as a scrape by
+    another worker may find it: the stock collector fails on it, ours skips it."""
+    (tmp_path / "counter_4242.db").touch()
+    with pytest.raises(struct.error):
+        list(MultiProcessCollector(CollectorRegistry(), str(tmp_path)).collect())
+    assert list(WorkerFiles(CollectorRegistry(), str(tmp_path)).collect()) == []
 
 
 # -- real gunicorn, several workers ------------------------------------------------------
