@@ -139,7 +139,7 @@ class _TimedBody:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body
-        except BaseException:
+        except Exception:  # not GeneratorExit: a client that left is no server error
             self._failed = True
             raise
 

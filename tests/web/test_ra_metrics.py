@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 
 import psycopg
 import pytest
-from flask import Flask
+from flask import Flask, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -112,7 +112,15 @@ def test_requests_are_labelled_by_endpoint_never_by_path(app: Flask) -> None:
     def boom() -> str:
         raise RuntimeError("a bug in a view")
 
+    def broken_stream() -> Response:
+        def chunks() -> Iterator[bytes]:
+            yield b"the first rows,"
+            raise RuntimeError("the database went away mid-export")
+
+        return Response(chunks())
+
     app.add_url_rule("/boom", "boom", boom)
+    app.add_url_rule("/broken-stream", "broken_stream", broken_stream)
     client = app.test_client()
     before = scrape_client(client)
     for path in ("/no/such/page/1", "/no/such/page/2"):
@@ -124,6 +132,10 @@ def test_requests_are_labelled_by_endpoint_never_by_path(app: Flask) -> None:
         assert response.status_code == 405
     with pytest.raises(RuntimeError):  # TESTING: the exception reaches the caller
         client.get("/boom")
+    with client.get("/broken-stream") as response:
+        assert response.status_code == 200  # sent before the stream broke
+        with pytest.raises(RuntimeError):
+            response.get_data()
     after = scrape_client(client)
 
     def added(endpoint: str, method: str, status: str) -> float:
@@ -135,6 +147,8 @@ def test_requests_are_labelled_by_endpoint_never_by_path(app: Flask) -> None:
     assert added("none", "POST", "405") == 1
     assert added("none", "other", "405") == 1
     assert added("boom", "GET", "500") == 1
+    assert added("broken_stream", "GET", "500") == 1
+    assert added("broken_stream", "GET", "200") == 0
     assert added("metrics", "GET", "200") == 1  # the first scrape; the second is in flight
     assert not any("/no/such" in str(labels) for _, labels in after)
 
