@@ -69,6 +69,8 @@ class Action(StrEnum):
     ADJUDICATION = "adjudication"
     AUDIT_LOG_EXPORT = "audit_log.export"
     AUDIT_LOG_PRUNE = "audit_log.prune"  # written by ra_audit_log_prune itself
+    DEAD_LETTER_REQUEUE = "dead_letter.requeue"  # the operator page
+    DEAD_LETTER_PURGE = "dead_letter.purge"  # the operator page
 
 
 _INSERT = """

@@ -10,7 +10,6 @@ checked for every POST by the app's CSRFProtect, before these views run.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -25,13 +24,6 @@ from ra_app.security import admin_required
 bp = Blueprint("operator", __name__, url_prefix="/admin/operator")
 
 DEAD_LETTERS_SHOWN = 200  # newest first; a purge still counts the whole list it saw
-
-
-class OperatorAction(StrEnum):
-    """Audit-log actions of this page (``audit_log.record`` writes ``.value``)."""
-
-    DEAD_LETTER_REQUEUE = "dead_letter.requeue"
-    DEAD_LETTER_PURGE = "dead_letter.purge"
 
 
 @bp.get("/")
@@ -53,10 +45,10 @@ def _back() -> Any:
     return redirect(url_for("operator.index"))
 
 
-def _audit(action: OperatorAction, target: str, details: dict[str, Any]) -> None:
+def _audit(action: audit_log.Action, target: str, details: dict[str, Any]) -> None:
     # The action is done in Redis and the pipeline's database, outside this
     # transaction: the row follows it, with what actually happened.
-    audit_log.record(action, target=target, details=details)  # type: ignore[arg-type]
+    audit_log.record(action, target=target, details=details)
     db.session.commit()
 
 
@@ -71,12 +63,12 @@ def _requeue(selection: dict[str, Any], target: str) -> Any:
     except (redis.RedisError, psycopg.Error) as exc:
         # Mid-way, some jobs may have moved already: say so, and log the attempt.
         error = f"{type(exc).__name__}: {exc}"
-        _audit(OperatorAction.DEAD_LETTER_REQUEUE, target, {"error": error})
+        _audit(audit_log.Action.DEAD_LETTER_REQUEUE, target, {"error": error})
         flash(f"Requeue stopped ({error}); some jobs may have moved: look again.", "error")
         return _back()
     moved = [o for o in report if o["result"] == "requeued"]
     _audit(
-        OperatorAction.DEAD_LETTER_REQUEUE,
+        audit_log.Action.DEAD_LETTER_REQUEUE,
         target,
         {
             "requeued": len(moved),
@@ -125,6 +117,6 @@ def purge() -> Any:
     except redis.RedisError as exc:
         flash(f"Nothing deleted: the pipeline's Redis did not answer ({exc})", "error")
         return _back()
-    _audit(OperatorAction.DEAD_LETTER_PURGE, "queue:failed", {"deleted": deleted})
+    _audit(audit_log.Action.DEAD_LETTER_PURGE, "queue:failed", {"deleted": deleted})
     flash(f"Deleted {deleted} dead letter(s).", "info")
     return _back()

@@ -46,6 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import redis
 from psycopg.conninfo import conninfo_to_dict
 
 from audio_pipeline import model_cli
@@ -649,6 +650,13 @@ def connections(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         redis_kwargs = storage.storage.connection_pool.connection_kwargs
         yield "redis", {**redis_kwargs, "key": f"{storage.key_prefix}:login"}
         yield "postgresql", conninfo_to_dict(result["ra"].database_url)
+        ra: RASettings = result["ra"]
+        # The operator page: the queues through its own ACL user, the pipeline's rows.
+        if ra.operator_redis_url:
+            operator = redis.Redis.from_url(ra.operator_redis_url).connection_pool
+            yield "redis", {**operator.connection_kwargs, "key": "queue:failed"}
+        if ra.operator_database_url:
+            yield "postgresql", conninfo_to_dict(ra.operator_database_url)
 
 
 def connection_problems(
