@@ -76,6 +76,7 @@ SCRAPED = {
     ("transfer-worker", "transfer-01"),
     ("redis", "orch"),
     ("postgres", "orch"),
+    ("ra-app", "orch"),
 }
 PROMETHEUS = "http://127.0.0.1:9090"
 CONNECT_TIMEOUT_S = 3
@@ -496,6 +497,44 @@ def test_the_review_left_an_append_only_audit_trail(fleet: Fleet) -> None:
     assert json.loads(details)["database_role"] == "ra_audit_pruner", details
 
 
+def _query(fleet: Fleet, promql: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = _prometheus(
+        fleet, "/api/v1/query?query=" + urllib.parse.quote(promql)
+    )["result"]
+    return found
+
+
+def test_the_review_is_in_the_ra_app_metrics_and_only_prometheus_reads_them(
+    fleet: Fleet,
+) -> None:
+    """Prometheus scrapes gunicorn's workers as one (multiprocess mode): the labels it
+    counts are the labels in ra_labels, the logins are there, and the items waiting
+    come from PostgreSQL. An RA's machine asking nginx for /metrics gets 404."""
+    labels = int(fleet.sql("SELECT count(*) FROM ra_labels")[0][0])
+    assert labels >= 1, "run after test_human_journey"
+
+    def counted() -> float | None:
+        found = _query(fleet, "sum(ra_app_labels_recorded_total)")
+        return float(found[0]["value"][1]) if found else None
+
+    _wait_for("the labels in Prometheus", lambda: counted() == labels, timeout_s=90)
+    logins = _query(fleet, 'sum by (role) (ra_app_logins_total{instance="orch"})')
+    assert {r["metric"]["role"] for r in logins} >= {"ra", "admin"}, logins
+    review = _query(fleet, "sum(ra_app_item_review_seconds_count)")
+    assert review, "no ra_app_item_review_seconds"
+    assert float(review[0]["value"][1]) == labels, review
+    statuses = _query(fleet, "sum by (status) (ra_app_request_duration_seconds_count)")
+    assert "200" in {r["metric"]["status"] for r in statuses}, statuses
+    assert _query(fleet, "ra_app_items_waiting"), "the scrape's own count of ra_items"
+    # From outside, through the front door: nginx refuses the path, however spelled.
+    for path in ("/metrics", "//metrics", "/%6detrics"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(  # noqa: S310
+                f"{fleet.ra_app_url}{path}", timeout=10, context=_tls_context(fleet)
+            )
+        assert refused.value.code == 404, path
+
+
 def test_a_new_policy_version_is_applied_to_the_finished_batch_without_asr(fleet: Fleet) -> None:
     """The researcher rewords the policy; the operator re-classifies the finished
     batch from the stored transcripts: a verdict of the new version for every file,
@@ -533,6 +572,63 @@ def test_a_new_policy_version_is_applied_to_the_finished_batch_without_asr(fleet
     assert journal.count("event=gpu.reclassified") >= BATCH_FILES
     status = fleet.adhoc("orchestrator", "-a", "audio-pipeline status --json")
     assert '"reclassify"' in status.output, status.describe()
+
+
+def test_the_operator_page_requeues_and_purges_over_https(fleet: Fleet) -> None:
+    """The admin opens the operator page in Chromium from outside the fleet: queues
+    with their trend from Prometheus, the live workers of both hosts, a dead letter
+    with its error. Requeue sends it back to queue:unpack through the page's own Redis
+    user and the pipeline's database role; the worker refuses it again, and purge
+    deletes it. Both actions are in the audit log with the admin's address."""
+    bad_job = json.dumps({"batch_id": "not a batch!", "s3_key": "incoming/none.tar"})
+    redis_cli = ["/usr/local/bin/redis-cli", "--no-auth-warning"]
+    orch = fleet.machines["orch"]
+    orch.exec([*redis_cli, "RPUSH", "queue:unpack", bad_job])
+
+    def dead_letters() -> int:
+        return int(orch.exec([*redis_cli, "LLEN", "queue:failed"]).stdout.strip())
+
+    _wait_for("the bad job dead-lettered", lambda: dead_letters() == 1, timeout_s=60)
+
+    from playwright.sync_api import sync_playwright
+
+    url = fleet.ra_app_url
+    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={_spki_pin(fleet.ra_app_ca)}"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        login_by_keyboard(page, url, "boss", ADMIN_PASSWORD)
+        page.click("nav >> text=Operator")
+        page.wait_for_url("**/admin/operator/")
+        queues = page.locator("#queues").inner_text()
+        assert "Last " in queues, queues  # the trend column: Prometheus answered
+        assert page.locator('tr[data-queue="queue:unpack"]').count() == 1
+        workers = page.locator("#workers").inner_text()
+        for host, stage in (("gpu-01", "gpu"), ("gpu-01", "unpack"), ("transfer-01", "transfer")):
+            assert re.search(rf"\b{stage}\s+{host}\b", workers), (stage, host, workers)
+        letter = page.locator("tr.dead-letter", has_text="invalid batch_id")
+        assert letter.count() == 1, page.locator("#dead-letters").inner_text()
+        letter.locator("button.requeue").click()
+        page.wait_for_load_state("load")
+        page.wait_for_selector("text=1 job(s) requeued")
+        # The unpack worker takes it and refuses it again, as before the requeue.
+        _wait_for("the job back and refused again", lambda: dead_letters() == 1, timeout_s=60)
+        page.goto(f"{url}/admin/operator/")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#purge")
+        page.wait_for_selector("text=Deleted 1 dead letter(s).")
+        browser.close()
+    assert dead_letters() == 0
+    rows = fleet.sql(
+        "SELECT action, client_addr, details FROM ra_audit_log "
+        "WHERE actor_username = 'boss' AND action LIKE 'dead_letter.%' ORDER BY id"
+    )
+    assert [(action, addr) for action, addr, _ in rows] == [
+        ("dead_letter.requeue", network.HOST_ADDRESS),
+        ("dead_letter.purge", network.HOST_ADDRESS),
+    ], rows
+    assert json.loads(rows[0][2])["requeued"] == 1, rows
+    assert json.loads(rows[1][2])["deleted"] == 1, rows
 
 
 def test_health_check_passes_on_the_working_fleet(fleet: Fleet) -> None:
