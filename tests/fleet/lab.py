@@ -347,6 +347,7 @@ def write_vault(fleet: Fleet) -> None:
         "vault_redis_password": "rd-" + secrets.token_urlsafe(12) + '$x"y',
         "vault_ra_app_redis_password": "rr-" + secrets.token_urlsafe(12),
         "vault_ra_operator_redis_password": "ro-" + secrets.token_urlsafe(12),
+        "vault_ra_operator_db_password": "rp-" + secrets.token_urlsafe(12),
         "vault_s3_access_key": devstack.DEV_S3_ACCESS_KEY,
         "vault_s3_secret_key": devstack.DEV_S3_SECRET_KEY,
         "vault_collection_ssh_private_key": (ssh_dir / "client_key").read_text(),

@@ -576,19 +576,33 @@ def test_a_new_policy_version_is_applied_to_the_finished_batch_without_asr(fleet
 
 def test_the_operator_page_requeues_and_purges_over_https(fleet: Fleet) -> None:
     """The admin opens the operator page in Chromium from outside the fleet: queues
-    with their trend from Prometheus, the live workers of both hosts, a dead letter
-    with its error. Requeue sends it back to queue:unpack through the page's own Redis
-    user and the pipeline's database role; the worker refuses it again, and purge
-    deletes it. Both actions are in the audit log with the admin's address."""
-    bad_job = json.dumps({"batch_id": "not a batch!", "s3_key": "incoming/none.tar"})
+    with their trend from Prometheus, the live workers of both hosts, the dead letters
+    with their errors. Requeue reopens the job's rows as the page's own database role
+    and sends the job back to queue:unpack through its own Redis user, where the worker
+    finds the batch finished; purge deletes a job no worker can take. Both actions
+    are in the audit log with the admin's address."""
     redis_cli = ["/usr/local/bin/redis-cli", "--no-auth-warning"]
     orch = fleet.machines["orch"]
+    # The finished batch's unpack job, as if it had failed for good once: requeueing it
+    # runs the row update (nothing to reopen, the batch is done) and the worker skips it.
+    requeued = {
+        "job": json.dumps({"batch_id": BATCH_ID, "s3_key": f"incoming/{BATCH_ID}.tar"}),
+        "queue": "queue:unpack",
+        "stage": "unpack",
+        "worker": "unpack:gpu-01:probe",
+        "error": "probe: S3 was unreachable",
+        "attempts": 5,
+        "failed_at": "2026-01-01T00:00:00Z",
+    }
+    orch.exec([*redis_cli, "RPUSH", "queue:failed", json.dumps(requeued)])
+    # A job the unpack worker refuses at once: a real dead letter, for the purge.
+    bad_job = json.dumps({"batch_id": "not a batch!", "s3_key": "incoming/none.tar"})
     orch.exec([*redis_cli, "RPUSH", "queue:unpack", bad_job])
 
     def dead_letters() -> int:
         return int(orch.exec([*redis_cli, "LLEN", "queue:failed"]).stdout.strip())
 
-    _wait_for("the bad job dead-lettered", lambda: dead_letters() == 1, timeout_s=60)
+    _wait_for("the bad job dead-lettered", lambda: dead_letters() == 2, timeout_s=60)
 
     from playwright.sync_api import sync_playwright
 
@@ -606,19 +620,27 @@ def test_the_operator_page_requeues_and_purges_over_https(fleet: Fleet) -> None:
         workers = page.locator("#workers").inner_text()
         for host, stage in (("gpu-01", "gpu"), ("gpu-01", "unpack"), ("transfer-01", "transfer")):
             assert re.search(rf"\b{stage}\s+{host}\b", workers), (stage, host, workers)
-        letter = page.locator("tr.dead-letter", has_text="invalid batch_id")
-        assert letter.count() == 1, page.locator("#dead-letters").inner_text()
-        letter.locator("button.requeue").click()
+        letters = page.locator("#dead-letters").inner_text()
+        assert "invalid batch_id" in letters, letters
+        assert page.locator("#requeue-off").count() == 0, letters
+        page.locator("tr.dead-letter", has_text="S3 was unreachable").locator(
+            "button.requeue"
+        ).click()
         page.wait_for_load_state("load")
         page.wait_for_selector("text=1 job(s) requeued")
-        # The unpack worker takes it and refuses it again, as before the requeue.
-        _wait_for("the job back and refused again", lambda: dead_letters() == 1, timeout_s=60)
-        page.goto(f"{url}/admin/operator/")
+        assert page.locator("tr.dead-letter").count() == 1
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#purge")
         page.wait_for_selector("text=Deleted 1 dead letter(s).")
         browser.close()
     assert dead_letters() == 0
+
+    def skipped() -> bool:
+        journal = fleet.journal("gpu-01", "unpack-worker", 500).splitlines()
+        return any("event=unpack.skipped" in line and BATCH_ID in line for line in journal)
+
+    _wait_for("the unpack worker took the requeued job, its batch done", skipped, 60)
+    assert fleet.sql(f"SELECT status FROM batches WHERE batch_id = '{BATCH_ID}'") == [["done"]]
     rows = fleet.sql(
         "SELECT action, client_addr, details FROM ra_audit_log "
         "WHERE actor_username = 'boss' AND action LIKE 'dead_letter.%' ORDER BY id"

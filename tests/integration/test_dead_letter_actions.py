@@ -4,14 +4,31 @@ earlier, on real Redis and PostgreSQL (the CLI's own behaviour is test_cli's).""
 from __future__ import annotations
 
 import json
+import os
+import secrets
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
+import yaml
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from audio_pipeline import dead_letter_actions, queue_admin
-from audio_pipeline.config import QUEUE_FAILED, QUEUE_UNPACK, Settings
+from audio_pipeline.config import (
+    QUEUE_CLASSIFY,
+    QUEUE_FAILED,
+    QUEUE_TRANSCRIBE,
+    QUEUE_UNPACK,
+    Settings,
+)
+from devtools import devstack
 from tests.support.operator_page import dead_letter
+from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +103,79 @@ def test_requeue_without_postgresql_moves_nothing(redis_client: redis.Redis) -> 
     with pytest.raises(dead_letter_actions.DeadLetterActionError, match="PostgreSQL unavailable"):
         dead_letter_actions.requeue(redis_client, unreachable, all_=True)
     assert redis_client.llen(QUEUE_FAILED) == 1
+
+
+def test_the_operator_pages_own_role_reopens_every_kind_of_dead_letter_and_nothing_else(
+    redis_client: redis.Redis, settings: Settings, db_conn: Any, stack: devstack.Stack
+) -> None:
+    """The fleet's RA app requeues as ra_operator, with SELECT and UPDATE on the tables
+    the orchestrator role grants it (roles/orchestrator/defaults, read here): enough to
+    reopen a failed batch, a failed file of a done batch and a failed re-classification
+    file, and no more (it cannot touch a transcript)."""
+    defaults = yaml.safe_load((REPO / "roles/orchestrator/defaults/main.yml").read_text())
+    privileges: dict[str, str] = defaults["orchestrator_ra_operator_db_privileges"]
+    add_batch(db_conn, "b-unpack", "failed", error="unpack broke")
+    add_batch(db_conn, "b-gpu", "done", file_count=1, files_failed=1)
+    audio_id = add_audio_file(
+        db_conn, "b-gpu", "a.mp3", "failed", error="asr broke", opus_path="/o/a.opus"
+    )
+    add_transcript(db_conn, audio_id, "words")
+    policy_id = add_policy(db_conn, "boats", lexicon=["canoe"])
+    run_id = db_conn.execute(
+        "INSERT INTO reclassify_runs (policy_id, model, batch_id, files) "
+        "VALUES (%s, 'lexicon-v1', 'b-gpu', 1) RETURNING id",
+        (policy_id,),
+    ).fetchone()["id"]
+    db_conn.execute(
+        "INSERT INTO reclassify_files (run_id, audio_id, status, error) "
+        "VALUES (%s, %s, 'failed', 'classifier broke')",
+        (run_id, audio_id),
+    )
+    db_conn.commit()
+    dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "b-unpack", "s3_key": "k"})
+    dead_letter(
+        redis_client, "gpu", QUEUE_TRANSCRIBE, {"audio_id": audio_id, "opus_path": "/o/a.opus"}
+    )
+    classify = {"kind": "classify", "run_id": run_id, "audio_id": audio_id, "policy_id": policy_id}
+    dead_letter(redis_client, "gpu", QUEUE_CLASSIFY, classify)
+
+    role, password = f"ra_operator_t{os.getpid()}", secrets.token_urlsafe(12)
+    info = conninfo_to_dict(settings.database_url)
+    with devstack.admin_connect(stack, str(info["dbname"])) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        for table, privs in privileges.items():
+            admin.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(", ").join(sql.SQL(p.strip()) for p in privs.split(",")),
+                    sql.Identifier(table),
+                    sql.Identifier(role),
+                )
+            )
+    try:
+        url = make_conninfo(settings.database_url, user=role, password=password)
+        report = dead_letter_actions.requeue(redis_client, url, all_=True)
+        assert [o["result"] for o in report] == ["requeued"] * 3, report
+        assert all(o["rows"] for o in report), report
+        batches = {
+            r["batch_id"]: r["status"]
+            for r in db_conn.execute("SELECT batch_id, status FROM batches")
+        }
+        assert batches == {"b-unpack": "transferred", "b-gpu": "unpacked"}
+        file = db_conn.execute("SELECT status FROM audio_files WHERE id = %s", (audio_id,))
+        assert file.fetchone()["status"] == "converted"
+        run_file = db_conn.execute("SELECT status FROM reclassify_files").fetchone()
+        assert run_file["status"] == "queued"
+        db_conn.commit()
+        with (
+            psycopg.connect(url) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute("UPDATE transcripts SET text = 'forged'")
+    finally:
+        with devstack.admin_connect(stack, str(info["dbname"])) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
