@@ -517,9 +517,16 @@ def test_the_review_is_in_the_ra_app_metrics_and_only_prometheus_reads_them(
         found = _query(fleet, "sum(ra_app_labels_recorded_total)")
         return float(found[0]["value"][1]) if found else None
 
-    _wait_for("the labels in Prometheus", lambda: counted() == labels, timeout_s=90)
-    logins = _query(fleet, 'sum by (role) (ra_app_logins_total{instance="orch"})')
-    assert {r["metric"]["role"] for r in logins} >= {"ra", "admin"}, logins
+    def logged_in() -> set[str]:
+        logins = _query(fleet, 'sum by (role) (ra_app_logins_total{instance="orch"})')
+        return {r["metric"]["role"] for r in logins}
+
+    # The admin's login came last in the journey: a scrape after it has everything.
+    _wait_for(
+        "the labels and both logins in Prometheus",
+        lambda: counted() == labels and logged_in() >= {"ra", "admin"},
+        timeout_s=90,
+    )
     review = _query(fleet, "sum(ra_app_item_review_seconds_count)")
     assert review, "no ra_app_item_review_seconds"
     assert float(review[0]["value"][1]) == labels, review
