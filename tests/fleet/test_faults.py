@@ -40,6 +40,7 @@ LOST_BATCH_FILES = 16
 LOST_FILE_SECONDS = (2.0, 6.0)
 BATCH_TIMEOUT_S = 600
 POLL_S = 0.3
+PROMETHEUS = "http://127.0.0.1:9090"
 # What a job that paid an attempt leaves in a worker's journal.
 RETRY_EVENTS = ("job.retry", "reaper.returned", "reaper.dead_lettered", "worker.recovered")
 EVENT = re.compile(r"\bevent=(?P<event>\S+)")
@@ -52,6 +53,18 @@ LATER_ATTEMPT = re.compile(r"\battempt=(?!1\b)\d+")
 def redis_cli(fleet: Fleet, *args: str) -> str:
     """The operators' redis-cli on the orchestrator (it carries the password)."""
     return fleet.machines["orch"].exec(["redis-cli", "--no-auth-warning", *args]).stdout.strip()
+
+
+def scraped_up(fleet: Fleet) -> set[tuple[str, str]]:
+    """(job, instance) of every target Prometheus on the orchestrator has up."""
+    answer = fleet.probe(
+        "orch", "http_json", url=f"{PROMETHEUS}/api/v1/targets?state=active", timeout_s=10
+    )
+    return {
+        (t["labels"]["job"], t["labels"]["instance"])
+        for t in answer["data"]["activeTargets"]
+        if t["health"] == "up"
+    }
 
 
 def unit_props(fleet: Fleet, host: str, unit: str, *names: str) -> dict[str, str]:
@@ -204,7 +217,9 @@ def assert_every_file_done_once(fleet: Fleet, batch_id: str, files: int) -> None
 def test_a_gpu_host_joins_with_setup_new_worker(fleet: Fleet) -> None:
     """The guide's scaling up: the inventory gains gpu-02, then
     `setup-new-worker.yml --limit gpu-02` takes it from a bare OS to beating
-    workers, touching no other host (the last test's health check counts it in)."""
+    workers, touching no other host (the last test's health check counts it in).
+    The new host registered its targets itself: Prometheus scrapes its node_exporter
+    and both workers with no run on the orchestrator."""
     if NEW_GPU not in fleet.machines:
         lab.join_gpu_host(fleet, NEW_GPU)
     run = fleet.playbook("setup-new-worker.yml", "--limit", NEW_GPU)
@@ -218,6 +233,13 @@ def test_a_gpu_host_joins_with_setup_new_worker(fleet: Fleet) -> None:
     wait_until(
         f"{NEW_GPU}'s workers beating",
         lambda: beating_workers(fleet, NEW_GPU) == {"unpack", "gpu"},
+        JOINED_TIMEOUT_S,
+        poll_s=5,
+    )
+    wanted = {(job, NEW_GPU) for job in ("node", "gpu-worker", "unpack-worker")}
+    wait_until(
+        f"Prometheus scraping {NEW_GPU}",
+        lambda: wanted <= scraped_up(fleet),
         JOINED_TIMEOUT_S,
         poll_s=5,
     )

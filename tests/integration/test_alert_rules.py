@@ -9,9 +9,10 @@ Makefile's .make/bin/promtool).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import pytest
@@ -30,6 +31,7 @@ PROMTOOL = REPO / ".make" / "bin" / "promtool"
 INVENTORY = REPO / "inventory" / "production.yml"
 VAULT = REPO / "group_vars" / "vault.example.yml"
 RULES_DEST = "/etc/prometheus/rules/audio-pipeline.yml"
+TARGETS_DIR = "/etc/prometheus/targets"
 PLAY = """
 - name: Monitoring
   hosts: all
@@ -71,9 +73,28 @@ def test_prometheus_scrapes_every_worker_on_its_fleet_address(
     path.write_text(config)
     checked = promtool("check", "config", "--syntax-only", path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    for address in ("10.0.1.1:9301", "10.0.1.1:9302", "10.0.1.3:9301", "10.0.1.20:9303"):
-        assert f'"{address}"' in config
-    assert '"10.0.1.10:9100"' in config  # the orchestrator's own node exporter
+    # Each host registers its own targets (file_sd), in the files Prometheus watches.
+    scraped = {
+        (PurePosixPath(dest).parent.name, target["labels"]["instance"], address)
+        for config_ in fleet.values()
+        for dest, f in config_.files.items()
+        if dest.startswith(TARGETS_DIR)
+        for target in json.loads(f.text)
+        for address in target["targets"]
+    }
+    assert {
+        ("gpu-worker", "gpu-01", "10.0.1.1:9301"),
+        ("unpack-worker", "gpu-01", "10.0.1.1:9302"),
+        ("gpu-worker", "gpu-03", "10.0.1.3:9301"),
+        ("transfer-worker", "transfer-01", "10.0.1.20:9303"),
+        ("node", "orch-01", "10.0.1.10:9100"),  # the orchestrator's own node exporter
+    } <= scraped, scraped
+    assert {(job, host) for job, host, _ in scraped if job == "node"} == {
+        ("node", host) for host in fleet
+    }
+    assert not {s for s in scraped if s[0] == "transfer-worker" and s[1].startswith("gpu")}
+    for job in ("node", "gpu-worker", "unpack-worker", "transfer-worker"):
+        assert f'files: ["{TARGETS_DIR}/{job}/*.json"]' in config, job
     # The RA app's gunicorn, on loopback where the orchestrator role binds it.
     assert '"127.0.0.1:8000"' in config
     assert "job_name: ra-app" in config
