@@ -7,7 +7,6 @@ import re
 import time
 
 import pytest
-import redis
 
 from audio_pipeline.cli import render_table
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK
@@ -19,20 +18,10 @@ from audio_pipeline.queue import (
     reap_dead_workers,
 )
 from tests.support.operator_cli import run_cli as cli
+from tests.support.operator_page import dead_letter
 from tests.support.rows import add_audio_file, add_batch
 
 pytestmark = pytest.mark.integration
-
-
-def dead_letter(r: redis.Redis, stage: str, queue: str, payload: dict, attempts: int = 0) -> None:
-    """Put a real dead letter through the queue library, as a worker would."""
-    q = JobQueue(r, f"{stage}:testhost:1", stage, retry_policy=RetryPolicy(max_attempts=1))
-    body = dict(payload)
-    if attempts:
-        body["_attempts"] = attempts
-    r.rpush(queue, json.dumps(body))
-    job = q.claim([queue], timeout=0)
-    q.retry(job, RuntimeError(f"{stage} broke"))
 
 
 def test_status_shows_queues_workers_processing_retries_and_batches(

@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.support import ra_server
 from tests.support.browser_kit import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -31,20 +26,11 @@ from tests.support.web import PASSWORD, seed_items, seed_scored
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-SERVER_START_TIMEOUT = 30.0  # seconds
 SCREENSHOTS = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp"))
 SCREENSHOT = SCREENSHOTS / "ra_review_page.png"
 BLIND_SCREENSHOT = SCREENSHOTS / "ra_review_page_blind.png"
 FLAGGED_ITEMS = 3
 AUDIT_SCORE = 0.12  # one unflagged item, drawn into the audit sample (RA_AUDIT_SHARE=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -68,50 +54,9 @@ def server(
         "RA_BLIND": "audit",
         "RA_NEW_PASSWORD": PASSWORD,
     }
-    flask = [str(BIN / "flask"), "--app", "ra_app"]
-    subprocess.run([*flask, "db", "upgrade"], env=env, cwd=REPO, check=True, capture_output=True)
-    for name, role in (("ann", "ra"), ("boss", "admin")):
-        subprocess.run(
-            [*flask, "create-user", name, "--role", role],
-            env=env,
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
-    port = _free_port()
-    log = (tmp_path / "gunicorn.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "gunicorn"),
-            "-c",
-            "ra_app/gunicorn.conf.py",
-            "-b",
-            f"127.0.0.1:{port}",
-            "ra_app:create_app()",
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:  # noqa: S310
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "gunicorn.log").read_text())
-            time.sleep(0.2)
+    ra_server.prepare(env, [("ann", "ra"), ("boss", "admin")])
+    with ra_server.gunicorn(env, tmp_path / "gunicorn.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def _shows_verdict(page: Any) -> bool:

@@ -7,12 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +15,7 @@ import pytest
 import redis
 
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK, Settings
+from tests.support import ra_server
 from tests.support.browser_kit import CHROMIUM, CHROMIUM_ARGS, login_by_keyboard
 from tests.support.operator_page import dead_letter, operator_redis_user
 from tests.support.rows import add_batch
@@ -28,16 +23,7 @@ from tests.support.web import PASSWORD
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-SERVER_START_TIMEOUT = 30.0  # seconds
 SCREENSHOT = Path(os.environ.get("RA_SCREENSHOT_DIR", "/tmp")) / "ra_operator_page.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -64,43 +50,9 @@ def server(
             "OPERATOR_REDIS_URL": operator_url,
             "OPERATOR_DATABASE_URL": settings.database_url,
         }
-        flask = [str(BIN / "flask"), "--app", "ra_app"]
-        for argv in (["db", "upgrade"], ["create-user", "boss", "--role", "admin"]):
-            subprocess.run([*flask, *argv], env=env, cwd=REPO, check=True, capture_output=True)
-        port = _free_port()
-        log_path = tmp_path / "gunicorn.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [
-                    str(BIN / "gunicorn"),
-                    "-c",
-                    "ra_app/gunicorn.conf.py",
-                    "-b",
-                    f"127.0.0.1:{port}",
-                    "ra_app:create_app()",
-                ],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            url = f"http://127.0.0.1:{port}"
-            try:
-                deadline = time.monotonic() + SERVER_START_TIMEOUT
-                while True:
-                    try:
-                        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:  # noqa: S310
-                            if r.status == 200:
-                                break
-                    except (urllib.error.URLError, ConnectionError):
-                        pass
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(log_path.read_text())
-                    time.sleep(0.2)
-                yield url
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        ra_server.prepare(env, [("boss", "admin")])
+        with ra_server.gunicorn(env, tmp_path / "gunicorn.log") as url:
+            yield url
 
 
 def test_requeue_one_dead_letter_from_the_operator_page(
