@@ -296,7 +296,10 @@ class UnpackWorker(QueueWorker):
             for result in _converted(conversions, self.unpack.audio):
                 self.alive()  # one more file converted
                 rel = result.key
-                if result.interrupted:
+                # While stopping, any failed conversion may be ffmpeg's own stop signal:
+                # one landing while it sets up makes it exit as for a bad input. Handing
+                # the batch back costs nothing; a really bad file fails again next time.
+                if result.interrupted or (not result.ok and self.stopping):
                     if self.stopping:  # ffmpeg got the stop signal too: hand the batch back
                         self.force_stop(reason=f"ffmpeg was stopped: {rel!r}: {result.error}")
                     raise ConversionStopped(f"{rel!r}: {result.error}")

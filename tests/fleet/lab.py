@@ -41,8 +41,11 @@ STAGING_DIR = REPO / ".stack" / "fleet"
 ASR_MODEL = "whisper/tiny.en"
 PLAYBOOK_TIMEOUT_S = 1500
 # The S3 store and the collection host's sshd, on the host's bridge address; ports
-# (and their internal ones, base + 19333 at most) clear of the local stack's.
-HOST_SERVICES_PORT_BASE = 30000
+# (and their internal ones, up to base + 19340) clear of the local and CI stacks'
+# (bases 10000 and 5000) and below Linux's ephemeral range (32768 and up): there, an
+# outgoing connection's source port, even weed's own between its servers, can take
+# a port just before weed binds it (CI: "port 38888 for Filer ... is not available").
+HOST_SERVICES_PORT_BASE = 2000
 HOSTS = ("orch", "gpu-01", "transfer-01")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RECAP = re.compile(

@@ -269,6 +269,12 @@ def test_a_signalled_ffmpeg_is_reported_as_interrupted_not_as_a_bad_file(tmp_pat
         pid = _own_child_with_arg(".long-unique-name.opus.")
         time.sleep(0.02)
     assert pid is not None, "ffmpeg did not start"
+    # Once it is converting: a signal that lands while ffmpeg still sets up its filters
+    # can end it like a bad input (exit 1), which only its caller can tell apart, by
+    # knowing it is stopping (the unpack worker does).
+    while not any(p.stat().st_size for p in out.parent.glob(".*")):
+        assert time.monotonic() < deadline, "ffmpeg wrote nothing"
+        time.sleep(0.02)
     os.kill(pid, signal.SIGTERM)
     runner.join(timeout=30)
     [result] = results
