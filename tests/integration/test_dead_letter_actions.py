@@ -26,7 +26,13 @@ from audio_pipeline.config import (
 )
 from devtools import devstack
 from tests.support.operator_page import dead_letter
-from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
+from tests.support.rows import (
+    add_audio_file,
+    add_batch,
+    add_policy,
+    add_reclassify_run,
+    add_transcript,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,15 +127,8 @@ def test_the_operator_pages_own_role_reopens_every_kind_of_dead_letter_and_nothi
     )
     add_transcript(db_conn, audio_id, "words")
     policy_id = add_policy(db_conn, "boats", lexicon=["canoe"])
-    run_id = db_conn.execute(
-        "INSERT INTO reclassify_runs (policy_id, model, batch_id, files) "
-        "VALUES (%s, 'lexicon-v1', 'b-gpu', 1) RETURNING id",
-        (policy_id,),
-    ).fetchone()["id"]
-    db_conn.execute(
-        "INSERT INTO reclassify_files (run_id, audio_id, status, error) "
-        "VALUES (%s, %s, 'failed', 'classifier broke')",
-        (run_id, audio_id),
+    run_id = add_reclassify_run(
+        db_conn, policy_id, "b-gpu", [audio_id], status="failed", error="classifier broke"
     )
     db_conn.commit()
     dead_letter(redis_client, "unpack", QUEUE_UNPACK, {"batch_id": "b-unpack", "s3_key": "k"})

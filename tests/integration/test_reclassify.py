@@ -30,7 +30,13 @@ from devtools.dev_models import CLASSIFIER_DIR, install_classifier, install_whis
 from tests.support.media import speech
 from tests.support.metrics_scrape import free_port, scrape
 from tests.support.operator_cli import run_cli as cli
-from tests.support.rows import add_audio_file, add_batch, add_policy, add_transcript
+from tests.support.rows import (
+    add_audio_file,
+    add_batch,
+    add_policy,
+    add_reclassify_run,
+    add_transcript,
+)
 from tests.support.workerkit.procs import finish, start_module, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -231,15 +237,7 @@ def test_bad_text_only_jobs_are_dead_lettered_and_fail_only_their_run_file(
     good = _done_file(db, "b-recl-002", "good.mp3", "a canoe on the lake")
     other = _done_file(db, "b-recl-002", "other.mp3", "nothing to see")
     reaped = _done_file(db, "b-recl-002", "reaped.mp3", "a worker died judging this")
-    run_id = db.execute(
-        "INSERT INTO reclassify_runs (policy_id, model, batch_id, files) "
-        "VALUES (%s, 'lexicon-v1', 'b-recl-002', 2) RETURNING id",
-        (policy,),
-    ).fetchone()["id"]
-    db.execute(
-        "INSERT INTO reclassify_files (run_id, audio_id) VALUES (%s, %s), (%s, %s), (%s, %s)",
-        (run_id, good, run_id, other, run_id, reaped),
-    )
+    run_id = add_reclassify_run(db, policy, "b-recl-002", [good, other, reaped], files=2)
     db.commit()
     base = {"kind": "classify", "run_id": run_id, "policy_id": policy}
     jobs = [

@@ -144,3 +144,28 @@ def add_classification(
         **columns,
     }
     return int(_insert(conn, "classifications", values, "id"))
+
+
+def add_reclassify_run(
+    conn: psycopg.Connection[Any],
+    policy_id: int,
+    batch_id: str | None,
+    audio_ids: Sequence[int],
+    *,
+    model: str = "lexicon-v1",
+    files: int | None = None,
+    **file_columns: Any,
+) -> int:
+    """A ``reclassify_runs`` row (``files`` defaults to how many ids are given) and a
+    ``reclassify_files`` row per audio id, each with ``file_columns``; the run's id."""
+    run = {
+        "policy_id": policy_id,
+        "model": model,
+        "batch_id": batch_id,
+        "files": len(audio_ids) if files is None else files,
+    }
+    run_id = int(_insert(conn, "reclassify_runs", run, "id"))
+    for audio_id in audio_ids:
+        values = {"run_id": run_id, "audio_id": audio_id, **file_columns}
+        _insert(conn, "reclassify_files", values, "run_id")
+    return run_id
