@@ -31,9 +31,9 @@ NEW_GPU = "gpu-02"
 GPU_UNITS = ("unpack-worker", "gpu-worker")
 WORKER_UNITS = {OLD_GPU: GPU_UNITS, NEW_GPU: GPU_UNITS, "transfer-01": ("transfer-worker",)}
 JOINED_TIMEOUT_S = 240  # the new host's workers beating (the gpu worker loads its model)
-# Enough speech that the GPU hosts are still at it when the deploy restarts them (a
-# host at a time, each after its share of the play); enough files that gpu-01 still
-# has some queued when it is lost (it claims 8 at a time).
+# Enough speech that gpu-01's gpu worker is still at it when the deploy restarts it,
+# a few seconds after the deploy started it (three claims of 8); enough files that
+# gpu-01 still has some queued when it is lost.
 DEPLOY_BATCH_FILES = 24
 DEPLOY_FILE_SECONDS = (8.0, 20.0)
 LOST_BATCH_FILES = 16
@@ -249,13 +249,32 @@ def test_a_gpu_host_joins_with_setup_new_worker(fleet: Fleet) -> None:
 def test_a_deploy_during_a_batch_retries_nothing(fleet: Fleet) -> None:
     """deploy-pipeline.yml while a batch is in flight (a setting changed, so every
     worker restarts, the GPU hosts one at a time): the batch completes, every job
-    ran on its first attempt, and nothing was dead-lettered."""
+    ran on its first attempt, and nothing was dead-lettered, though gpu-01's gpu
+    worker was restarted with a claim in hand."""
     batch_id = "fleet-deploy-" + secrets.token_hex(3)
     since = time.time()
-    # On gpu-01, the host the deploy restarts first, so the restart meets work in hand.
-    submit_unpacked_on_gpu_01(
-        fleet, batch_id, DEPLOY_BATCH_FILES, seed=11, seconds=DEPLOY_FILE_SECONDS
-    )
+    # The restart must meet work in hand, however fast this machine transcribes
+    # compared with how long the deploy takes to reach gpu-01's handlers. So gpu-01's
+    # gpu worker sits out until the deploy starts it (its play's "Start the workers"
+    # waits for the model to load), with the whole batch queued for it; the play's
+    # handlers restart it seconds later, in the middle of its first claims.
+    held = fleet.machines[OLD_GPU]
+    held.exec(["systemctl", "stop", "gpu-worker"])
+    try:
+        submit_unpacked_on_gpu_01(
+            fleet, batch_id, DEPLOY_BATCH_FILES, seed=11, seconds=DEPLOY_FILE_SECONDS
+        )
+        wait_until(
+            f"{batch_id}'s files queued for {OLD_GPU}",
+            lambda: (
+                redis_cli(fleet, "LLEN", f"queue:transcribe:{OLD_GPU}") == str(DEPLOY_BATCH_FILES)
+            ),
+            BATCH_TIMEOUT_S,
+            poll_s=1,
+        )
+    except BaseException:
+        held.exec(["systemctl", "start", "gpu-worker"])
+        raise
     # A setting only this deploy carries: every worker's environment changes, so the
     # deploy restarts each of them, as a release does.
     mark = {"FLEET_DEPLOY_MARK": secrets.token_hex(4)}
