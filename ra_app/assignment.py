@@ -302,6 +302,8 @@ def skip(assignment: Assignment, user: User) -> SkipResult:
     expiry sweep may have changed it since. Under READ COMMITTED a waiting UPDATE
     re-checks its WHERE against the committed row, so of two racers only one frees
     the slot, and a skip never lands on a labelled assignment.
+
+    The caller commits, so its audit row goes in the same transaction as the skip.
     Raises AssignmentError when it is not the user's or was labelled first.
     """
     if assignment.user_id != user.id:
@@ -309,8 +311,8 @@ def skip(assignment: Assignment, user: User) -> SkipResult:
     params = {"aid": assignment.id, "uid": user.id}
     freed = db.session.execute(text(_SKIP_SQL), params).first() is not None
     marked = not freed and db.session.execute(text(_SKIP_EXPIRED_SQL), params).first() is not None
-    db.session.commit()
-    # The ORM copy predates both statements (sessions keep objects on commit).
+    # The ORM copy predates both statements; the refresh reads the row as this
+    # transaction sees it: its own update, or what a racer committed first.
     db.session.refresh(assignment)
     if freed or marked:
         return SkipResult.SKIPPED

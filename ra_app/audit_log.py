@@ -4,8 +4,6 @@ Everything that is audited calls ``record``. It writes in the caller's transacti
 so a row and the action it records are committed together, or neither is: a
 review board prefers a refused action to an unlogged one, so a failed write fails
 the action (the request ends in a 500 and the action's own changes roll back).
-The exceptions, where the action commits in code this module does not wrap, are
-named where they are recorded (views.review.skip).
 
 The table (migration 0006) is append-only: its UPDATE, DELETE and TRUNCATE
 privileges are revoked from every role, the owner included, and triggers refuse

@@ -19,7 +19,7 @@ from ra_app.labels import LabelError, record_label
 from ra_app.models import Assignment, Role
 from ra_app.security import token_required
 from ra_app.views.admin import export_response
-from ra_app.views.review import assignment_target, record_play, record_skip
+from ra_app.views.review import assignment_target, commit_skip, record_play
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -87,8 +87,9 @@ def skip(assignment_id: int) -> Any:
     try:
         outcome = assignment.skip(found, g.api_user)
     except assignment.AssignmentError as exc:
+        db.session.rollback()
         return jsonify(error=str(exc)), 409
-    record_skip(found, outcome)
+    commit_skip(found, outcome)
     # A retried skip is a success: the client wanted the item skipped, and it is.
     return jsonify(status=found.status, already=outcome is assignment.SkipResult.ALREADY_SKIPPED)
 

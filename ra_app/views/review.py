@@ -111,14 +111,15 @@ def skip(assignment_id: int) -> Any:
         flash("The form expired; try again.", "error")
         return redirect(url_for("review.show", assignment_id=assignment_id))
     try:
-        # Committed on its own, not with the next claim: sharing one transaction
-        # measured slower under load (bench/bench_ra.py), likely the skipped
-        # item's row lock held across the claim.
+        # Committed (with its audit row) before the next claim, not with it: sharing
+        # one transaction measured slower under load (bench/bench_ra.py), likely the
+        # skipped item's row lock held across the claim.
         outcome = assignment.skip(found, current_user)
     except assignment.AssignmentError as exc:
+        db.session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("queue.index"))
-    record_skip(found, outcome)
+    commit_skip(found, outcome)
     return _go_next()
 
 
@@ -126,19 +127,14 @@ def assignment_target(found: Assignment) -> str:
     return f"assignment:{found.id}"
 
 
-def record_skip(found: Assignment, outcome: assignment.SkipResult) -> None:
-    """Log a skip that freed or closed the assignment (a repeated Skip is not one).
-
-    The one action logged after its own commit: assignment.skip commits inside,
-    and only then is it known whether this request skipped anything. If this write
-    fails the request still fails (500); a skip reveals no content and only hands
-    the slot back, so the review board loses nothing a refused skip would keep.
-    """
+def commit_skip(found: Assignment, outcome: assignment.SkipResult) -> None:
+    """Commit a skip together with its audit row (a repeated Skip changed nothing and
+    logs nothing)."""
     if outcome is assignment.SkipResult.SKIPPED:
         audit_log.record(
             Action.SKIP, classification_id=found.classification_id, target=assignment_target(found)
         )
-        db.session.commit()
+    db.session.commit()
 
 
 def _go_next() -> Any:

@@ -456,7 +456,7 @@ def test_an_action_whose_audit_row_cannot_be_written_is_refused(
     proxied: Flask, db_conn: Any, env: dict[str, str], stack: devstack.Stack
 ) -> None:
     """A review board prefers a refused action to an unlogged one: with the log
-    unwritable, a label and an adjudication fail and leave nothing behind."""
+    unwritable, a label, a skip and an adjudication fail and leave nothing behind."""
     app = proxied
     [cid] = seed_items(db_conn, 1)
     add_user(app, "boss", "admin")
@@ -470,6 +470,10 @@ def test_an_action_whose_audit_row_cannot_be_written_is_refused(
         conn.execute("REVOKE INSERT ON ra_audit_log FROM ra_app")
     with pytest.raises(DBAPIError, match="permission denied"):
         ra.post(f"{review}/label", data={"csrf_token": token, "violates": "yes"})
+    with app.app_context():
+        slots = db.session.execute(text("SELECT open_slots FROM ra_items")).scalar_one()
+    with pytest.raises(DBAPIError, match="permission denied"):
+        ra.post(f"{review}/skip", data={"csrf_token": token})
     with pytest.raises(DBAPIError, match="permission denied"):
         admin.post(
             f"/admin/items/{cid}/adjudicate",
@@ -479,4 +483,5 @@ def test_an_action_whose_audit_row_cannot_be_written_is_refused(
         assert db.session.execute(text("SELECT count(*) FROM ra_labels")).scalar_one() == 0
         done = db.session.execute(text("SELECT status FROM ra_assignments")).scalar_one()
         assert done == "assigned"
+        assert db.session.execute(text("SELECT open_slots FROM ra_items")).scalar_one() == slots
         assert db.session.execute(text("SELECT count(*) FROM ra_adjudications")).scalar_one() == 0

@@ -111,6 +111,7 @@ def test_skip_returns_slot_to_others_not_to_skipper(app: Flask, db_conn: Any) ->
         ann, bob = user_named("ann"), user_named("bob")
         a = assignment.next_assignment(ann)
         assignment.skip(a, ann)
+        db.session.commit()
         assert assignment.next_assignment(ann) is None
         assert assignment.next_assignment(bob) is not None
 
