@@ -41,7 +41,7 @@ from audio_pipeline import s3_utils
 from audio_pipeline.batch_ids import BATCH_ID_RULE, is_valid_batch_id
 from audio_pipeline.config import QUEUE_UNPACK, EnvReader, EnvSettings, Settings
 from audio_pipeline.logs import log_event
-from audio_pipeline.queue import backoff_delay_s, stamped
+from audio_pipeline.queue import jittered_backoff_s, stamped
 from audio_pipeline.records import batches
 from audio_pipeline.runtime.command import run_worker
 from audio_pipeline.runtime.outage import backend_unavailable
@@ -438,7 +438,9 @@ class TransferWorker(Service):
     def _record_failure(self, name: str, batch_id: str, exc: Exception) -> None:
         previous = self._failures.get(name)
         count = (previous.count if previous else 0) + 1
-        delay = backoff_delay_s(self.transfer.retry_base_s, FAILURE_BACKOFF_CAP_S, count - 1)
+        # Jittered like the queue's retries: archives that failed together (one
+        # collection-host outage) are not all retried in the same scan again.
+        delay = jittered_backoff_s(self.transfer.retry_base_s, FAILURE_BACKOFF_CAP_S, count - 1)
         self._failures[name] = _Failures(count, time.monotonic() + delay)
         error = f"{type(exc).__name__}: {exc}"
         gave_up = count >= self.transfer.max_failures
