@@ -530,12 +530,9 @@ def attach(work: Path) -> Fleet:
             network.BRIDGE,
             network.PREFIX_LEN,
         )
-        children = subprocess.run(
-            ["pgrep", "-P", str(nspawn_pid)], capture_output=True, text=True
-        ).stdout.split()
-        if not children:
+        machine.pid1 = machines.container_init(nspawn_pid)
+        if machine.pid1 is None:
             raise machines.MachineError(f"{name} (nspawn {nspawn_pid}) is not running")
-        machine.pid1 = int(children[0])
         fleet.machines[name] = machine
     fleet.loop_devices = state["loop_devices"]
     fleet.inventory = work / "inventory" / "hosts.yml"

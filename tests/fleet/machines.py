@@ -38,6 +38,26 @@ class MachineError(RuntimeError):
     """A machine could not be built, booted or stopped."""
 
 
+def container_init(nspawn_pid: int) -> int | None:
+    """The container's PID 1 among systemd-nspawn's children, once it exists.
+
+    nspawn first forks an outer child, still in the host's PID and network
+    namespaces, which clones the container's init and exits; only a child in a PID
+    namespace of its own is the init (entering the outer child's namespaces would
+    find the host's interfaces, and no host0)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(nspawn_pid)], capture_output=True, text=True
+    ).stdout.split()
+    ours = os.readlink("/proc/self/ns/pid")
+    for child in children:
+        try:
+            if os.readlink(f"/proc/{child}/ns/pid") != ours:
+                return int(child)
+        except OSError:  # it exited in between (the outer child does)
+            continue
+    return None
+
+
 def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 
@@ -141,11 +161,8 @@ class Machine:
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
                 raise MachineError(f"{self.name}: systemd-nspawn exited, see {log.name}")
-            children = subprocess.run(
-                ["pgrep", "-P", str(self.nspawn.pid)], capture_output=True, text=True
-            ).stdout.split()
-            if children and self.pid1 is None:
-                self.pid1 = int(children[0])
+            if self.pid1 is None and (init := container_init(self.nspawn.pid)) is not None:
+                self.pid1 = init
                 self._set_address()
             if self.pid1 is not None:
                 state = self.exec(["systemctl", "is-system-running"], check=False).stdout.strip()
