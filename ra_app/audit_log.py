@@ -52,6 +52,7 @@ CLI_ACTOR_PREFIX = "os:"  # actor_username of a CLI command: the operating-syste
 class Action(StrEnum):
     LOGIN = "login"
     LOGIN_FAILED = "login.failed"
+    LOGOUT = "logout"
     ITEM_VIEW = "item.view"
     AUDIO_PLAY = "audio.play"
     LABEL = "label"

@@ -66,6 +66,10 @@ def login() -> Any:
 @login_required
 def logout() -> Any:
     if ActionForm().validate_on_submit():
+        # Recorded while the user and the audit session are still known: the end of
+        # what the board sees as one sitting.
+        audit_log.record(Action.LOGOUT)
+        db.session.commit()
         logout_user()
         session.clear()
         flash("Logged out.", "info")

@@ -315,6 +315,25 @@ class Fleet:
 
 
 @dataclass
+class Arrivals:
+    """The archives still to land on the collection host, one every ARRIVAL_GAP_S.
+
+    Dropped from the main loop and also while a disruption waits for its moment (a
+    busy worker, files queued on the host to lose): a wait that stopped the arrivals
+    could starve the very work it waits for on a machine that keeps up."""
+
+    pending: list[SampleBatch]
+    collection: Path
+    next_at: float = 0.0  # monotonic time the next one lands
+
+    def drop_due(self) -> None:
+        now = time.monotonic()
+        if self.pending and now >= self.next_at:
+            drop(self.pending.pop(0), self.collection)
+            self.next_at = now + ARRIVAL_GAP_S
+
+
+@dataclass
 class Chaos:
     """Carries out the disruptions of a plan on a running fleet and records them."""
 
@@ -325,6 +344,7 @@ class Chaos:
     rng: random.Random
     lost_host: str
     root: Path  # each host's scratch is root/{host}
+    arrivals: Arrivals
     started: float = 0.0  # monotonic time the work started
     restarts: dict[str, float] = field(default_factory=dict)  # service -> seconds down
     lost_queued: int | None = None  # files in the lost host's queue when it went
@@ -345,6 +365,15 @@ class Chaos:
             self.lose_host()
         self.fired.append(f"{d} ({time.monotonic() - self.started:.0f} s)")
 
+    def wait(self, predicate: Callable[[], object], timeout: float) -> bool:
+        """``fleet.wait`` with the archives still arriving meanwhile."""
+
+        def arriving() -> object:
+            self.arrivals.drop_due()
+            return predicate()
+
+        return self.fleet.wait(arriving, timeout)
+
     def kill(self, kind: Kind) -> None:
         """kill -9 a worker of ``kind`` that holds a job (any, if none does in time)."""
         candidates = self.fleet.live(kind)
@@ -354,7 +383,7 @@ class Chaos:
             busy[:] = [w for w in candidates if w.holds_a_job(self.redis_client)]
             return bool(busy)
 
-        mid_job = self.fleet.wait(some_busy, BUSY_WAIT_S)
+        mid_job = self.wait(some_busy, BUSY_WAIT_S)
         self.fleet.kill_and_restart(self.rng.choice(busy or candidates), mid_job)
 
     def lose_host(self) -> None:
@@ -375,7 +404,7 @@ class Chaos:
                 return False
             return held >= HOST_QUEUE_MIN
 
-        queued = self.fleet.wait(files_waiting, HOST_QUEUE_WAIT_S)
+        queued = self.wait(files_waiting, HOST_QUEUE_WAIT_S)
         assert queued, (
             f"{self.lost_host} never held {HOST_QUEUE_MIN} files (queued or claimed) in "
             f"{HOST_QUEUE_WAIT_S:.0f} s: "
@@ -711,24 +740,21 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = build_fleet(st, stack_env, bucket, collection, tmp_path, log_dir)
 
-    chaos = Chaos(fleet, st, stack, r, rng, lost_host, tmp_path)
-    arrivals = list(samples.values())
+    arrivals = Arrivals(list(samples.values()), collection)
+    chaos = Chaos(fleet, st, stack, r, rng, lost_host, tmp_path, arrivals)
     account: Account | None = None
     codes: dict[str, int] = {}
     work_s = 0.0
 
     try:
         fleet.start()
-        work_started = chaos.started = time.monotonic()
-        next_arrival = last_change = work_started
+        work_started = chaos.started = last_change = time.monotonic()
         last_progress: dict[Measure, float] | None = None
         pending = list(plan)
         while True:
             fleet.check()
+            arrivals.drop_due()
             now = time.monotonic()
-            if arrivals and now >= next_arrival:
-                drop(arrivals.pop(0), collection)
-                next_arrival = now + ARRIVAL_GAP_S
             progress = read_progress(db, ARCHIVES, total_files)
             if progress is not None:
                 due = [d for d in pending if progress[d.measure] >= d.at]
@@ -738,7 +764,7 @@ def test_nothing_is_lost_under_kills_restarts_and_a_lost_host(
                     continue
                 if progress != last_progress:
                     last_progress, last_change = progress, now
-            if not arrivals and not pending and quiet(r):
+            if not arrivals.pending and not pending and quiet(r):
                 if all_batches_done(db, ARCHIVES):
                     break
                 if now - last_change > STALL_S:

@@ -142,6 +142,7 @@ def test_every_audited_action_is_logged_once_with_actor_and_address(
     assert skipped.status_code == 302
     again = ra.post(f"{nxt}/skip", data={"csrf_token": rtoken})  # a double click
     assert again.status_code == 302
+    assert ra.post("/logout", data={"csrf_token": rtoken}).status_code == 302
 
     assert admin.get("/admin/export.csv").status_code == 200
     assert admin.get(f"/admin/items/{first}").status_code == 200
@@ -169,6 +170,7 @@ def test_every_audited_action_is_logged_once_with_actor_and_address(
         (ann_id, "ann", "item.view", first, f"assignment:{review_id}"),
         (ann_id, "ann", "label", first, f"assignment:{review_id}"),
         (ann_id, "ann", "skip", second, f"assignment:{next_id}"),  # once, double click or not
+        (ann_id, "ann", "logout", None, None),
         (boss_id, "boss", "export", None, "ra_labels"),
         (boss_id, "boss", "item.view", first, None),
         (boss_id, "boss", "adjudication", first, None),
@@ -179,7 +181,7 @@ def test_every_audited_action_is_logged_once_with_actor_and_address(
     assert {r["client_addr"] for r in rows if r["actor_username"] == "ann"} == {RA_ADDR}
     # one session per login, and the failed attempt's session is not ann's login's
     sessions = {r["action"]: r["session_hash"] for r in rows if r["actor_username"] == "ann"}
-    assert sessions["login"] == sessions["label"] == sessions["skip"]
+    assert sessions["login"] == sessions["label"] == sessions["skip"] == sessions["logout"]
     assert sessions["login.failed"] != sessions["login"]
     assert all(r["session_hash"] and len(r["session_hash"]) == 64 for r in rows)
     # no password anywhere in the log
