@@ -208,6 +208,13 @@ def _prometheus(fleet: Fleet, path: str) -> Any:
     return answer["data"]
 
 
+def _query(fleet: Fleet, promql: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = _prometheus(
+        fleet, "/api/v1/query?query=" + urllib.parse.quote(promql)
+    )["result"]
+    return found
+
+
 def _firing(fleet: Fleet) -> list[dict[str, Any]]:
     return [a for a in _prometheus(fleet, "/api/v1/alerts")["alerts"] if a["state"] == "firing"]
 
@@ -235,15 +242,9 @@ def test_prometheus_scrapes_every_target(fleet: Fleet) -> None:
     )
     assert {(j, i) for j, i, _ in targets()} == SCRAPED
 
-    def query(promql: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = _prometheus(
-            fleet, "/api/v1/query?query=" + urllib.parse.quote(promql)
-        )["result"]
-        return found
-
-    backends = query('audio_pipeline_backend_up{host="gpu-01",stage="gpu"} == 1')
+    backends = _query(fleet, 'audio_pipeline_backend_up{host="gpu-01",stage="gpu"} == 1')
     assert {r["metric"]["backend"] for r in backends} == {"redis", "postgres"}, backends
-    assert query("audio_pipeline_policies_active"), "postgres_exporter's own queries"
+    assert _query(fleet, "audio_pipeline_policies_active"), "postgres_exporter's own queries"
     # Queue depths come from redis_exporter's key checks (a key exists while it holds
     # something): a queue no worker reads, filled for the occasion.
     redis_cli = ["/usr/local/bin/redis-cli", "--no-auth-warning"]
@@ -251,7 +252,7 @@ def test_prometheus_scrapes_every_target(fleet: Fleet) -> None:
     try:
         _wait_for(
             "the probe queue's depth in Prometheus",
-            lambda: query('redis_key_size{key="queue:monitoring-probe"} == 2'),
+            lambda: _query(fleet, 'redis_key_size{key="queue:monitoring-probe"} == 2'),
             timeout_s=60,
         )
     finally:
@@ -495,13 +496,6 @@ def test_the_review_left_an_append_only_audit_trail(fleet: Fleet) -> None:
     )
     assert action == "audit_log.prune"
     assert json.loads(details)["database_role"] == "ra_audit_pruner", details
-
-
-def _query(fleet: Fleet, promql: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = _prometheus(
-        fleet, "/api/v1/query?query=" + urllib.parse.quote(promql)
-    )["result"]
-    return found
 
 
 def test_the_review_is_in_the_ra_app_metrics_and_only_prometheus_reads_them(

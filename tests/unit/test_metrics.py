@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import socket
 import urllib.request
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from audio_pipeline.metrics import MetricsSettings, WorkerMetrics, serve
+from tests.support.metrics_scrape import free_port
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -61,17 +61,11 @@ def test_the_endpoint_is_off_by_default_and_serves_the_text_format() -> None:
     assert serve(MetricsSettings(), registry=reg) is None
     m = WorkerMetrics("unpack", "gpu-01", registry=reg)
     m.claimed.inc()
-    port = serve(MetricsSettings(port=_free_port()), registry=reg)
+    port = serve(MetricsSettings(port=free_port()), registry=reg)
     assert port is not None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert 'audio_pipeline_jobs_claimed_total{host="gpu-01",stage="unpack"} 1.0' in text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_queue_wait_is_observed_for_stamped_jobs_only() -> None:

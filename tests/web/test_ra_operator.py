@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from sqlalchemy import text
 from audio_pipeline.config import QUEUE_FAILED, QUEUE_TRANSCRIBE, QUEUE_UNPACK, Settings
 from audio_pipeline.queue import ENQUEUED_FIELD, JobQueue
 from ra_app.extensions import db
+from tests.support.metrics_scrape import free_port
 from tests.support.operator_page import dead_letter, operator_redis_user
 from tests.support.rows import add_audio_file, add_batch
 from tests.support.web import add_user, login, make_app
@@ -305,17 +305,11 @@ def test_requeue_is_off_without_the_pipeline_database_role(
         assert redis_client.llen(QUEUE_FAILED) == 1
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_an_unreachable_prometheus_leaves_the_live_depths(
     ra_env: dict[str, str], operator_url: str, redis_client: redis.Redis
 ) -> None:
     redis_client.rpush(QUEUE_UNPACK, '{"batch_id": "b1"}')
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for application in _app(ra_env, OPERATOR_REDIS_URL=operator_url, PROMETHEUS_URL=url):
         add_user(application, "boss", "admin")
         client = application.test_client()
@@ -395,7 +389,7 @@ def test_a_redis_that_does_not_answer_is_said_and_the_rest_shown(
 ) -> None:
     add_batch(db_conn, "b-flight", "unpacked", file_count=1)
     db_conn.commit()
-    dead = f"redis://ra-operator:pw@127.0.0.1:{_closed_port()}/0"
+    dead = f"redis://ra-operator:pw@127.0.0.1:{free_port()}/0"  # nothing listens there
     for application in _app(
         ra_env, OPERATOR_REDIS_URL=dead, OPERATOR_DATABASE_URL=settings.database_url
     ):
