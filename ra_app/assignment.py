@@ -36,7 +36,11 @@ from ra_app.config import QueueOrder
 from ra_app.extensions import db
 from ra_app.models import Assignment, AssignmentSource, AssignmentStatus, User
 
-SYNC_INTERVAL = 5.0  # seconds between incremental syncs of ra_queue, per app process
+# Seconds between incremental syncs of ra_queue, per app process, while claims find
+# items; a claim that finds nothing open always syncs first (as it sweeps, below), so
+# items flagged since the last sync (a metrics scrape's, say) are never reported as
+# "nothing left".
+SYNC_INTERVAL = 5.0
 # Seconds between sweeps for abandoned assignments on "Next item", per app process
 # (each sweep is an UPDATE and a commit); a claim that finds nothing open always
 # sweeps first, so a slot freed by expiry is never reported as "nothing left".
@@ -153,10 +157,13 @@ def sync_queue(full: bool = False) -> int:
     return result.rowcount
 
 
-def maybe_sync_queue() -> None:
+def maybe_sync_queue() -> bool:
+    """Sync unless one ran within SYNC_INTERVAL; whether it synced."""
     last = current_app.extensions.get("ra_last_sync")
     if last is None or time.monotonic() - last >= SYNC_INTERVAL:
         sync_queue()
+        return True
+    return False
 
 
 def expire_abandoned() -> int:
@@ -251,10 +258,15 @@ def next_assignment(user: User) -> Assignment | None:
     if current is not None:
         touch(current)
         return current
-    maybe_sync_queue()
+    synced = maybe_sync_queue()
     claimed = claim(user)
-    if claimed is None and expire_abandoned():
-        claimed = claim(user)
+    if claimed is None:
+        # Nothing open: catch up on what arrived and on slots freed by expiry before
+        # saying so (both, so neither short-circuits the other).
+        arrived = 0 if synced else sync_queue()
+        freed = expire_abandoned()
+        if arrived or freed:
+            claimed = claim(user)
     return claimed
 
 

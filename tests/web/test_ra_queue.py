@@ -30,6 +30,18 @@ def test_score_order_and_nothing_twice(app: Flask, db_conn: Any) -> None:
     assert claim_all(app, "ann") == [ids[1], ids[3], ids[2], ids[0]]
 
 
+def test_items_flagged_just_after_a_sync_are_offered_at_once(app: Flask, db_conn: Any) -> None:
+    """A sync moments ago (another RA's claim, a metrics scrape) found nothing; what the
+    pipeline flags right after is on the next "Next item", not SYNC_INTERVAL later."""
+    add_user(app, "ann")
+    with app.app_context():
+        assignment.sync_queue()
+        ids = seed_items(db_conn, 1)
+        got = assignment.next_assignment(user_named("ann"))
+        assert got is not None
+        assert got.classification_id == ids[0]
+
+
 def test_batch_order(ra_env: dict[str, str], db_conn: Any) -> None:
     later = seed_items(db_conn, 2, "b-2", scores=[0.99, 0.98])
     first = seed_items(db_conn, 2, "b-1", scores=[0.6, 0.7])
