@@ -228,12 +228,18 @@ def queued_ids(r: redis.Redis) -> list[str]:
 
 
 def test_look_ahead_prepares_the_next_claim_while_this_one_runs(pipeline_env, redis_client):
-    push(redis_client, {"id": "a", "sleep": 1.0}, {"id": "b"}, {"id": "c"})
+    push(
+        redis_client,
+        {"id": "a", "await_prepared": "b"},
+        {"id": "b", "await_prepared": "c"},
+        {"id": "c"},
+    )
     code, out = finish(start_module(ECHO, pipeline_env, ["--drain"], extra_env=LOOK_AHEAD))
     assert code == 0, out
     assert done(redis_client) == ["a", "b", "c"]
     events = redis_client.lrange(EVENTS_KEY, 0, -1)
-    # b was prepared while a was still being processed, c while b was
+    # b was prepared while a was still being processed, c while b was: each job waits
+    # for the next one's preparation, which only a look-ahead can do before it is done
     assert events.index("prepared:b") < events.index("done:a")
     assert events.index("prepared:c") < events.index("done:b")
     assert redis_client.lrange(PREPARED_KEY, 0, -1) == ["a", "b", "c"]  # each once

@@ -10,7 +10,10 @@ ECHO_QUEUES (comma-separated, default queue:echo), batch size from ECHO_BATCH_SI
 
 With ECHO_LOOK_AHEAD=1 the worker claims ahead: ``prepare_batch`` records each id
 in ``echo:prepared`` (after ``prepare_sleep`` seconds, if a job asks for it) and
-``discard_prepared`` records the ids it is handed back in ``echo:discarded``.
+``discard_prepared`` records the ids it is handed back in ``echo:discarded``. A job
+with ``"await_prepared": id`` is processed only once ``id`` has been prepared (or after
+AWAIT_PREPARED_S), so a test can prove the look-ahead overlaps processing without
+racing it.
 
 Whole-claim failures (poison isolation): a job with ``"poison": "process"`` makes
 ``process_batch`` raise for any claim it is in (alone too), before any job of it is
@@ -41,6 +44,7 @@ DISCARDED_KEY = "echo:discarded"
 EVENTS_KEY = "echo:events"  # "prepared:{id}" and "done:{id}" in the order they happened
 DONE_ATTEMPT_KEY = "echo:done_attempt"  # hash: id -> the attempt (1 = first) it was done on
 OOM_MESSAGE = "CUDA failed with error out of memory"  # ctranslate2's words
+AWAIT_PREPARED_S = 15.0
 
 
 def poison_error(jobs: list[Job], where: str) -> RuntimeError | None:
@@ -99,6 +103,15 @@ class EchoWorker(QueueWorker):
         deadline = time.monotonic() + float(job.payload.get("sleep", 0))
         while time.monotonic() < deadline:
             time.sleep(0.05)
+        awaited = job.payload.get("await_prepared")
+        if awaited is not None:
+            # gives up rather than hangs, so a worker without look-ahead fails the test's
+            # order check instead of its timeout
+            give_up = time.monotonic() + AWAIT_PREPARED_S
+            while awaited not in self.redis.lrange(PREPARED_KEY, 0, -1):
+                if time.monotonic() > give_up:
+                    break
+                time.sleep(0.05)
         fail = job.payload.get("fail")
         if fail == "permanent":
             raise PermanentJobError(f"job {job.payload['id']} asked to fail permanently")
