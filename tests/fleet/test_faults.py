@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from devtools import sample
-from tests.fleet import lab
+from tests.fleet import lab, prometheus
 from tests.fleet.marks import NEEDS_FLEET
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ LOST_BATCH_FILES = 16
 LOST_FILE_SECONDS = (2.0, 6.0)
 BATCH_TIMEOUT_S = 600
 POLL_S = 0.3
-PROMETHEUS = "http://127.0.0.1:9090"
 # What a job that paid an attempt leaves in a worker's journal.
 RETRY_EVENTS = ("job.retry", "reaper.returned", "reaper.dead_lettered", "worker.recovered")
 EVENT = re.compile(r"\bevent=(?P<event>\S+)")
@@ -53,18 +52,6 @@ LATER_ATTEMPT = re.compile(r"\battempt=(?!1\b)\d+")
 def redis_cli(fleet: Fleet, *args: str) -> str:
     """The operators' redis-cli on the orchestrator (it carries the password)."""
     return fleet.machines["orch"].exec(["redis-cli", "--no-auth-warning", *args]).stdout.strip()
-
-
-def scraped_up(fleet: Fleet) -> set[tuple[str, str]]:
-    """(job, instance) of every target Prometheus on the orchestrator has up."""
-    answer = fleet.probe(
-        "orch", "http_json", url=f"{PROMETHEUS}/api/v1/targets?state=active", timeout_s=10
-    )
-    return {
-        (t["labels"]["job"], t["labels"]["instance"])
-        for t in answer["data"]["activeTargets"]
-        if t["health"] == "up"
-    }
 
 
 def unit_props(fleet: Fleet, host: str, unit: str, *names: str) -> dict[str, str]:
@@ -239,7 +226,7 @@ def test_a_gpu_host_joins_with_setup_new_worker(fleet: Fleet) -> None:
     wanted = {(job, NEW_GPU) for job in ("node", "gpu-worker", "unpack-worker")}
     wait_until(
         f"Prometheus scraping {NEW_GPU}",
-        lambda: wanted <= scraped_up(fleet),
+        lambda: wanted <= prometheus.targets_up(fleet),
         JOINED_TIMEOUT_S,
         poll_s=5,
     )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from devtools import sample
-from tests.fleet import network
+from tests.fleet import network, prometheus
 from tests.fleet.marks import NEEDS_FLEET
 from tests.support.browser_kit import (
     CHROMIUM,
@@ -78,7 +78,6 @@ SCRAPED = {
     ("postgres", "orch"),
     ("ra-app", "orch"),
 }
-PROMETHEUS = "http://127.0.0.1:9090"
 CONNECT_TIMEOUT_S = 3
 BATCH_ID = "fleet-batch-001"
 BATCH_FILES = 4
@@ -202,23 +201,6 @@ def test_only_the_orchestrator_reads_the_metrics(fleet: Fleet) -> None:
         assert bound == {f"127.0.0.1:{port}"}, (port, listening)
 
 
-def _prometheus(fleet: Fleet, path: str) -> Any:
-    answer = fleet.probe("orch", "http_json", url=f"{PROMETHEUS}{path}", timeout_s=10)
-    assert answer["status"] == "success", answer
-    return answer["data"]
-
-
-def _query(fleet: Fleet, promql: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = _prometheus(
-        fleet, "/api/v1/query?query=" + urllib.parse.quote(promql)
-    )["result"]
-    return found
-
-
-def _firing(fleet: Fleet) -> list[dict[str, Any]]:
-    return [a for a in _prometheus(fleet, "/api/v1/alerts")["alerts"] if a["state"] == "firing"]
-
-
 def _wait_for(what: str, check: Any, timeout_s: float, poll_s: float = 3.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -232,19 +214,14 @@ def _wait_for(what: str, check: Any, timeout_s: float, poll_s: float = 3.0) -> A
 def test_prometheus_scrapes_every_target(fleet: Fleet) -> None:
     """Every worker, every host's node_exporter and the Redis and PostgreSQL
     exporters are scraped and up, and the pipeline's own series arrive."""
+    _wait_for("every target up", lambda: prometheus.targets_up(fleet) == SCRAPED, 90)
+    assert {(j, i) for j, i, _ in prometheus.active_targets(fleet)} == SCRAPED
 
-    def targets() -> set[tuple[str, str, str]]:
-        active = _prometheus(fleet, "/api/v1/targets?state=active")["activeTargets"]
-        return {(t["labels"]["job"], t["labels"]["instance"], t["health"]) for t in active}
-
-    _wait_for(
-        "every target up", lambda: {(j, i) for j, i, h in targets() if h == "up"} == SCRAPED, 90
-    )
-    assert {(j, i) for j, i, _ in targets()} == SCRAPED
-
-    backends = _query(fleet, 'audio_pipeline_backend_up{host="gpu-01",stage="gpu"} == 1')
+    backends = prometheus.query(fleet, 'audio_pipeline_backend_up{host="gpu-01",stage="gpu"} == 1')
     assert {r["metric"]["backend"] for r in backends} == {"redis", "postgres"}, backends
-    assert _query(fleet, "audio_pipeline_policies_active"), "postgres_exporter's own queries"
+    assert prometheus.query(fleet, "audio_pipeline_policies_active"), (
+        "postgres_exporter's own queries"
+    )
     # Queue depths come from redis_exporter's key checks (a key exists while it holds
     # something): a queue no worker reads, filled for the occasion.
     redis_cli = ["/usr/local/bin/redis-cli", "--no-auth-warning"]
@@ -252,7 +229,7 @@ def test_prometheus_scrapes_every_target(fleet: Fleet) -> None:
     try:
         _wait_for(
             "the probe queue's depth in Prometheus",
-            lambda: _query(fleet, 'redis_key_size{key="queue:monitoring-probe"} == 2'),
+            lambda: prometheus.query(fleet, 'redis_key_size{key="queue:monitoring-probe"} == 2'),
             timeout_s=60,
         )
     finally:
@@ -508,11 +485,11 @@ def test_the_review_is_in_the_ra_app_metrics_and_only_prometheus_reads_them(
     assert labels >= 1, "run after test_human_journey"
 
     def counted() -> float | None:
-        found = _query(fleet, "sum(ra_app_labels_recorded_total)")
+        found = prometheus.query(fleet, "sum(ra_app_labels_recorded_total)")
         return float(found[0]["value"][1]) if found else None
 
     def logged_in() -> set[str]:
-        logins = _query(fleet, 'sum by (role) (ra_app_logins_total{instance="orch"})')
+        logins = prometheus.query(fleet, 'sum by (role) (ra_app_logins_total{instance="orch"})')
         return {r["metric"]["role"] for r in logins}
 
     # The admin's login came last in the journey: a scrape after it has everything.
@@ -521,12 +498,12 @@ def test_the_review_is_in_the_ra_app_metrics_and_only_prometheus_reads_them(
         lambda: counted() == labels and logged_in() >= {"ra", "admin"},
         timeout_s=90,
     )
-    review = _query(fleet, "sum(ra_app_item_review_seconds_count)")
+    review = prometheus.query(fleet, "sum(ra_app_item_review_seconds_count)")
     assert review, "no ra_app_item_review_seconds"
     assert float(review[0]["value"][1]) == labels, review
-    statuses = _query(fleet, "sum by (status) (ra_app_request_duration_seconds_count)")
+    statuses = prometheus.query(fleet, "sum by (status) (ra_app_request_duration_seconds_count)")
     assert "200" in {r["metric"]["status"] for r in statuses}, statuses
-    assert _query(fleet, "ra_app_items_waiting"), "the scrape's own count of ra_items"
+    assert prometheus.query(fleet, "ra_app_items_waiting"), "the scrape's own count of ra_items"
     # From outside, through the front door: nginx refuses the path, however spelled.
     for path in ("/metrics", "//metrics", "/%6detrics"):
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -700,7 +677,7 @@ def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
             "WorkerDown firing for transfer-01",
             lambda: [
                 a
-                for a in _firing(fleet)
+                for a in prometheus.firing(fleet)
                 if a["labels"]["alertname"] == "WorkerDown"
                 and a["labels"]["instance"] == "transfer-01"
             ],
@@ -715,7 +692,7 @@ def test_health_check_fails_and_names_what_is_wrong(fleet: Fleet) -> None:
         fleet.adhoc("transfer", "-a", "systemctl start transfer-worker")
         fleet.adhoc("orchestrator", "-a", "redis-cli DEL queue:failed")
     # Alerts resolve at the first evaluation after a good scrape.
-    _wait_for("no alert firing", lambda: not _firing(fleet), timeout_s=120)
+    _wait_for("no alert firing", lambda: not prometheus.firing(fleet), timeout_s=120)
     healthy = fleet.playbook("health-check.yml")
     assert healthy.returncode == 0, healthy.describe()
 
