@@ -108,9 +108,9 @@ class EchoWorker(QueueWorker):
             # gives up rather than hangs, so a worker without look-ahead fails the test's
             # order check instead of its timeout
             give_up = time.monotonic() + AWAIT_PREPARED_S
-            while awaited not in self.redis.lrange(PREPARED_KEY, 0, -1):
-                if time.monotonic() > give_up:
-                    break
+            while (
+                awaited not in self.redis.lrange(PREPARED_KEY, 0, -1) and time.monotonic() < give_up
+            ):
                 time.sleep(0.05)
         fail = job.payload.get("fail")
         if fail == "permanent":
